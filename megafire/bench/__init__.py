@@ -1,0 +1,1 @@
+"""Benchmarks that print tables; results are recorded in docs/benchmarks.md."""

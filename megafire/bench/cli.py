@@ -1,0 +1,14 @@
+"""``megafire bench {attention,train} ...``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: megafire bench {{{','.join(BENCHES)}}} [args]", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0)
