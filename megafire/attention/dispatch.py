@@ -1,0 +1,98 @@
+"""Backend selection: ``attention.backend`` x encoding kind x device -> an attention function.
+
+Every backend has the signature of :func:`megafire.attention.reference.reference_attention`::
+
+    fn(q, k, v, encoding, q_pos, k_pos, *, causal, segment_ids_q, segment_ids_k, softmax_scale)
+
+``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
+otherwise ``reference``; encodings without a bias use ``sdpa``. Explicit choices that cannot
+work raise :class:`~megafire.config.ConfigError` naming ``attention.backend`` and the reason.
+The resolved choice is logged once per (requested backend, encoding, device type).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from megafire.config import ConfigError
+from megafire.positional.base import PositionalEncoding
+
+from .reference import reference_attention
+from .sdpa import sdpa_attention
+
+BACKENDS = ("auto", "reference", "sdpa", "fused", "flex")
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str, str, str]] = set()
+
+
+def _fused_module():
+    """The fused-kernel package, or None when it (or Triton) cannot be imported."""
+    try:
+        from megafire.attention import fused
+        return fused
+    except ImportError:
+        return None
+
+
+def _fused_supports(encoding: PositionalEncoding) -> tuple[bool, str]:
+    fused = _fused_module()
+    if fused is None:
+        return False, "megafire.attention.fused (Triton) cannot be imported"
+    if not fused.supports(encoding):
+        return False, f"the fused kernels do not support encoding {encoding.name!r}"
+    return True, ""
+
+
+def check_backend(backend: str, encoding: Optional[PositionalEncoding]) -> None:
+    """Device-independent checks, run at model construction."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"attention.backend={backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    kind = encoding.kind if encoding is not None else "none"
+    if backend == "sdpa" and kind == "bias":
+        raise ConfigError(f"attention.backend=sdpa cannot add the attention bias of encoding "
+                          f"{encoding.name!r}; use reference, fused or auto")
+    if backend == "fused" and kind != "bias":
+        raise ConfigError(f"attention.backend=fused is for bias encodings; encoding "
+                          f"{getattr(encoding, 'name', 'none')!r} is of kind {kind!r} (use sdpa or auto)")
+    if backend == "flex":
+        raise ConfigError("attention.backend=flex is not available in this build "
+                          "(no FlexAttention backend is implemented); use auto, reference, sdpa or fused")
+
+
+def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> str:
+    """The concrete backend name for a request, an encoding and a device type ("cpu", "cuda")."""
+    check_backend(backend, encoding)
+    is_bias = encoding is not None and encoding.kind == "bias"
+    if backend == "auto":
+        if not is_bias:
+            return "sdpa"
+        if device_type == "cuda" and _fused_supports(encoding)[0]:
+            return "fused"
+        return "reference"
+    if backend == "fused":
+        if device_type != "cuda":
+            raise ConfigError(f"attention.backend=fused needs a CUDA device (Triton kernels); "
+                              f"tensors are on {device_type!r}. Use reference or auto")
+        ok, why = _fused_supports(encoding)
+        if not ok:
+            raise ConfigError(f"attention.backend=fused is impossible: {why}. Use reference or auto")
+    return backend
+
+
+def _fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
+    from megafire.attention.fused import fused_bias_attention   # lazy: Triton only when used
+    return fused_bias_attention(q, k, v, encoding, q_pos, k_pos, **kwargs)
+
+
+_FUNCTIONS: dict[str, Callable] = {"reference": reference_attention, "sdpa": sdpa_attention,
+                                   "fused": _fused_attention}
+
+
+def get_attention_fn(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> Callable:
+    """Resolve and return the attention function; logs the choice once."""
+    name = resolve_backend(backend, encoding, device_type)
+    key = (backend, getattr(encoding, "name", "none"), device_type, name)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("attention.backend=%s with encoding %s on %s -> %s", backend, key[1], device_type, name)
+    return _FUNCTIONS[name]

@@ -1,0 +1,98 @@
+"""Grouped-query self-attention on megatron column/row-parallel projections.
+
+For hidden states ``x`` [B, T, hidden]::
+
+    q, k, v = W_q x, W_k x, W_v x                 Hq query heads, Hkv key/value heads, D = hidden / Hq
+    (q, k)  = rotate(q, k, pos, pos)              rotary encodings only
+    o       = attention(q, k, v, bias(q_pos, k_pos), causal & same-document mask)
+    out     = W_o o
+
+Tensor parallelism: each rank owns a contiguous range of Hkv / tp key/value groups and the
+Hq / tp query heads that read them (query head h reads group h // (Hq / Hkv)), so attention
+needs no communication; ``W_o`` is row-parallel and all-reduces its output.
+
+The fused QKV weight is laid out per key/value group: ``[q_g0 .. q_g(R-1), k_g, v_g]`` for
+g = 0..Hkv-1 with R = Hq / Hkv query heads per group; a contiguous split by group gives
+each rank its heads, so the full weight (built from the same seed) does not depend on TP.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from megafire.attention import check_backend, get_attention_fn
+from megafire.config import ModelConfig
+from megafire.parallel.context import ParallelContext
+from megafire.positional import PositionalEncoding
+
+from .layers import init_methods
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention for one layer (maths and layout: module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, backend: str, parallel: ParallelContext, mp_config,
+                 encoding: Optional[PositionalEncoding], layer_index: int, *, fused_qkv: bool = True):
+        super().__init__()
+        tp = parallel.tp_size
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+        if self.num_heads % tp or self.num_kv_heads % tp:
+            raise ValueError(f"parallel.tp={tp} must divide model.num_heads={self.num_heads} "
+                             f"and model.num_kv_heads={self.num_kv_heads}")
+        self.head_dim = cfg.head_dim
+        self.heads_local, self.kv_heads_local = self.num_heads // tp, self.num_kv_heads // tp
+        self.group_size = self.num_heads // self.num_kv_heads            # R query heads per kv head
+        self.layer_index = layer_index
+        self.backend = backend
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim)
+        # only rotary and bias encodings act inside attention; absolute ones live at the embedding
+        self.encoding = encoding if encoding is not None and encoding.kind in ("rotary", "bias") else None
+        check_backend(backend, self.encoding)
+
+        init, out_init = init_methods(cfg)
+        col = dict(config=mp_config, init_method=init, bias=cfg.linear_bias, gather_output=False,
+                   tp_group=parallel.tp_group)
+        D, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = ColumnParallelLinear(cfg.hidden_size, (H + 2 * Hkv) * D, **col)
+        else:
+            self.q = ColumnParallelLinear(cfg.hidden_size, H * D, **col)
+            self.kv = ColumnParallelLinear(cfg.hidden_size, 2 * Hkv * D, **col)   # per kv head: [k_g, v_g]
+        self.out = RowParallelLinear(H * D, cfg.hidden_size, config=mp_config, init_method=out_init,
+                                     bias=cfg.linear_bias, input_is_parallel=True, skip_bias_add=False,
+                                     tp_group=parallel.tp_group)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, T, Hq_local, D], k and v [B, T, Hkv_local, D]."""
+        B, T, _ = x.shape
+        G, R, D = self.kv_heads_local, self.group_size, self.head_dim
+        if self.fused_qkv:
+            qkv = self.qkv(x)[0].view(B, T, G, R + 2, D)                # [B, T, G, R + 2, D]
+            q, k, v = qkv[:, :, :, :R], qkv[:, :, :, R], qkv[:, :, :, R + 1]
+            return q.reshape(B, T, G * R, D), k, v
+        q = self.q(x)[0].view(B, T, G * R, D)                            # [B, T, Hq_local, D]
+        kv = self.kv(x)[0].view(B, T, G, 2, D)                           # [B, T, G, 2, D]
+        return q, kv[:, :, :, 0], kv[:, :, :, 1]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
+        """x [B, T, hidden], positions [T] | [B, T], segment_ids [B, T] | None -> [B, T, hidden].
+
+        With a :class:`~megafire.model.cache.KVCache`, the new keys/values are appended and
+        the queries attend to every cached key (the cache supplies k_pos and key segments).
+        """
+        q, k, v = self.project(x)
+        if self.encoding is not None and self.encoding.kind == "rotary":
+            q, k = self.encoding.rotate(q, k, positions, positions)
+        k_pos, segment_ids_k = positions, segment_ids
+        if cache is not None:
+            k, v, k_pos, segment_ids_k = cache.update(self.layer_index, k, v)
+        attend = get_attention_fn(self.backend, self.encoding, q.device.type)
+        o = attend(q, k, v, self.encoding, positions, k_pos, causal=True, segment_ids_q=segment_ids,
+                   segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)   # [B, T, Hq_local, D]
+        return self.out(o.flatten(2))[0]                                 # [B, T, hidden]

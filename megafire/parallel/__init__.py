@@ -1,0 +1,8 @@
+"""Process groups and parallel wiring; model code receives a ParallelContext, never globals."""
+from __future__ import annotations
+
+from .context import ParallelContext, destroy_parallel, init_distributed, init_parallel
+from .grads import allreduce_tp_replicated_grads, tp_replicated_params
+
+__all__ = ["ParallelContext", "init_parallel", "init_distributed", "destroy_parallel",
+           "allreduce_tp_replicated_grads", "tp_replicated_params"]
