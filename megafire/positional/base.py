@@ -44,6 +44,9 @@ class PositionalEncoding(nn.Module):
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "none"
+    #: Buffers that must stay fp32 even when the module is cast (``.bfloat16()``, DeepSpeed
+    #: bf16): RoPE's inv_freq and ALiBi's slopes lose digits that matter in bf16.
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
     #: True when one instance is meant to serve every layer (T5 bias, FIRE-S).
     shared_across_layers: bool = False
 
@@ -61,6 +64,17 @@ class PositionalEncoding(nn.Module):
         self.tp_size = tp_size
         self.num_heads_local = num_heads // tp_size
         self.head_start = tp_rank * self.num_heads_local
+
+    def _apply(self, fn, recurse=True):
+        # Let fn move the fp32 buffers (device), then put back the un-rounded fp32 values
+        # there: casting to bf16 and back would lose the digits.
+        kept = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, buf in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = buf.to(device=moved.device, dtype=torch.float32)
+        return self
 
     # --- kind-specific entry points -------------------------------------------------
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -98,6 +112,17 @@ def relative_positions(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor
     if q_pos.dim() != k_pos.dim() or q_pos.dim() not in (1, 2):
         raise ValueError(f"q_pos and k_pos must both be [T] or [B, T], got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
     return q_pos.long().unsqueeze(-1) - k_pos.long().unsqueeze(-2)
+
+
+def local_generator() -> torch.Generator:
+    """A CPU generator seeded by one draw from the global RNG.
+
+    Per-head parameters are initialized for *all* heads from it and then sliced to the local
+    heads, so the tp_size shards concatenate to the tp_size=1 initialization under the same
+    global seed, and the global RNG advances by the same amount whatever tp_size is.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator().manual_seed(seed)
 
 
 def check_kind(kind: Optional[str]) -> str:
