@@ -47,6 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .base import PositionalEncoding, local_generator, mark_tp_replicated, relative_positions
 
@@ -79,12 +80,12 @@ class FIRE(PositionalEncoding):
         gen = local_generator()
         layers: list[nn.Module] = []
         for fan_in in [1] + [width] * (depth - 1):
-            hidden = nn.Linear(fan_in, width)
+            hidden = skip_init(nn.Linear, fan_in, width)  # skip_init: leave the global RNG alone
             _default_linear_init_(hidden.weight, hidden.bias, fan_in, gen)
             layers += [hidden, nn.ReLU()]
         full_w, full_b = torch.empty(num_heads, width), torch.empty(num_heads)  # all heads' rows
         _default_linear_init_(full_w, full_b, width, gen)
-        out = nn.Linear(width, self.num_heads_local)
+        out = skip_init(nn.Linear, width, self.num_heads_local)
         local = slice(self.head_start, self.head_start + self.num_heads_local)
         with torch.no_grad():
             out.weight.copy_(full_w[local])

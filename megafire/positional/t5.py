@@ -54,9 +54,8 @@ class T5RelativeBias(PositionalEncoding):
         self.shared_across_layers = bool(shared)
         full = torch.randn(num_buckets, num_heads, generator=local_generator())  # [buckets, H]
         full *= (num_heads * head_dim) ** -0.5
-        self.relative_attention_bias = nn.Embedding(num_buckets, self.num_heads_local)
-        with torch.no_grad():
-            self.relative_attention_bias.weight.copy_(full[:, self.head_start:self.head_start + self.num_heads_local])
+        local = full[:, self.head_start:self.head_start + self.num_heads_local].contiguous()  # [buckets, H_local]
+        self.relative_attention_bias = nn.Embedding(num_buckets, self.num_heads_local, _weight=local)
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         bucket = t5_causal_bucket(relative_positions(q_pos, k_pos), self.num_buckets, self.max_distance)

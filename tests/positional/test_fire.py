@@ -65,7 +65,7 @@ def test_defaults_and_attributes():
     enc = build_encoding("fire", num_heads=4, head_dim=8)
     assert (enc.width, enc.depth, enc.eps) == (32, 1, 1e-6)
     assert enc.use_log and enc.use_threshold and enc.progressive and not enc.shared_across_layers
-    assert float(enc.c) == pytest.approx(0.1) and float(enc.L) == 512.0
+    assert float(enc.c.detach()) == pytest.approx(0.1) and float(enc.L.detach()) == 512.0
     assert enc.log_values() == pytest.approx({"c": 0.1, "L": 512.0})
     assert [type(m).__name__ for m in enc.mlp] == ["Linear", "ReLU", "Linear"]
     assert enc.mlp[0].in_features == 1 and enc.mlp[2].out_features == 4
@@ -144,7 +144,7 @@ def test_fire_represents_kerple_log_with_shared_r2(progressive):
     torch.manual_seed(0)
     kerple = build_encoding("kerple_log", num_heads=8, head_dim=8)
     kerple.set_values(torch.linspace(0.2, 2.0, 8), 0.37)  # per-head r1, one r2
-    r2 = float(kerple.r2[0])
+    r2 = float(kerple.r2[0].detach())
     n = int(4 * L_REPR)
     # progressive=False: f(psi(d)) with c = r2. progressive=True: put L above every query
     # position, so the normalizer is the constant psi(L) + eps and f's slope absorbs it.
