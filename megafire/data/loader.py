@@ -314,7 +314,10 @@ def long_document_windows(docs_tokens: Sequence[np.ndarray], length: int, *, eos
         if max_windows is not None and len(kept) >= max_windows:
             break
     n = len(kept)
-    as_tensor = lambda xs: torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, length, dtype=torch.int64)
+
+    def as_tensor(xs):  # [n, length]; an empty batch keeps its shape
+        return torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, length, dtype=torch.int64)
+
     return {"input_ids": as_tensor(rows), "labels": as_tensor(labels),
             "positions": torch.arange(length).expand(n, length).clone(),
             "doc_index": torch.tensor(kept, dtype=torch.int64)}
