@@ -1,0 +1,56 @@
+"""``megafire train --config FILE [--ds-config FILE] [--section.key=value ...]``.
+
+Examples::
+
+    megafire train --config configs/demo-cpu.yaml --run.dir=runs/demo
+    megafire train --config configs/arms/125m-fire.yaml --run.dir=$SCRATCH/125m-fire --train.resume=true
+    torchrun --nproc-per-node 8 -m megafire.cli train --config configs/arms/350m-rope.yaml
+
+``--ds-config`` merges a DeepSpeed JSON file over the ds_config built from the config
+(for DeepSpeed options that our config does not expose). Exit status 2 on a bad config.
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    from megafire.config import ConfigError, load_config
+    config_path = ds_config_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag in ("--config", "--ds-config"):
+            if arg == flag or arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+                if value is None:
+                    print(f"megafire train: {flag} needs a file", file=sys.stderr)
+                    return 2
+                i += 0 if "=" in arg else 1
+                if flag == "--config":
+                    config_path = value
+                else:
+                    ds_config_path = value
+                break
+        else:
+            rest.append(arg)
+        i += 1
+    try:
+        cfg = load_config(config_path, rest)
+        from .engine import read_ds_config
+        override = read_ds_config(ds_config_path) if ds_config_path else None
+        from .loop import train
+        result = train(cfg, ds_config_override=override)
+    except ConfigError as e:
+        print(f"megafire train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
+          f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,225 @@
+"""DeepSpeed set-up: distributed init, the ds_config built from our Config, the engine.
+
+DeepSpeed is the engine in every run, single process included, so one code path is
+tested on CPU and used on clusters. Two run-time C++ builds are avoided on purpose:
+``deepspeed.initialize`` JIT-compiles a shared-memory all-reduce op (``shm_comm``, ~75 s,
+used only for inference) unless ``deepspeed.comm.torch.build_shm_op`` is replaced, and
+optimizer type "Adam" compiles FusedAdam (~115 s); we pass a torch ``AdamW`` as the client
+optimizer instead.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megafire.config import Config, ConfigError
+
+#: ZeRO-0 in fp32 clips gradients without returning the norm; there we clip ourselves
+#: (DeepSpeed's clip_grad_norm_, model-parallel aware) and turn DeepSpeed's clipping off.
+MANUAL_CLIP_PRECISIONS = ("fp32",)
+
+
+def setup_parallel(cfg: Config):
+    """torch.distributed (gloo on CPU, nccl on GPU) + megatron groups -> ParallelContext.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun, the
+    deepspeed launcher or a Slurm script; without them, a single-process world.
+    """
+    from megafire.parallel import init_parallel
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: pipeline training is not wired into the "
+                          "trainer yet (DeepSpeed PipelineModule); use parallel.pp=1")
+    # DeepSpeed insists on LOCAL_RANK; a world of one, or srun without a wrapper, may not set it.
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
+    return init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend)
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed asks for model/data-parallel groups, over a ParallelContext.
+
+    "Model parallel" for DeepSpeed is tensor parallel here (pipelines are wired separately):
+    ZeRO partitions and all-reduces over the data-parallel group, and gradient-norm
+    reductions count TP-sharded parameters across the model-parallel group.
+    """
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp_size
+
+    def get_model_parallel_group(self):
+        return self.ctx.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ctx.dp_size
+
+    def get_data_parallel_group(self):
+        return self.ctx.dp_group
+
+
+def manual_clipping(cfg: Config) -> bool:
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision in MANUAL_CLIP_PRECISIONS
+
+
+def build_ds_config(cfg: Config, curriculum, override: Optional[dict] = None) -> dict:
+    """DeepSpeed's JSON config from ours; ``override`` (a user ds_config file) is merged last.
+
+    ``train_micro_batch_size_per_gpu`` is the first stage's micro-batch: the curriculum
+    changes the micro-batch per stage and DeepSpeed's (non-pipeline) engine never looks at
+    the size of what it is fed; the accumulation count, which it does use (loss scaling by
+    1/A and the step boundary), is constant for the run.
+    """
+    t, p = cfg.train, cfg.parallel
+    precision = t.precision
+    if precision == "bf16" and p.zero_stage == 0:
+        raise ConfigError("train.precision=bf16 needs parallel.zero_stage >= 1 (DeepSpeed 0.19's bf16 "
+                          "ZeRO-0 optimizer cannot load its own checkpoints)")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
+    micro = curriculum.stages[0].micro_batch_size
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": curriculum.grad_accum,
+        "train_batch_size": micro * curriculum.grad_accum * curriculum.dp_size,
+        "gradient_clipping": 0.0 if manual_clipping(cfg) else t.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 62,       # our own logging
+        "wall_clock_breakdown": False,
+    }
+    if override:
+        ds = _merge(ds, override)
+    return ds
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config file {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {e}") from None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norm gains, biases and scalar parameters (FIRE's c and L) are not
+    shrunk towards 0, which for them would be a prior with no meaning."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _skip_shm_build() -> None:
+    """Replace DeepSpeed's shm op JIT build (inference-only all-reduce) by 'not available'."""
+    ds_torch = importlib.import_module("deepspeed.comm.torch")   # `import a.b.torch` would bind torch itself
+    ds_torch.build_shm_op = lambda: None
+
+
+def _broadcast_0d_params() -> None:
+    """DeepSpeed broadcasts every parameter from rank 0 at start-up as ``p.data.view(uint8)``,
+    which fails for 0-dim parameters (FIRE's c and L): show them to it as shape [1] for the
+    broadcast only (no optimizer exists yet at that point, so nothing else sees the change)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    original = DeepSpeedEngine._broadcast_model
+    if getattr(original, "megafire_0d_safe", False):
+        return
+
+    def broadcast_model(self):
+        zero_dim = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in zero_dim:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in zero_dim:
+                p.data = p.data.reshape(())
+    broadcast_model.megafire_0d_safe = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
+
+
+def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
+    """deepspeed.initialize with a torch AdamW client optimizer and our mpu adapter."""
+    import deepspeed
+    _skip_shm_build()
+    _broadcast_0d_params()
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                           mpu=DeepSpeedMPU(ctx), dist_init_required=False)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    """The rate of every param group (ZeRO wrappers expose their base optimizer's groups)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(engine, max_norm: float, tp_group=None) -> float:
+    """Global gradient norm ``||g|| = sqrt(sum_p ||g_p||^2)``; scales every gradient by
+    ``min(1, max_norm / (||g|| + 1e-6))`` when ``max_norm > 0`` (torch's and DeepSpeed's rule).
+
+    TP-sharded parameters (megatron's ``tensor_model_parallel`` flag) contribute their
+    shard's squares summed over the TP group; replicated ones count once. Written here
+    because DeepSpeed's ``clip_grad_norm_`` fails on 0-dim parameters (FIRE's c and L).
+    Called after the data-parallel all-reduce (DeepSpeed's backward at the boundary), so
+    every rank computes the same norm.
+    """
+    import torch.distributed as dist
+    grads = [(p.grad, getattr(p, "tensor_model_parallel", False)) for p in engine.module.parameters()
+             if p.grad is not None]
+    if not grads:
+        return 0.0
+    device = grads[0][0].device
+    sharded = torch.zeros((), device=device, dtype=torch.float32)
+    replicated = torch.zeros((), device=device, dtype=torch.float32)
+    for g, is_sharded in grads:
+        sq = g.detach().float().pow(2).sum()
+        if is_sharded:
+            sharded += sq
+        else:
+            replicated += sq
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    total = (sharded + replicated).sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g, _ in grads:
+            g.mul_(coef.to(g.dtype))
+    return float(total)

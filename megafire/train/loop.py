@@ -1,0 +1,259 @@
+"""The training loop: set-up, resume, steps, logging, checkpoints.
+
+One optimizer step = ``A`` micro-steps per data-parallel rank (``A`` constant), each on
+``b_k`` sequences of the current stage's length ``s_k`` (``b_k * s_k`` constant), then one
+DeepSpeed step at the rate ``lr((step + 1) * T)`` (megafire.train.schedule). The logged
+loss is the mean over micro-steps and data-parallel ranks of each micro-batch's mean token
+loss. Everything a resumed run needs to continue the same trace is in the checkpoint:
+weights and optimizer state (DeepSpeed), loader position and RNG states (ours); the stage
+and the rate are pure functions of the step.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megafire.config import Config, ConfigError
+
+from . import checkpoint as ckpt
+from .components import (DataBundle, LanguageModelLoss, build_data, build_model, check_vocab, encoding_log_values,
+                         encodings_of, peak_flops_per_device, train_flops_per_token)
+from .curriculum import Curriculum
+from .engine import (build_ds_config, clip_gradients, initialize_engine, manual_clipping, set_lr, setup_parallel)
+from .metrics import MetricsLog, Progress
+from .schedule import lr_at_step
+
+Callback = Callable[["Trainer", dict], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int                 # optimizer steps done (including those before a resume)
+    tokens: int
+    final_loss: float
+    stopped_by_signal: bool
+
+
+def log(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(f"[megafire.train] {msg}", file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, *, ds_config_override: Optional[dict] = None, callbacks: Iterable[Callback] = (),
+          model_factory=build_model, data_factory=build_data) -> TrainResult:
+    """Train ``cfg`` in this process (one rank of a launcher's world, or a world of one).
+
+    ``callbacks`` run on every rank after each step with ``(trainer, record)``;
+    ``model_factory(cfg, ctx)`` / ``data_factory(cfg, ctx)`` replace the GPT / the loader.
+    The process group is destroyed on exit, error or not.
+    """
+    from megafire.parallel import destroy_parallel
+    ctx = setup_parallel(cfg)
+    try:
+        trainer = Trainer(cfg, ctx, ds_config_override=ds_config_override, callbacks=callbacks,
+                          model_factory=model_factory, data_factory=data_factory)
+        return trainer.run()
+    finally:
+        destroy_parallel()
+
+
+class Trainer:
+    """State of one training process; see :func:`train`."""
+
+    def __init__(self, cfg: Config, ctx, *, ds_config_override=None, callbacks=(), model_factory=build_model,
+                 data_factory=build_data):
+        self.cfg, self.ctx = cfg, ctx
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.curriculum = Curriculum.from_config(cfg, ctx.dp_size)
+        self._check_parallel_support()
+        resume_from = self._resume_target()
+        self.data: DataBundle = data_factory(cfg, ctx)
+        check_vocab(cfg, self.data)
+        torch.manual_seed(cfg.train.seed)
+        self.model = model_factory(cfg, ctx)
+        self.encodings = encodings_of(self.model)
+        self.ds_config = build_ds_config(cfg, self.curriculum, ds_config_override)
+        self.engine = initialize_engine(LanguageModelLoss(self.model), cfg, self.ds_config, ctx)
+        self.start_step = self._resume(resume_from) if resume_from else 0
+        self.stop_requested = False
+        self.last_checkpoint: Optional[Path] = resume_from
+
+    # --- set-up ------------------------------------------------------------------------
+    def _check_parallel_support(self) -> None:
+        p = self.cfg.parallel
+        if p.tp > 1 and p.zero_stage > 0:
+            raise ConfigError(f"parallel.tp={p.tp} with parallel.zero_stage={p.zero_stage}: the all-reduce of "
+                              "TP-replicated gradients (FIRE's MLP, c, L) is wired for ZeRO-0 only so far")
+
+    def _resume_target(self) -> Optional[Path]:
+        """The checkpoint to resume from; refuses to overwrite an existing run by accident."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if not self.cfg.train.resume:
+            if latest is not None or (self.run_dir / "metrics.jsonl").exists():
+                raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a run; pass --train.resume=true "
+                                  "to continue it or choose another run.dir")
+            return None
+        if latest is None:
+            log(f"train.resume=true but {self.ckpt_root} has no checkpoint: starting from step 0", self.rank)
+        return latest
+
+    def _resume(self, path: Path) -> int:
+        meta, state = ckpt.load_checkpoint(self.engine, path, rank=self.rank)
+        expected = {"world_size": self.world, "tp": self.ctx.tp_size, "pp": self.ctx.pp_size,
+                    "tokens_per_step": self.cfg.train.tokens_per_step}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ConfigError(f"cannot resume {path}: it was written with {key}={meta.get(key)}, this run has "
+                                  f"{key}={value}")
+        if self.data.tokenizer_sha256 and meta.get("tokenizer_sha256") not in (None, self.data.tokenizer_sha256):
+            raise ConfigError(f"cannot resume {path}: it was trained with tokenizer sha256 "
+                              f"{meta['tokenizer_sha256'][:12]}, this run's tokenizer is {self.data.tokenizer_sha256[:12]}")
+        self.data.source.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        log(f"resumed from {path} at step {meta['step']} ({meta['tokens']:,} tokens)", self.rank)
+        return int(meta["step"])
+
+    # --- one step ----------------------------------------------------------------------
+    def train_step(self, stage) -> tuple[float, Optional[float]]:
+        """A optimizer-step's micro-steps; returns (loss averaged over micro-steps and dp, grad norm)."""
+        engine, grad_norm = self.engine, None
+        losses = []
+        for _ in range(self.curriculum.grad_accum):
+            batch = self.data.source.next_batch(stage.micro_batch_size, stage.seq_len)
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+            loss = engine(**batch)
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                if self.ctx.tp_size > 1:
+                    from megafire.parallel import allreduce_tp_replicated_grads
+                    allreduce_tp_replicated_grads(self.model, self.ctx.tp_group)
+                if manual_clipping(self.cfg):
+                    grad_norm = clip_gradients(engine, self.cfg.train.grad_clip, self.ctx.tp_group)
+            engine.step()
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean()
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(mean, group=self.ctx.dp_group)
+            mean /= self.ctx.dp_size
+        if grad_norm is None:
+            norm = engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm)
+        return float(mean), grad_norm
+
+    # --- the run -----------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from megafire.tracking import Tracker
+        cfg, cur = self.cfg, self.curriculum
+        main = self.rank == 0
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temps(self.ckpt_root)
+            cfg.save(self.run_dir / "config.yaml")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.start_step, enabled=main)
+        tracker = Tracker(cfg, rank=self.rank).start()
+        progress = Progress(cfg.train.max_steps, self.start_step, enabled=main and cfg.train.progress)
+        log(f"{self.world} rank(s), dp={self.ctx.dp_size} tp={self.ctx.tp_size}, zero={cfg.parallel.zero_stage}, "
+            f"{cfg.train.precision}; {cur.describe()}", self.rank)
+        restore = self._install_signal_handlers()
+        loss, step, status = float("nan"), self.start_step, "FAILED"
+        try:
+            for step in range(self.start_step, cfg.train.max_steps):
+                record = self._step(step)
+                loss = record["loss"]
+                metrics.write(record)
+                if (step + 1) % max(cfg.train.log_every_steps, 1) == 0:
+                    tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+                progress.update(step, loss, record["tokens_per_s"])
+                for callback in self.callbacks:
+                    callback(self, record)
+                stop = self._agree_on_stop()
+                every = cfg.train.checkpoint_every_steps
+                if stop or step + 1 == cfg.train.max_steps or (every and (step + 1) % every == 0):
+                    self.save(step + 1)
+                if stop:
+                    log(f"stopping on a signal after step {step + 1}; resume with --train.resume=true", self.rank)
+                    break
+            else:
+                step = cfg.train.max_steps - 1
+            status = "KILLED" if self.stop_requested else "FINISHED"
+        finally:
+            restore()
+            progress.close()
+            metrics.close()
+            if status != "FAILED":
+                tracker.log_artifact(self.run_dir / "config.yaml")
+                tracker.log_artifact(self.run_dir / "metrics.jsonl")
+            tracker.end(status)
+        return TrainResult(self.run_dir, step + 1, (step + 1) * cfg.train.tokens_per_step, loss,
+                           self.stop_requested)
+
+    def _step(self, step: int) -> dict:
+        """Train step ``step`` (0-based) and return its metrics record."""
+        cfg, cur = self.cfg, self.curriculum
+        stage = cur.stage_at(step)
+        if step == stage.first_step or step == self.start_step:
+            log(f"stage {stage.index}: seq_len {stage.seq_len}, micro-batch {stage.micro_batch_size} from step "
+                f"{step}", self.rank)
+        lr = lr_at_step(step, cfg)
+        set_lr(self.engine, lr)
+        t0 = time.perf_counter()
+        loss, grad_norm = self.train_step(stage)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens_per_s = cur.tokens_per_step / dt
+        peak = peak_flops_per_device(cfg.train.precision)
+        mfu = None
+        if peak:
+            mfu = train_flops_per_token(cfg, stage.seq_len, self.encodings) * tokens_per_s / (peak * self.world)
+        return {"step": step + 1, "tokens": cur.tokens_before(step + 1), "loss": loss, "lr": lr,
+                "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size, "stage": stage.index,
+                "tokens_per_s": tokens_per_s, "step_time_s": dt, "grad_norm": grad_norm, "mfu": mfu,
+                **encoding_log_values(self.encodings)}
+
+    # --- checkpoints and signals -------------------------------------------------------
+    def save(self, steps_done: int, before_commit=None) -> Path:
+        """Checkpoint after ``steps_done`` optimizer steps (all ranks call this)."""
+        stage = self.curriculum.stage_at(steps_done - 1)
+        meta = {"tokens": self.curriculum.tokens_before(steps_done), "stage": stage.index, "seq_len": stage.seq_len,
+                "world_size": self.world, "tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
+                "tokens_per_step": self.cfg.train.tokens_per_step, "zero_stage": self.cfg.parallel.zero_stage,
+                "precision": self.cfg.train.precision, "tokenizer_sha256": self.data.tokenizer_sha256}
+        rank_state = {"step": steps_done, "loader": self.data.source.state_dict(), "rng": ckpt.rng_state()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.engine, self.ckpt_root, step=steps_done, meta=meta, rank_state=rank_state,
+            config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), keep=self.cfg.train.keep_checkpoints,
+            rank=self.rank, barrier=dist.barrier, before_commit=before_commit)
+        return self.last_checkpoint
+
+    def _install_signal_handlers(self):
+        """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint after this step, stop."""
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        def handler(signum, frame):
+            self.stop_requested = True
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    def _agree_on_stop(self) -> bool:
+        """Every rank must stop after the same step, even if only some got the signal."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return self.stop_requested
