@@ -53,3 +53,17 @@ def test_strip_gutenberg_markers():
     old = "small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody\nEnd of Project Gutenberg's X\n"
     assert normalize_layout(strip_gutenberg(old)) == "Body\n"
     assert strip_gutenberg("plain text\n") == "plain text\n"
+
+
+def test_debian_builder_on_local_source(tmp_path):
+    """The serious-run builder, on the one source every machine has (no apt installs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "data_prep" / "build_debian_corpora.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path), "--sources", "python_code", "--max-docs", "40",
+                    "--eval-min-chars", "20000"], check=True, capture_output=True)
+    docs = load_corpus(tmp_path)
+    held_out = load_corpus(tmp_path, "eval")
+    assert len(docs) == 40 and all(d.id.startswith("python_code/") for d in docs)
+    assert held_out and all(len(d.text) >= 20000 for d in held_out)
