@@ -1,0 +1,1 @@
+"""Evaluation: length generalization (perplexity vs length), passkey retrieval, plots."""
