@@ -100,18 +100,10 @@ def peak_flops_per_device(precision: str) -> Optional[float]:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def train_flops_per_token(cfg: Config, seq_len: int, encodings: dict[str, PositionalEncoding]) -> float:
-    """Training FLOPs per token: ``6 N + 6 L s d + 3 E / s``.
-
-    ``N``: matmul parameters (attention q/k/v/o, SwiGLU's three matrices, the output head);
-    ``6 L s d``: causal attention scores and values (2 matmuls x 2 FLOPs x s/2 average keys
-    x d, forward, x3 with backward); ``E``: the encodings' own forward FLOPs for one
-    sequence of ``s`` tokens (``s^2`` scores), x3 with backward. Every TP rank's heads are
-    counted (the encodings report their local heads, so ``E`` is scaled by tp).
-    """
-    m = cfg.model
-    d, f, layers = m.hidden_size, m.resolved_ffn_hidden_size, m.num_layers
-    kv_dim = (m.num_kv_heads or m.num_heads) * m.head_dim
-    n_matmul = layers * (2 * d * d + 2 * d * kv_dim + 3 * d * f) + m.vocab_size * d
-    enc = sum(e.flops(num_scores=seq_len * seq_len, num_tokens=seq_len) for e in encodings.values())
-    return 6 * n_matmul + 6 * layers * seq_len * d + 3 * enc * cfg.parallel.tp / seq_len
+def train_flops_per_token(model: nn.Module, seq_len: int) -> Optional[float]:
+    """Training FLOPs per token (megafire.flops: matmuls, attention and the encoding's own
+    work, forward x3), or None for a model that is not a megafire GPT."""
+    if not (hasattr(model, "config") and hasattr(model, "encodings") and hasattr(model, "parallel")):
+        return None
+    from megafire.flops import model_flops_per_token
+    return model_flops_per_token(model, seq_len).train

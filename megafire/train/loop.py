@@ -216,9 +216,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens_per_s = cur.tokens_per_step / dt
         peak = peak_flops_per_device(cfg.train.precision)
-        mfu = None
-        if peak:
-            mfu = train_flops_per_token(cfg, stage.seq_len, self.encodings) * tokens_per_s / (peak * self.world)
+        flops = train_flops_per_token(self.model, stage.seq_len) if peak else None
+        mfu = flops * tokens_per_s / (peak * self.world) if flops else None
         return {"step": step + 1, "tokens": cur.tokens_before(step + 1), "loss": loss, "lr": lr,
                 "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size, "stage": stage.index,
                 "tokens_per_s": tokens_per_s, "step_time_s": dt, "grad_norm": grad_norm, "mfu": mfu,
