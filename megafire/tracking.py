@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 RUN_FILE = "mlflow_run.json"
 _PARAM_MAX_CHARS = 6000   # MLflow's limit on a param value
 _BATCH = 100              # MLflow's limit on params per log_batch call
+_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")   # MLflow's metric/param name alphabet
+
+
+def metric_name(key: str) -> str:
+    """``key`` with characters MLflow refuses replaced by ``_`` (``eval/ppl@512`` -> ``eval/ppl_512``)."""
+    return _NOT_ALLOWED.sub("_", key)
 
 
 def tracking_uri(cfg) -> str:
@@ -78,7 +85,7 @@ class Tracker:
         from mlflow.entities import Param
         existing = self.client.get_run(self.run_id).data.params
         # A resumed run may not change a logged param (MLflow refuses); its new value is in config.yaml.
-        params = [Param(k, str(v)[:_PARAM_MAX_CHARS]) for k, v in sorted(flat.items()) if k not in existing]
+        params = [Param(metric_name(k), str(v)[:_PARAM_MAX_CHARS]) for k, v in sorted(flat.items()) if metric_name(k) not in existing]
         for i in range(0, len(params), _BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + _BATCH])
 
@@ -88,13 +95,14 @@ class Tracker:
 
     # --- logging ---------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        """Numeric, finite values only (MLflow rejects NaN in some stores; None means unknown)."""
+        """Numeric, finite values only (MLflow rejects NaN in some stores; None means unknown);
+        names pass through :func:`metric_name`."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
         import time
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
