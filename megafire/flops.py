@@ -87,11 +87,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, encodings: Iterable[Optional
 
 
 def model_flops_per_token(model, seq_len: int, *, causal: bool = True) -> FlopsPerToken:
-    """:func:`flops_per_token` for a built GPT (global counts: encoding FLOPs x tp_size)."""
-    f = flops_per_token(model.config, seq_len, model.encodings, causal=causal)
+    """:func:`flops_per_token` for a built GPT, counted for the whole model (all TP ranks).
+
+    A rank's attention-side encodings cover ``1/tp`` of the heads, so their FLOPs are scaled
+    by ``tp``; an absolute encoding works on the full hidden state on every rank and is not.
+    """
     tp = model.parallel.tp_size
-    scaled = sum(1 for e in model.encodings if e.kind in ("bias", "rotary")) and tp > 1
-    return FlopsPerToken(f.matmul, f.attention, f.encoding * tp) if scaled else f
+    f = flops_per_token(model.config, seq_len, model.encodings, causal=causal)
+    absolute = encoding_flops_per_token([e for e in model.encodings if e.kind == "absolute"], seq_len,
+                                        num_layers=model.config.num_layers, causal=causal)
+    return FlopsPerToken(f.matmul, f.attention, absolute + (f.encoding - absolute) * tp)
 
 
 def mfu(tokens_per_s: float, train_flops_per_token: float, peak_flops_per_s: float, num_devices: int = 1) -> float:

@@ -32,15 +32,17 @@ from megafire.positional.base import PositionalEncoding
 QUERY_CHUNK = 1024
 
 
-def allowed_mask(tq: int, tk: int, device, *, causal: bool = True, q_offset: int = 0,
+def allowed_mask(tq: int, tk: int, device, *, causal: bool = True, q_offset: Optional[int] = None,
                  segment_ids_q: Optional[torch.Tensor] = None,
                  segment_ids_k: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Boolean ``[Tq, Tk]`` (``[B, 1, Tq, Tk]`` with [B, T] segment ids) of allowed (i, j); None = all.
 
-    Causal: ``j <= i + q_offset``; for the whole query block ``q_offset = Tk - Tq`` (queries
-    are the last Tq keys), for a chunk starting at query row ``c`` it is ``Tk - Tq + c``.
+    Causal: ``j <= i + q_offset``; by default ``q_offset = Tk - Tq`` (the queries are the last
+    Tq keys); a caller working on the chunk of query rows starting at ``c`` of ``Tq_total``
+    rows passes ``Tk - Tq_total + c``.
     """
     mask = None
+    q_offset = tk - tq if q_offset is None else q_offset
     if causal:
         i = torch.arange(tq, device=device).unsqueeze(-1)            # [Tq, 1]
         j = torch.arange(tk, device=device).unsqueeze(0)             # [1, Tk]

@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           gather_from_tensor_model_parallel_region,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 
 from megafire.config import AttentionConfig, Config, ModelConfig
+from megafire.parallel.comm import gather_last_dim
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
 
@@ -119,9 +118,7 @@ class GPT(nn.Module):
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel [B, T, V / tp] -> full [B, T, V] on every TP rank."""
-        if self.parallel.tp_size == 1:
-            return logits
-        return gather_from_tensor_model_parallel_region(logits, group=self.parallel.tp_group)
+        return gather_last_dim(logits, self.parallel.tp_group)   # megatron's gather is CUDA-only
 
     def loss(self, input_ids, positions, labels, segment_ids=None, loss_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy (see :func:`lm_loss`)."""

@@ -9,8 +9,9 @@ from megafire.positional import PositionalEncoding, mark_tp_replicated, register
 
 
 class ToyBias(PositionalEncoding):
-    """``b[h,i,j] = -s_h * log(1 + max(i-j, 0)) + w * i / (i + 8)``: per-head slopes (sharded by
-    head) plus one TP-replicated scalar ``w`` that depends on the absolute query position."""
+    """``b[h,i,j] = -s_h * log(1 + r) + w * r / (i + 8)``, ``r = max(i-j, 0)``: per-head slopes
+    (sharded by head) plus one TP-replicated scalar ``w`` whose term depends on the absolute
+    query position (like FIRE's normalization) and on j (so it is not softmax-invariant)."""
 
     name = "toy_bias"
     kind = "bias"
@@ -27,7 +28,7 @@ class ToyBias(PositionalEncoding):
         rel = relative_positions(q_pos, k_pos).clamp_min(0).float()           # [(B,) Tq, Tk]
         qf = q_pos.float().unsqueeze(-1)                                       # [(B,) Tq, 1]
         b = -self.slopes.view(-1, 1, 1) * torch.log1p(rel).unsqueeze(-3)     # [(B,) H, Tq, Tk]
-        return b + (self.w * qf / (qf + 8)).unsqueeze(-3)
+        return b + (self.w * rel / (qf + 8)).unsqueeze(-3)
 
     def flops(self, num_scores, num_tokens):
         return 4 * num_scores * self.num_heads_local

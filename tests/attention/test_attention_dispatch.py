@@ -1,0 +1,50 @@
+"""attention.backend resolution and its errors."""
+from __future__ import annotations
+
+import pytest
+from conftest import FakeRotary, RandomBias
+
+from megafire.attention import dispatch, get_attention_fn, reference_attention, resolve_backend, sdpa_attention
+from megafire.config import ConfigError
+
+BIAS, ROT = RandomBias(4, 8), FakeRotary(4, 8)
+
+
+def test_auto_choices_on_cpu():
+    assert resolve_backend("auto", None, "cpu") == "sdpa"
+    assert resolve_backend("auto", ROT, "cpu") == "sdpa"
+    assert resolve_backend("auto", BIAS, "cpu") == "reference"
+    assert get_attention_fn("auto", BIAS, "cpu") is reference_attention
+    assert get_attention_fn("sdpa", ROT, "cpu") is sdpa_attention
+
+
+def test_auto_on_cuda_uses_fused_only_when_supported(monkeypatch):
+    monkeypatch.setattr(dispatch, "_fused_supports", lambda enc: (True, ""))
+    assert resolve_backend("auto", BIAS, "cuda") == "fused"
+    assert resolve_backend("fused", BIAS, "cuda") == "fused"
+    assert resolve_backend("auto", ROT, "cuda") == "sdpa"
+    monkeypatch.setattr(dispatch, "_fused_supports", lambda enc: (False, "no kernel for random_bias"))
+    assert resolve_backend("auto", BIAS, "cuda") == "reference"
+    with pytest.raises(ConfigError, match="attention.backend=fused.*no kernel for random_bias"):
+        resolve_backend("fused", BIAS, "cuda")
+
+
+@pytest.mark.parametrize("backend,encoding,device,match", [
+    ("fused", BIAS, "cpu", "attention.backend=fused needs a CUDA device"),
+    ("sdpa", BIAS, "cpu", "attention.backend=sdpa cannot add the attention bias"),
+    ("sdpa", BIAS, "cuda", "attention.backend=sdpa cannot add the attention bias"),
+    ("fused", ROT, "cuda", "attention.backend=fused is for bias encodings"),
+    ("flex", None, "cuda", "attention.backend=flex is not available"),
+    ("magic", None, "cpu", "attention.backend='magic' is not allowed"),
+])
+def test_impossible_choices_raise_config_errors(backend, encoding, device, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_backend(backend, encoding, device)
+
+
+def test_choice_is_logged_once(caplog):
+    dispatch._logged.clear()
+    with caplog.at_level("INFO", logger="megafire.attention.dispatch"):
+        for _ in range(3):
+            get_attention_fn("auto", BIAS, "cpu")
+    assert sum("-> reference" in r.message for r in caplog.records) == 1
