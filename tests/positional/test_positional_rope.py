@@ -33,6 +33,9 @@ HF_CASES = {
                 lambda: hf_config("dynamic", 4.0)),
     "yarn": ({"scaling": "yarn", "factor": 8.0, "original_max_positions": ORIG},
              lambda: hf_config("yarn", 8.0, max_positions=8 * ORIG, original=ORIG)),
+    # a tiny base stretches the ramp past the last dimension: exercises its clipping
+    "yarn_clipped": ({"scaling": "yarn", "factor": 4.0, "original_max_positions": ORIG, "base": 4.0},
+                     lambda: hf_config("yarn", 4.0, theta=4.0, max_positions=4 * ORIG, original=ORIG)),
 }
 
 
@@ -106,8 +109,8 @@ def test_dynamic_uses_original_frequencies_within_training_length():
     enc = build_encoding("rope", num_heads=H, head_dim=D, scaling="dynamic", factor=4.0, original_max_positions=ORIG)
     plain = build_encoding("rope", num_heads=H, head_dim=D)
     q = torch.randn(1, 8, H, D)
-    pos = torch.arange(ORIG - 8, ORIG)
-    torch.testing.assert_close(enc.rotate(q, q, pos, pos)[0], plain.rotate(q, q, pos, pos)[0])
+    for pos in (torch.arange(8), torch.arange(ORIG - 8, ORIG)):
+        torch.testing.assert_close(enc.rotate(q, q, pos, pos)[0], plain.rotate(q, q, pos, pos)[0])
     assert not torch.allclose(enc.rotate(q, q, pos + 100, pos + 100)[0], plain.rotate(q, q, pos + 100, pos + 100)[0])
 
 
