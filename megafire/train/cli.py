@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    import warnings
+    # megatron-core warns at import that optional CUDA packages are absent, and per layer that
+    # tp_group will be mandatory; neither is actionable here and they bury the progress lines.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*tp_group is None.*")
     from megafire.config import ConfigError, load_config
     config_path = ds_config_path = None
     rest: list[str] = []

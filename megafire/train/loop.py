@@ -50,18 +50,19 @@ def log(msg: str, rank: int = 0) -> None:
 
 
 def train(cfg: Config, *, ds_config_override: Optional[dict] = None, callbacks: Iterable[Callback] = (),
-          model_factory=build_model, data_factory=build_data) -> TrainResult:
+          model_factory=build_model, data_factory=build_data, save_final: bool = True) -> TrainResult:
     """Train ``cfg`` in this process (one rank of a launcher's world, or a world of one).
 
     ``callbacks`` run on every rank after each step with ``(trainer, record)``;
-    ``model_factory(cfg, ctx)`` / ``data_factory(cfg, ctx)`` replace the GPT / the loader.
+    ``model_factory(cfg, ctx)`` / ``data_factory(cfg, ctx)`` replace the GPT / the loader;
+    ``save_final=False`` skips the checkpoint at the last step (benchmarks).
     The process group is destroyed on exit, error or not.
     """
     from megafire.parallel import destroy_parallel
     ctx = setup_parallel(cfg)
     try:
         trainer = Trainer(cfg, ctx, ds_config_override=ds_config_override, callbacks=callbacks,
-                          model_factory=model_factory, data_factory=data_factory)
+                          model_factory=model_factory, data_factory=data_factory, save_final=save_final)
         return trainer.run()
     finally:
         destroy_parallel()
@@ -71,8 +72,8 @@ class Trainer:
     """State of one training process; see :func:`train`."""
 
     def __init__(self, cfg: Config, ctx, *, ds_config_override=None, callbacks=(), model_factory=build_model,
-                 data_factory=build_data):
-        self.cfg, self.ctx = cfg, ctx
+                 data_factory=build_data, save_final: bool = True):
+        self.cfg, self.ctx, self.save_final = cfg, ctx, save_final
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.run.dir)
@@ -181,7 +182,8 @@ class Trainer:
                     callback(self, record)
                 stop = self._agree_on_stop()
                 every = cfg.train.checkpoint_every_steps
-                if stop or step + 1 == cfg.train.max_steps or (every and (step + 1) % every == 0):
+                final = step + 1 == cfg.train.max_steps and self.save_final
+                if stop or final or (every and (step + 1) % every == 0):
                     self.save(step + 1)
                 if stop:
                     log(f"stopping on a signal after step {step + 1}; resume with --train.resume=true", self.rank)
