@@ -1,0 +1,233 @@
+"""``megafire bench attention``: fused bias attention vs SDPA-flash, the reference path and Flex.
+
+One run prints, per shape (bf16, causal, B*N = tokens, H heads, head dim D), one row per
+variant: ms fwd, ms fwd+bwd (gradients to q, k, v and every learnable encoding parameter),
+TFLOP/s of fwd+bwd (causal attention FLOPs: 2 * 2 * B * H * N^2 * D / 2 forward, 2.5x that
+backward), peak memory of fwd+bwd above the inputs, and the ratio of throughput to SDPA-flash.
+Also a correctness check of the fused kernels against a float32 reference (``--check``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ENCS = ["none", "alibi", "kerple_log", "kerple_power", "t5", "fire"]
+
+
+def _build(name, H, D, device):
+    from megafire.positional import build_encoding
+    if name == "none":
+        return None
+    opts = {"init_L": 512.0} if name == "fire" else {}
+    return build_encoding(name, num_heads=H, head_dim=D, **opts).to(device)
+
+
+def _params(enc):
+    return [] if enc is None else [p for p in enc.parameters() if p.requires_grad]
+
+
+def _flops(B, H, N, D):
+    fwd = 2 * 2 * B * H * N * N * D / 2
+    return fwd, fwd * 3.5
+
+
+def _time(fn, reps_ms=200):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+
+
+def _measure(run_fwd, inputs, params):
+    """run_fwd() -> out; returns (ms_fwd, ms_fwdbwd, peak_bytes)."""
+    with torch.no_grad():
+        ms_f = _time(run_fwd)
+    grads_of = [t for t in inputs if t.requires_grad] + params
+    out = run_fwd()
+    do = torch.randn_like(out)
+
+    def fb():
+        for t in grads_of:
+            t.grad = None
+        run_fwd().backward(do)
+    fb()
+    torch.cuda.synchronize()
+    ms_fb = _time(fb)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fb()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return ms_f, ms_fb, peak
+
+
+def variants(args, enc_names):
+    from megafire.attention.fused import fused_bias_attention
+
+    def sdpa(q, k, v, enc, pos):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True).transpose(1, 2)
+
+    def fused(q, k, v, enc, pos):
+        return fused_bias_attention(q, k, v, enc, pos, pos)
+
+    def reference(q, k, v, enc, pos):
+        N = q.shape[1]
+        mask = torch.full((N, N), float("-inf"), device=q.device).triu(1)
+        bias = (enc.bias(pos, pos) + mask).to(q.dtype) if enc is not None else mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=bias.unsqueeze(0)).transpose(1, 2)
+
+    return sdpa, fused, reference
+
+
+def _flex_alibi():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v, enc, pos):
+        slopes = enc.slopes
+        N = q.shape[1]
+
+        def causal(b, h, qi, ki):
+            return qi >= ki
+
+        def score(s, b, h, qi, ki):
+            return s - slopes[h] * (qi - ki)
+        bm = create_block_mask(causal, None, None, N, N, device=q.device)
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score,
+                        block_mask=bm).transpose(1, 2)
+    return run
+
+
+def check(device, out_rows):
+    """fused (bf16) vs float32 reference on GPU: odd length, GQA, both head dims."""
+    from megafire.attention.fused import fused_bias_attention
+    sys.path.insert(0, "tests/fused")
+    worst = 0.0
+    for D in (64, 128):
+        for name in ENCS:
+            torch.manual_seed(0)
+            B, T, H, HKV = 2, 1000, 8, 2
+            enc = _build(name, H, D, device)
+            if name == "fire":
+                enc.init_L = 200.0
+            q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(B, T, HKV, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(B, T, HKV, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            pos = torch.arange(T, device=device)
+            out = fused_bias_attention(q, k, v, enc, pos, pos)
+            do = torch.randn_like(out)
+            out.backward(do)
+            got = [out, q.grad, k.grad, v.grad] + [p.grad for p in _params(enc)]
+            # fp32 reference; for FIRE, the interpolated function the kernel computes
+            import copy
+            from _ref import reference
+            enc2 = copy.deepcopy(enc) if enc is not None else None
+            qs, ks, vs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            if name == "fire":
+                from _fireapprox import interp_bias
+                from megafire.attention.fused import FIRE_GRID
+
+                class _E:
+                    def bias(self, a, b):
+                        return interp_bias(enc2, a, b, FIRE_GRID).float()
+                ref_enc = _E()
+            else:
+                ref_enc = enc2
+            ref = reference(qs, ks, vs, ref_enc, pos, pos)
+            ref.backward(do.float())
+            want = [ref, qs.grad, ks.grad, vs.grad] + [p.grad for p in _params(enc2)]
+            errs = []
+            for a, b in zip(got, want):
+                den = b.float().norm().item()
+                e = (a.float() - b.float()).norm().item() / den if den > 1e-6 else (a.float() - b.float()).abs().max().item()
+                errs.append(e)
+                if not math.isfinite(e):
+                    e = float("inf")
+            worst = max(worst, max(errs))
+            out_rows.append(dict(D=D, enc=name, errs=[f"{e:.1e}" for e in errs]))
+            print(f"check D={D} {name:13s} out/dq/dk/dv/params rel err: " + " ".join(f"{e:.1e}" for e in errs),
+                  flush=True)
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megafire bench attention", description=__doc__)
+    ap.add_argument("--tokens", type=int, default=16384, help="B * N")
+    ap.add_argument("--seqlens", default="2048,4096,8192,16384")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--encodings", default=",".join(ENCS))
+    ap.add_argument("--reference-max-n", type=int, default=4096, help="materialized-bias path up to this N")
+    ap.add_argument("--flex", action="store_true", help="also FlexAttention ALiBi score_mod")
+    ap.add_argument("--check", action="store_true", help="correctness check first")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("megafire bench attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    rows, checks = [], []
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    if args.check:
+        worst = check(dev, checks)
+        print(f"check worst rel err {worst:.2e}", flush=True)
+    sdpa, fused, reference = variants(args, None)
+    encs = args.encodings.split(",")
+    tables = []
+    for D in [int(x) for x in args.head_dims.split(",")]:
+        for N in [int(x) for x in args.seqlens.split(",")]:
+            B, H = max(1, args.tokens // N), args.heads
+            f_fwd, f_fb = _flops(B, H, N, D)
+            pos = torch.arange(N, device=dev)
+            mk = lambda: torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)  # noqa
+            q, k, v = mk(), mk(), mk()
+            plan = [("sdpa-flash", sdpa, None)]
+            plan += [(f"fused-{e}", fused, e) for e in encs]
+            if N <= args.reference_max_n:
+                plan += [(f"reference-{e}", reference, e) for e in ("alibi", "fire")]
+            if args.flex:
+                plan += [("flex-alibi", _flex_alibi(), "alibi")]
+            table = []
+            for label, fn, ename in plan:
+                enc = _build(ename, H, D, dev) if ename and ename != "none" else None
+                try:
+                    ms_f, ms_fb, peak = _measure(lambda: fn(q, k, v, enc, pos), [q, k, v], _params(enc))
+                    row = dict(D=D, N=N, B=B, H=H, variant=label, ms_fwd=ms_f, ms_fwdbwd=ms_fb,
+                               tflops=f_fb / ms_fb / 1e9, tflops_fwd=f_fwd / ms_f / 1e9, peak_gib=peak / 2**30)
+                except Exception as e:  # OOM, compile failure: record and go on
+                    row = dict(D=D, N=N, B=B, H=H, variant=label, error=f"{type(e).__name__}: {str(e)[:120]}")
+                    torch.cuda.empty_cache()
+                table.append(row)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            tables.append(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, checks=checks, gpu=torch.cuda.get_device_name()), f, indent=1)
+    for table in tables:
+        base = next((r for r in table if r["variant"] == "sdpa-flash" and "error" not in r), None)
+        r0 = table[0]
+        print(f"\nB={r0['B']} N={r0['N']} H={r0['H']} D={r0['D']} bf16 causal")
+        print(f"{'variant':22s} {'fwd ms':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'x sdpa f':>9s} {'x sdpa fb':>9s}")
+        for r in table:
+            if "error" in r:
+                print(f"{r['variant']:22s} {r['error'][:70]}")
+                continue
+            rf = base["ms_fwd"] / r["ms_fwd"] if base else float("nan")
+            rfb = base["ms_fwdbwd"] / r["ms_fwdbwd"] if base else float("nan")
+            print(f"{r['variant']:22s} {r['ms_fwd']:8.3f} {r['ms_fwdbwd']:8.3f} {r['tflops']:8.1f} "
+                  f"{r['peak_gib']:9.3f} {rf:9.2f} {rfb:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
