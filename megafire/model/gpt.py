@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megafire.config import AttentionConfig, Config, ModelConfig
 from megafire.parallel.comm import gather_last_dim
@@ -75,9 +76,12 @@ class GPT(nn.Module):
     """
 
     def __init__(self, model: ModelConfig, attention: AttentionConfig, parallel: ParallelContext, *,
-                 seed: Optional[int] = None, params_dtype: torch.dtype = torch.float32, fused_qkv: bool = True):
+                 seed: Optional[int] = None, params_dtype: torch.dtype = torch.float32, fused_qkv: bool = True,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.config, self.attention_config, self.parallel = model, attention, parallel
+        #: recompute each block in backward (training only; no dropout, so recomputation is exact)
+        self.activation_checkpointing = activation_checkpointing
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -95,6 +99,7 @@ class GPT(nn.Module):
     def from_config(cls, cfg: Config, parallel: ParallelContext, **kwargs) -> "GPT":
         """Build from a full Config, seeded by ``train.seed``."""
         kwargs.setdefault("seed", cfg.train.seed)
+        kwargs.setdefault("activation_checkpointing", cfg.parallel.activation_checkpointing)
         return cls(cfg.model, cfg.attention, parallel, **kwargs)
 
     def stages(self) -> list[nn.Module]:
@@ -110,7 +115,10 @@ class GPT(nn.Module):
             cache.extend(positions, segment_ids)
         x = self.embedding(input_ids, positions)                         # [B, T, hidden]
         for block in self.blocks:
-            x = block(x, positions, segment_ids, cache)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, positions, segment_ids, use_reentrant=False)
+            else:
+                x = block(x, positions, segment_ids, cache)
         return self.head(x, self.embedding.word.weight if self.head.tied else None)
 
     def new_cache(self) -> KVCache:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import FakeRotary, RandomBias
+from attention_testlib import FakeRotary, RandomBias
 
 from megafire.attention import allowed_mask, reference_attention, sdpa_attention
 from megafire.attention import reference as reference_module

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FakeRotary, RandomBias
+from attention_testlib import FakeRotary, RandomBias
 
 from megafire.attention import dispatch, get_attention_fn, reference_attention, resolve_backend, sdpa_attention
 from megafire.config import ConfigError

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
+from model_testlib import tiny_config
 
 from megafire.flops import FlopsPerToken, flops_per_token, mfu, model_flops_per_token
 from megafire.model import GPT

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from model_testlib import tiny_config
 
 from megafire.model import GPT, KVCache, generate
 from megafire.positional import ENCODINGS, encoding_class
@@ -37,7 +37,7 @@ def decode_incrementally(model, x, positions, prompt_len, segment_ids=None, step
 def test_decode_equals_full_forward(parallel, name):
     model = build_or_skip(parallel, name)
     torch.manual_seed(0)
-    T = 40                                                                # 5x FIRE's L = 8
+    T = 34                                                                # > 4x FIRE's L = 8
     x = torch.randint(0, 64, (2, T))
     positions = torch.arange(T)
     full = model(x, positions)
@@ -67,10 +67,11 @@ def test_fire_decodes_far_beyond_L_and_training_length(parallel):
     model = build_or_skip(parallel, "fire", {"init_L": 8.0, "learn_L": True})
     torch.manual_seed(2)
     x = torch.randint(0, 64, (1, 64))
-    for start in (0, 100):
+    for start, prompt, step in ((0, 24, 1), (100, 4, 6)):                 # queries up to 8x L; 20x L
         positions = torch.arange(64) + start
         full = model(x, positions)
-        torch.testing.assert_close(decode_incrementally(model, x, positions, 4), full, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(decode_incrementally(model, x, positions, prompt, step=step), full,
+                                   atol=2e-5, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -98,3 +99,18 @@ def test_cache_segment_consistency_is_checked(parallel):
     model(torch.randint(0, 64, (1, 3)), torch.arange(3), torch.zeros(1, 3, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="segment ids"):
         model(torch.randint(0, 64, (1, 1)), torch.tensor([3]), None, cache)
+
+
+@torch.no_grad()
+def test_shared_fire_is_one_module_and_decodes(parallel):
+    """FIRE-S: one encoding instance serves every layer (parameters counted once)."""
+    model = build_or_skip(parallel, "fire", {"init_L": 8.0, "shared": True}, num_layers=3)
+    encs = {id(b.attn.encoding) for b in model.blocks}
+    assert len(encs) == 1 and len(model.encodings) == 1
+    n_enc = sum(p.numel() for p in model.encodings[0].parameters())
+    per_layer = build_or_skip(parallel, "fire", {"init_L": 8.0}, num_layers=3)
+    assert (sum(p.numel() for p in per_layer.parameters()) - sum(p.numel() for p in model.parameters())
+            == 2 * n_enc)
+    x = torch.randint(0, 64, (1, 36))
+    torch.testing.assert_close(decode_incrementally(model, x, torch.arange(36), 5), model(x, torch.arange(36)),
+                               atol=2e-5, rtol=1e-4)

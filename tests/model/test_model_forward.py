@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from model_testlib import tiny_config
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megafire.model import GPT, lm_loss
@@ -131,3 +131,14 @@ def test_packed_documents_equal_documents_alone(parallel, position):
         alone = model(doc.unsqueeze(0), torch.arange(len(doc)))
         torch.testing.assert_close(packed[:, start:start + len(doc)], alone, atol=1e-5, rtol=1e-5)
         start += len(doc)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(parallel):
+    cfg = tiny_config("toy_bias")
+    plain = GPT.from_config(cfg, parallel, seed=2)
+    ckpt = GPT.from_config(cfg, parallel, seed=2, activation_checkpointing=True)
+    x = torch.randint(0, 64, (2, 8))
+    for m in (plain, ckpt):
+        lm_loss(m(x, torch.arange(8)), x).backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)

@@ -27,8 +27,7 @@ def shard(full: torch.Tensor, name: str, rank: int, tp: int) -> torch.Tensor:
 
 def _worker(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    import conftest
-    from conftest import tiny_config
+    from model_testlib import tiny_config  # also registers "toy_bias" in this process
 
     from megafire.model import GPT, lm_loss
     from megafire.parallel import ParallelContext, allreduce_tp_replicated_grads, destroy_parallel, init_parallel

@@ -1,4 +1,4 @@
-"""A test-local bias encoding for the attention-backend tests."""
+"""Test-local encodings for the attention-backend tests."""
 from __future__ import annotations
 
 import torch
