@@ -1,0 +1,163 @@
+"""Reading training checkpoints as one consolidated (TP=1, PP=1) state dict.
+
+The single entry point is :func:`consolidated_state_dict`; export, import and
+``megafire.load_checkpoint`` read weights only through it, so supporting a new on-disk
+layout (tensor/pipeline-parallel shards, ZeRO-3 partitions, a "universal" consolidated
+format) means extending this one function.
+
+Layouts understood today (see megafire.train.checkpoint for the writer)::
+
+    RUN_DIR/config.yaml
+    RUN_DIR/checkpoints/latest                       -> "step_00000100"
+    RUN_DIR/checkpoints/step_00000100/meta.json      written last: its presence marks a complete checkpoint
+    RUN_DIR/checkpoints/step_00000100/config.yaml    the resolved config of the run
+    RUN_DIR/checkpoints/step_00000100/ds/mp_rank_00_model_states.pt   {"module": {"model.<GPT key>": tensor}}
+
+The weights are returned as DeepSpeed stored them: in the training dtype (bf16 runs hold
+bf16 module weights; their fp32 master copy lives in the optimizer shards and is not read).
+Keys are the GPT's own (``blocks.0.attn.qkv.weight``): the trainer's ``LanguageModelLoss``
+wrapper prefix ``model.`` is removed, and megatron's ``_extra_state`` placeholders (None) are
+dropped because they carry no weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+DS_DIR = "ds"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+WRAPPER_PREFIX = "model."
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint that is missing, half-written or in a layout this reader cannot consolidate."""
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a resolved checkpoint lives and what its meta.json says."""
+    path: Path                  # the step directory
+    run_dir: Optional[Path]     # its run directory, when it sits in RUN_DIR/checkpoints/
+    meta: dict
+
+
+def _checkpoints_root(path: Path) -> Optional[Path]:
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if (path / "latest").is_file() or any(p.name.startswith("step_") for p in path.iterdir() if p.is_dir()):
+        return path
+    return None
+
+
+def _latest_complete(root: Path) -> Path:
+    """The checkpoint ``latest`` names if complete, else the newest complete one; error if none."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / META_FILE).is_file():
+            return target
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                      and (p / META_FILE).is_file())
+    if complete:
+        return complete[-1]
+    partial = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = f"; found only incomplete entries: {', '.join(partial)}" if partial else ""
+    raise CheckpointError(f"no complete checkpoint under {root} (a checkpoint is complete once its "
+                          f"{META_FILE} is written and its directory renamed from .tmp-*){found}")
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
+    """A run directory, its ``checkpoints/`` directory or one ``step_*`` directory -> the checkpoint.
+
+    Raises :class:`CheckpointError` naming the path when it does not exist, holds no complete
+    checkpoint, or is a checkpoint that was never committed (no meta.json, ``.tmp-`` name).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory (pass a run directory or a "
+                              f"checkpoints/step_* directory)")
+    if path.name == DS_DIR and (path.parent / META_FILE).exists():
+        path = path.parent
+    if not (path / META_FILE).is_file():
+        if path.name.startswith(".tmp-") or (path / DS_DIR).is_dir():
+            raise CheckpointError(f"checkpoint {path} is incomplete: it has no {META_FILE} (the write was "
+                                  f"interrupted before it was committed); use the checkpoint 'latest' names")
+        root = _checkpoints_root(path)
+        if root is None:
+            raise CheckpointError(f"{path} is neither a megafire run directory (no checkpoints/) nor a "
+                                  f"checkpoint (no {META_FILE})")
+        path = _latest_complete(root)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {META_FILE}: {e}") from None
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return CheckpointInfo(path=path, run_dir=run_dir, meta=meta)
+
+
+def _check_layout(info: CheckpointInfo) -> Path:
+    """The model-states file, after refusing layouts that need consolidation across shards."""
+    meta, path = info.meta, info.path
+    tp, pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
+    if tp > 1 or pp > 1 or (path / DS_DIR / "mp_rank_01_model_states.pt").exists():
+        raise CheckpointError(f"checkpoint {path} is sharded (tp={tp}, pp={pp}); consolidating tensor/pipeline "
+                              f"shards is not supported yet: export from a tp=1, pp=1 checkpoint")
+    if int(meta.get("zero_stage", 0)) == 3:
+        raise CheckpointError(f"checkpoint {path} was written with ZeRO-3, whose weights are partitioned "
+                              f"across the optimizer shards; consolidating them is not supported yet")
+    states = path / DS_DIR / MODEL_STATES
+    if not states.is_file():
+        raise CheckpointError(f"checkpoint {path} has no model weights: {states} is missing")
+    return states
+
+
+def load_config_of(info: CheckpointInfo):
+    """The resolved Config saved with the checkpoint (or, failing that, with its run)."""
+    from megafire.config import load_config
+    for candidate in (info.path / CONFIG_FILE, info.run_dir / CONFIG_FILE if info.run_dir else None):
+        if candidate is not None and candidate.is_file():
+            return load_config(candidate)
+    raise CheckpointError(f"checkpoint {info.path} has no {CONFIG_FILE} (nor does its run directory)")
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path):
+    """``checkpoint_dir`` (run dir, checkpoints/ or step dir) -> ``(Config, {GPT key: tensor})``.
+
+    The state dict is the full (unsharded) GPT state dict on CPU, in the stored dtype; the
+    Config is the run's resolved config. This is the one function to extend for sharded
+    layouts (see the module docstring).
+    """
+    info = resolve_checkpoint(checkpoint_dir)
+    states = _check_layout(info)
+    cfg = load_config_of(info)
+    try:
+        blob = torch.load(states, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt file: name it rather than show pickle internals
+        raise CheckpointError(f"checkpoint {info.path}: cannot read {states}: {type(e).__name__}: {e}") from None
+    module = blob.get("module") if isinstance(blob, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"checkpoint {info.path}: {states} holds no 'module' state dict")
+    state = {}
+    for key, value in module.items():
+        if key.endswith(EXTRA_STATE_SUFFIX) or key == "_extra_state":
+            continue
+        state[key.removeprefix(WRAPPER_PREFIX)] = value
+    return cfg, state
+
+
+def checkpoint_dtype(state: dict) -> torch.dtype:
+    """The floating dtype holding most of the weights (the training precision: bf16 or fp32)."""
+    count: dict[torch.dtype, int] = {}
+    for v in state.values():
+        if torch.is_floating_point(v):
+            count[v.dtype] = count.get(v.dtype, 0) + v.numel()
+    return max(count, key=count.get) if count else torch.float32
