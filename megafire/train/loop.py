@@ -56,16 +56,19 @@ def train(cfg: Config, *, ds_config_override: Optional[dict] = None, callbacks: 
     ``callbacks`` run on every rank after each step with ``(trainer, record)``;
     ``model_factory(cfg, ctx)`` / ``data_factory(cfg, ctx)`` replace the GPT / the loader;
     ``save_final=False`` skips the checkpoint at the last step (benchmarks).
-    The process group is destroyed on exit, error or not.
+    The process group is destroyed on exit, error or not, if this call created it (re-creating
+    one under torchrun hangs on its rendezvous store, so several runs in one launch share one).
     """
     from megafire.parallel import destroy_parallel
+    owns_world = not dist.is_initialized()
     ctx = setup_parallel(cfg)
     try:
         trainer = Trainer(cfg, ctx, ds_config_override=ds_config_override, callbacks=callbacks,
                           model_factory=model_factory, data_factory=data_factory, save_final=save_final)
         return trainer.run()
     finally:
-        destroy_parallel()
+        if owns_world:   # a caller that set up the world itself (several runs under torchrun) keeps it
+            destroy_parallel()
 
 
 class Trainer:
