@@ -11,7 +11,7 @@
 #                    torchrun  one srun task per node running launch/torchrun.sh
 #                    deepspeed one srun task per node running launch/deepspeed.sh
 #     NPROC_PER_NODE processes per node for torchrun/deepspeed (default: GPUs on the node)
-#     MAX_REQUEUES   stop requeueing after this many restarts (default 50)
+#     MAX_REQUEUES   stop requeueing after this many restarts (default 20)
 #     SRUN_ARGS      extra srun options (word-split)
 #     SRUN_WAIT      seconds the other tasks may run on after the first one ended (default 60)
 #
@@ -21,7 +21,7 @@
 #   3. SIGUSR1 to this script (sbatch --signal=B:USR1@SECONDS, before the time limit): forward
 #      SIGUSR1 to every process of the job's steps (scancel --signal=USR1 JOBID); the trainer
 #      checkpoints at the next step boundary and exits 124
-#   4. step exit 0: done. Exit 124, or any exit after our SIGUSR1: `scontrol requeue` the job
+#   4. step exit 0 (no SIGUSR1 seen): done. Exit 124, or any exit after our SIGUSR1: `scontrol requeue` the job
 #      (it restarts under the same job id and resumes from latest). SIGTERM from Slurm
 #      (scancel, an external requeue, preemption): wait for the trainer's checkpoint, no requeue
 #      of our own. Any other failure: exit with the step's code, no requeue (no crash loops).
@@ -40,7 +40,7 @@ megafire_slurm_train() {
   local run_dir=${RUN_DIR:-runs/${SLURM_JOB_NAME:-megafire}-${SLURM_JOB_ID}}
   local launcher=${LAUNCHER:-task}
   local restarts=${SLURM_RESTART_COUNT:-0}
-  local max_requeues=${MAX_REQUEUES:-50}
+  local max_requeues=${MAX_REQUEUES:-20}
   local -a cmd args srun_opts launch
   if [ -n "${TRAIN_CMD:-}" ]; then
     read -r -a cmd <<< "$TRAIN_CMD"
@@ -97,13 +97,16 @@ megafire_slurm_train() {
   [ "$rc2" != 127 ] && rc=$rc2                    # bash >= 5.1 keeps the step's own status
   trap - USR1 TERM
 
-  if [ "$rc" = 0 ]; then
+  if [ "$rc" = 0 ] && [ "$_MF_SIGNAL" != USR1 ]; then
     _mf_log "training step finished (exit 0)"; return 0
   fi
   if [ "$_MF_SIGNAL" = TERM ]; then
     _mf_log "step exit $rc after SIGTERM: Slurm is ending this run; no requeue of our own"; return "$rc"
   fi
   if [ "$rc" = "$EXIT_PREEMPTED" ] || [ "$_MF_SIGNAL" = USR1 ]; then
+    # After our SIGUSR1 any exit status means "stopped" (torchrun turns a worker's 124 into 1; a
+    # trainer may exit 0). Requeueing a run that had in fact just finished is harmless: it
+    # resumes from its final checkpoint and exits at once.
     [ "$rc" = "$EXIT_PREEMPTED" ] || _mf_log "warning: step exit $rc (expected $EXIT_PREEMPTED) after SIGUSR1"
     _mf_log "trainer checkpointed and stopped (exit $rc): scontrol requeue $SLURM_JOB_ID"
     if scontrol requeue "$SLURM_JOB_ID"; then

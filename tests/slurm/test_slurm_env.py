@@ -1,18 +1,13 @@
 """Unit tests of launch/slurm_env.py (no Slurm needed)."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("slurm_env", ROOT / "launch" / "slurm_env.py")
-se = importlib.util.module_from_spec(_spec)
-sys.modules["slurm_env"] = se
-_spec.loader.exec_module(se)
+from slurm_testlib import ROOT
+import slurm_env as se   # launch/ is put on sys.path by slurm_testlib.py
 
 
 @pytest.mark.parametrize("hostlist, hosts", [

@@ -1,20 +1,22 @@
 """End-to-end tests on a real (local, single-node) Slurm cluster: ci/slurm_up.sh.
 
 A 2-task gloo training job through slurm/train-cpu.sbatch completes; a job requeued while
-running (externally, and by its own SIGUSR1 trap before the time limit) resumes from its
-checkpoint under the same job id and completes.
+running (from outside, then by its own SIGUSR1 trap before the time limit) resumes from its
+checkpoint under the same job id each time and completes.
 """
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from slurm_testlib import ROOT, Trainer
 
 pytestmark = pytest.mark.slurm
 
@@ -40,7 +42,7 @@ def latest_step(run_dir: Path) -> int:
 
 
 def test_scontrol_hostnames_agree_with_parser(slurm_cluster):
-    import slurm_env   # loaded by test_slurm_env.py's importer or here
+    import slurm_env
     for hl in ["node[01-03,07]", "a,b[1-2]", "r[1-2]-n[1-2]", "localhost"]:
         out = subprocess.run(["scontrol", "show", "hostnames", hl], capture_output=True,
                              text=True, check=True).stdout.split()
@@ -61,59 +63,77 @@ def test_two_task_job_completes(jobs, trainer, tmp_path):
     print("sacct:", rows)
 
 
-def _wait_progress(jobs, job, run_dir, name, min_step):
-    jobs.wait(job, lambda s: s.get("JobState") == "RUNNING", 60, "RUNNING")
-    deadline = time.monotonic() + 150
+def _wait_for(pred, timeout, what, jobs, job, name, poll=0.25):
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if latest_step(run_dir) >= min_step:
-            return latest_step(run_dir)
+        v = pred()
+        if v:
+            return v
         st = jobs.state(job).get("JobState")
-        assert st in ("RUNNING", "PENDING", "CONFIGURING"), f"job left RUNNING ({st}):\n{jobs.log(job, name)}"
-        time.sleep(0.3)
-    raise AssertionError(f"no checkpoint >= step {min_step} in time:\n{jobs.log(job, name)}")
+        assert st in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
+            f"job {job} is {st} while waiting for {what}:\n{jobs.log(job, name)}"
+        time.sleep(poll)
+    raise AssertionError(f"job {job}: no {what} after {timeout}s:\n{jobs.log(job, name)}")
 
 
-def _check_resumed(jobs, job, name, run_dir, steps, ckpt_step):
-    st = jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
-                   240, "COMPLETED after one restart")
-    log = jobs.log(job, name)
-    resumed = [int(k) for k in RESUMED.findall(log)]
-    assert resumed and resumed[-1] >= ckpt_step > 0, f"no resume from step >= {ckpt_step}:\n{log}"
-    assert "restart 1" in log and "--train.resume=true" in log, log
+def test_requeue_and_time_limit_signal_resume(jobs, trainer, tmp_path):
+    """One job, three runs under the same job id:
+    run 1 is requeued from outside (`scontrol requeue`, as an admin or preemption would) once
+    it has written a checkpoint; run 2 resumes from it, then gets SIGUSR1 on the batch shell
+    (what `--signal=B:USR1@N` sends before the time limit): the trap forwards it, the trainer
+    checkpoints and exits 124, the script requeues the job; run 3 resumes and completes."""
+    run_dir, name, steps, every = tmp_path / "run", "mf-requeue", 200, 20
+    job = jobs.submit("train-cpu.sbatch", name, run_dir, trainer, trainer.args(steps, every))
+    log = lambda: jobs.log(job, name)
+
+    # run 1: wait for a checkpoint, then requeue from outside
+    k1 = _wait_for(lambda: latest_step(run_dir) >= every and latest_step(run_dir), 150,
+                   "first checkpoint", jobs, job, name)
+    assert k1 < steps, "the job finished before it could be requeued: make it longer"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+
+    # run 2: resumed (after Slurm's requeue delay, AuthInfo=cred_expire) and training again
+    def run2_training():
+        r = [int(x) for x in RESUMED.findall(log())]
+        return bool(r) and max((m["step"] for m in read_metrics(run_dir)), default=0) > r[-1] + 2
+    _wait_for(run2_training, 150, "training after the first requeue", jobs, job, name)
+    r1 = int(RESUMED.findall(log())[-1])
+    assert r1 >= k1, f"run 2 resumed from step {r1} < checkpoint {k1}:\n{log()}"
+    assert latest_step(run_dir) < steps, "the job finished before the signal: make it longer"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+
+    # run 3: resumed from the signal checkpoint and completed
+    jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "2",
+              240, "COMPLETED after two restarts")
+    text = log()
+    resumed = [int(k) for k in RESUMED.findall(text)]
+    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < steps, (resumed, text)
+    assert "SIGUSR1 (time limit near)" in text and "scontrol requeue" in text, text
+    assert "restart 2" in text and text.count("] resuming: ") == 2, text
+    if trainer.name == "toy" or "exit 124" in text:
+        assert "exit 124" in text, text
+    else:
+        warnings.warn("the trainer did not exit 124 after SIGUSR1 (slurm/README.md contract)")
     assert_metrics_complete(run_dir, steps)
+    assert latest_step(run_dir) == steps
     rows = jobs.wait_sacct(job, duplicates=True)
-    states = [r["State"] for r in rows]
-    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", rows
+    assert [r["State"] for r in rows] == ["REQUEUED", "REQUEUED", "COMPLETED"], rows
     assert rows[-1]["ExitCode"] == "0:0", rows
     print("sacct -D:", rows)
-    return resumed[-1], st
 
 
-def test_external_requeue_resumes_from_checkpoint(jobs, trainer, tmp_path):
-    """`scontrol requeue` of a running job: it restarts under the same id and resumes."""
-    run_dir, name, steps = tmp_path / "run", "mf-requeue", 40
-    job = jobs.submit("train-cpu.sbatch", name, run_dir, trainer, trainer.args(steps, 4, slow=True))
-    k = _wait_progress(jobs, job, run_dir, name, 4)
-    assert k < steps, "job finished before it could be requeued: make it longer"
-    subprocess.run(["scontrol", "requeue", job], check=True)
-    # The requeued job waits out Slurm's credential window (AuthInfo=cred_expire, 5 s here).
-    resumed, _ = _check_resumed(jobs, job, name, run_dir, steps, k)
-    assert resumed >= k
-
-
-def test_usr1_before_time_limit_checkpoints_and_requeues(jobs, trainer, tmp_path):
-    """SIGUSR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the
-    trap forwards it, the trainer checkpoints and exits 124, the script requeues the job."""
-    run_dir, name, steps = tmp_path / "run", "mf-usr1", 40
-    # Checkpoints only at the end: the resume point can only come from the signal checkpoint.
-    job = jobs.submit("train-cpu.sbatch", name, run_dir, trainer, trainer.args(steps, 0, slow=True))
-    jobs.wait(job, lambda s: s.get("JobState") == "RUNNING", 60, "RUNNING")
-    deadline = time.monotonic() + 120
-    while not read_metrics(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert read_metrics(run_dir), f"no training progress:\n{jobs.log(job, name)}"
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    resumed, _ = _check_resumed(jobs, job, name, run_dir, steps, 1)
+def test_torchrun_launcher_one_task_per_node(jobs, tmp_path):
+    """LAUNCHER=torchrun: one srun task per node runs launch/torchrun.sh, which spawns 2
+    processes with the master address/port derived from Slurm (stand-in trainer: fast)."""
+    import slurm_env
+    toy = Trainer("toy", str(ROOT / "tests/slurm/_toy_train.py"), extra=["--toy.step_seconds=0.01"])
+    run_dir, name = tmp_path / "run", "mf-torchrun"
+    job = jobs.submit("train-cpu.sbatch", name, run_dir, toy, toy.args(4, 0),
+                      sbatch_opts=["--ntasks-per-node=1", "--cpus-per-task=2"],
+                      env_extra={"LAUNCHER": "torchrun", "NPROC_PER_NODE": "2",
+                                 "MEGAFIRE_PYTHON": sys.executable})
+    jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED", 120, "COMPLETED")
     log = jobs.log(job, name)
-    assert "SIGUSR1 (time limit near)" in log and "scontrol requeue" in log, log
-    assert "exit 124" in log, log
+    assert "[launch/torchrun] node 0/1 x 2 procs" in log and "world_size=2" in log, log
+    assert f"master=localhost:{slurm_env.master_port_for_job(job)}" in log, log
+    assert_metrics_complete(run_dir, 4)
