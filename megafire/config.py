@@ -272,6 +272,9 @@ def _build(cls, data: dict, prefix: str = ""):
 
 def _deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
+    if "name" in override and "options" in out and override.get("name") != out.get("name"):
+        # a different position encoding does not inherit the options of the base's encoding
+        out["options"] = {}
     for k, v in override.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
             out[k] = _deep_merge(out[k], v)
