@@ -7,7 +7,7 @@ import torch
 def interp_bias(enc, q_pos, k_pos, grid: int) -> torch.Tensor:
     """enc in float64: f_h replaced by its interpolant on grid + 1 nodes; [(B,) H, Tq, Tk]."""
     x = enc.mlp_input(q_pos, k_pos).to(torch.float64)
-    nodes = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
+    nodes = torch.linspace(0, 1, grid + 1, dtype=torch.float64, device=x.device)
     F = enc.mlp_forward(nodes)  # [G + 1, H]
     t = (x * grid).clamp(0, grid)
     g = t.floor().clamp(max=grid - 1).long()

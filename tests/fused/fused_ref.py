@@ -27,10 +27,10 @@ def reference(q, k, v, enc, q_pos, k_pos, *, causal=True, seg_q=None, seg_k=None
         s = s + (bias if bias.dim() == 4 else bias.unsqueeze(0))
     qp = q_pos if q_pos.dim() == 2 else q_pos.unsqueeze(0).expand(B, -1)
     kp = k_pos if k_pos.dim() == 2 else k_pos.unsqueeze(0).expand(B, -1)
-    valid = torch.ones(B, Tq, Tk, dtype=torch.bool)
+    valid = torch.ones(B, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
-        i = torch.arange(Tq).view(-1, 1)
-        j = torch.arange(Tk).view(1, -1)
+        i = torch.arange(Tq, device=q.device).view(-1, 1)
+        j = torch.arange(Tk, device=q.device).view(1, -1)
         valid &= (j <= i + (Tk - Tq)).unsqueeze(0)
         valid &= kp.unsqueeze(1) <= qp.unsqueeze(2)
     if seg_q is not None:
