@@ -24,7 +24,7 @@ def _slurm_problem() -> str | None:
     if not shutil.which("sinfo") or not shutil.which("sbatch"):
         return "Slurm client commands not installed (run ci/slurm_up.sh)"
     try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as e:
         return f"sinfo failed: {e}"
     if r.returncode != 0:
