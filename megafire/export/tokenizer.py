@@ -107,6 +107,7 @@ def write_hf_tokenizer(model_path: str | Path, out_dir: str | Path) -> dict[str,
     Returns the special ids ({"bos": 1, ...}) for config.json and generation_config.json.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     build_fast_tokenizer(model_path).save(str(out_dir / "tokenizer.json"))
     shutil.copyfile(model_path, out_dir / "tokenizer.model")
     specials = special_tokens(model_path)
