@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 

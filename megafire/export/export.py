@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .checkpoint import CheckpointInfo, consolidated_state_dict, checkpoint_dtype, resolve_checkpoint
 from .convert import to_hf
 from .spec import REMOTE_FILES, hf_config, llama_compatible
@@ -77,6 +75,9 @@ def _write_weights(hf_state: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in hf_state.items()}, str(path),
               metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)       # safetensors creates 0600; exports are meant to be shared
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -139,9 +140,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tokenizer:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     arch = "LlamaForCausalLM" if llama_compatible(cfg.model) else "MegafireForCausalLM (trust_remote_code=True)"
-    log(f"exported {info.path} ({cfg.model.position.name}, {dtype}) as {arch} to {out_dir}")
+    log(f"exported {info.path} ({cfg.model.position.name}, {str(dtype).removeprefix('torch.')}) as {arch} "
+        f"to {out_dir}")
     return out_dir
 
-
-def dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
