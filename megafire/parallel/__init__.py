@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from .context import ParallelContext, destroy_parallel, init_distributed, init_parallel
-from .grads import allreduce_tp_replicated_grads, tp_replicated_params
+from .layout import check_layout
+from .grads import allreduce_tp_replicated_grads, install_tp_replicated_grad_hooks, tp_replicated_params
 
 __all__ = ["ParallelContext", "init_parallel", "init_distributed", "destroy_parallel",
-           "allreduce_tp_replicated_grads", "tp_replicated_params"]
+           "allreduce_tp_replicated_grads", "install_tp_replicated_grad_hooks", "tp_replicated_params",
+           "check_layout", "build_pipeline"]

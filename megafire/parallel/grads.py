@@ -31,3 +31,38 @@ def allreduce_tp_replicated_grads(model: nn.Module, tp_group) -> None:
         dist.all_reduce(flat, group=tp_group)
         for g, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
             g.copy_(reduced)
+
+
+class _AllReduceGrad:
+    """Tensor hook: the summed gradient over the TP group (returned, not modified in place)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=self.group)
+        return grad
+
+
+def install_tp_replicated_grad_hooks(model: nn.Module, tp_group) -> int:
+    """Make backward itself sum the gradients of TP-replicated parameters over the TP group.
+
+    A hook on the parameter tensor runs when autograd has the parameter's total gradient of
+    this backward (all uses summed, shared encodings included) and before it is accumulated
+    into ``.grad`` -- and therefore before DeepSpeed's ZeRO hooks reduce-scatter or partition
+    it over data parallel, and before clipping. This is the form the trainer uses for every
+    ZeRO stage and for pipelines (ZeRO-2/3 free ``.grad`` during backward, so an all-reduce
+    after backward, :func:`allreduce_tp_replicated_grads`, cannot work there). Every TP rank
+    runs the same backward graph, so the collectives line up. Returns the number of hooked
+    parameters; calling it twice on a model is an error (the gradient would be summed twice).
+    """
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return 0
+    params = tp_replicated_params(model)
+    for p in params:
+        if getattr(p, "megafire_tp_hooked", False):
+            raise RuntimeError("TP-replicated gradient hooks are already installed on this model")
+        p.register_hook(_AllReduceGrad(tp_group))
+        p.megafire_tp_hooked = True
+    return len(params)

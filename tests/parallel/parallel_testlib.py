@@ -1,0 +1,74 @@
+"""Helpers for the parallel tests: tiny configs, layouts, a 2-process gloo job runner.
+
+Imported by name (tests/parallel is on sys.path through pytest's rootdir-relative import).
+Every multi-process test spawns ONE job that loops over what it checks, because the cost is
+in process start-up and imports (~20 s), not in the tiny models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[2]
+ENCODINGS = {   # the six families, with options that suit 16-32 token training
+    "fire": {"init_L": 8.0},
+    "rope": {},
+    "alibi": {},
+    "kerple": {},
+    "t5": {},
+    "nope": {},
+}
+
+#: name -> parallel overrides, for a world of 2
+LAYOUTS_2 = {
+    "tp2": {"tp": 2, "zero_stage": 0},
+    "pp2": {"pp": 2, "zero_stage": 1},
+    "dp2-z1": {"zero_stage": 1},
+    "dp2-z2": {"zero_stage": 2},
+    "dp2-z3": {"zero_stage": 3},
+}
+
+
+def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, **train) -> "Config":
+    """A 2-layer, 2-head GPT on synthetic data; grad_clip 0.05 so that clipping is active
+    (the clipping paths differ per layout and must agree too)."""
+    from megafire.config import load_config
+    options = ENCODINGS.get(encoding, {})
+    name = "kerple_log" if encoding == "kerple" else encoding
+    data = {
+        "run": {"dir": str(run_dir)},
+        "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                  "position": {"name": name, "options": dict(options)}},
+        "attention": {"backend": "reference"},
+        "data": {"corpus": "synthetic", "seq_len": 16},
+        "train": {"max_steps": 4, "tokens_per_step": 64, "lr": 1e-2, "grad_clip": 0.05, "progress": False,
+                  **train},
+        "parallel": dict(parallel or {}),
+        "tracking": {"enabled": False},
+    }
+    return load_config(None, data)
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(script: str, nprocs: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run tests/parallel/<script> under torchrun (gloo, one thread per process)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nprocs),
+           str(Path(__file__).parent / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
