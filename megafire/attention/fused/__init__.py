@@ -17,25 +17,23 @@ segment_ids_k=None, softmax_scale=None) -> out``
 * Gradients: ``q, k, v`` and the encoding's parameters through autograd (FIRE: MLP weights
   and biases, ``c_raw``, ``L_mult``; Kerple: raw r1/r2; T5: the bucket table; ALiBi: none).
 
-Bias (all fp32, ``r = max(q_pos_i - k_pos_j, 0)``):
+Bias (all fp32, ``r = max(q_pos_i - k_pos_j, 0)``), every encoding **exact** (up to fp32
+rounding and the hardware ``lg2.approx`` / ``ex2.approx``, relative error ~1e-7):
 
-* ALiBi ``-m_h r``; Kerple-log ``-r1_h log(1 + r2_h r)``; Kerple-power ``-r1_h r^r2_h``:
-  exact, computed per score.
-* T5 ``W[bucket(r), h]``: exact (bucket lookup table up to ``max_distance``, constant
-  beyond).
-* FIRE ``f_h(x)``, ``x = psi(r) / (psi(max(L, i)) + eps)``: ``x`` is exact per score;
-  ``f_h`` is replaced by its piecewise-linear interpolant on ``G + 1`` uniform nodes of
-  ``[0, 1]`` (``G = FIRE_GRID = 128`` by default). **Approximation**: for the depth-1 ReLU
-  MLP ``f`` (piecewise linear, kinks at ``-b1_k / w1_k``), the interpolant is exact on every
-  cell without a kink; on a cell with kinks the error is at most
-  ``(1/(4G)) * sum_{kinks in cell} |w2_hk w1_k|`` (tested at 1x..16x training lengths).
-  Gradients are exact for the interpolated function: ``dF[g]`` from dS, chained by autograd
-  into the MLP through the node values; ``c`` and ``L`` through ``x``.
+* ALiBi ``-m_h r``; Kerple-log ``-r1_h log(1 + r2_h r)``; Kerple-power ``-r1_h r^r2_h``.
+* T5 ``W[bucket(r), h]``: one scalar per tile where the tile spans one bucket, a lookup of
+  ``W[bucket(r)]`` per score near the diagonal.
+* FIRE ``f_h(x)``, ``x = psi(r) / (psi(max(L, i)) + eps)``, one-hidden-layer MLP
+  (``depth=1``, ``progressive=True``; other FIRE variants are not supported): ``f_h`` is
+  piecewise linear between the hidden units' kinks; each tile evaluates the affine piece of
+  its smallest ``x`` plus the few kinks that cross it (see ``_kernels``). Gradients of every
+  MLP weight, ``c`` and ``L`` are exact (segment moments of dS, per-row sums for the
+  denominators, chained to ``c_raw`` / ``L_mult`` by autograd).
 
 ``supports(encoding)`` says whether a given encoding instance can run here.
 """
 from __future__ import annotations
 
-from ._function import CONFIGS, FIRE_GRID, encoding_spec, fused_bias_attention, supports
+from ._function import CONFIGS, FIRE_BINS, encoding_spec, fused_bias_attention, supports
 
-__all__ = ["fused_bias_attention", "supports", "encoding_spec", "FIRE_GRID", "CONFIGS"]
+__all__ = ["fused_bias_attention", "supports", "encoding_spec", "FIRE_BINS", "CONFIGS"]

@@ -1,25 +1,30 @@
 """Autograd wrapper around the Triton kernels; see the package docstring for the maths."""
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _kernels as K
 
-#: FIRE interpolation grid: G cells (G + 1 nodes) uniform on x in [0, 1].
-FIRE_GRID = 128
-
-#: Launch configuration per (device kind, head dim); "interp" is used under TRITON_INTERPRET.
-#: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages)
+#: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
+#: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
+#: Override for tuning: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3]}}'.
 CONFIGS = {
     "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1)),
     64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2)),
     128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2)),
 }
+
+#: FIRE: number of bins of [0, 1] in the tile -> kink-range table
+FIRE_BINS = K.FIRE_BINS
+
+_env_cache: dict = {}
 
 
 def _interp() -> bool:
@@ -29,7 +34,14 @@ def _interp() -> bool:
 def _config(d: int) -> dict:
     if _interp():
         return CONFIGS["interp"]
-    return CONFIGS.get(d, CONFIGS[128] if d > 64 else CONFIGS[64])
+    cfg = dict(CONFIGS.get(d, CONFIGS[128] if d > 64 else CONFIGS[64]))
+    env = os.environ.get("MEGAFIRE_FUSED_CONFIGS")
+    if env:
+        if env not in _env_cache:
+            _env_cache[env] = json.loads(env)
+        over = _env_cache[env].get(str(d), {})
+        cfg.update({k: tuple(v) for k, v in over.items()})
+    return cfg
 
 
 _NAMES = {"alibi": K.ALIBI, "kerple_log": K.KERPLE_LOG, "kerple_power": K.KERPLE_POW, "t5": K.T5, "fire": K.FIRE}
@@ -42,61 +54,95 @@ def supports(encoding) -> bool:
     name = getattr(encoding, "name", None)
     if name not in _NAMES or getattr(encoding, "kind", "bias") != "bias":
         return False
-    if name == "fire" and not getattr(encoding, "progressive", True):
-        return False  # raw psi(i - j) input is unbounded: no [0, 1] grid
+    if name == "fire":
+        if not getattr(encoding, "progressive", True):
+            return False  # x = psi(i - j) unbounded: not implemented
+        if getattr(encoding, "depth", 1) != 1:
+            return False  # the exact segment tables need a one-hidden-layer MLP
     return True
 
 
-def _t5_lut(enc, device) -> tuple[torch.Tensor, int]:
+def _t5_tables(enc, device):
+    """LUT [RT + 1] bucket of r (r clamped to RT = max_distance), THR [NB] first r of bucket k."""
     rt = int(enc.max_distance)
     rel = torch.arange(rt + 1, device=device)
-    try:
-        from megafire.positional.t5 import t5_causal_bucket
-        lut = t5_causal_bucket(rel, enc.num_buckets, enc.max_distance)
-    except ImportError:  # pragma: no cover - literal fallback
-        nb, md = enc.num_buckets, enc.max_distance
-        exact = nb // 2
-        sc = (torch.log(rel.clamp_min(exact).float() / exact) / math.log(md / exact) * (nb - exact)).long()
-        lut = torch.where(rel < exact, rel, (exact + sc).clamp_max(nb - 1))
-    return lut.to(torch.int32).contiguous(), rt
+    from megafire.positional.t5 import t5_causal_bucket
+    lut = t5_causal_bucket(rel, enc.num_buckets, enc.max_distance)
+    thr = torch.searchsorted(lut.contiguous(), torch.arange(enc.num_buckets, device=device), right=False)
+    return torch.cat([lut, thr]).to(torch.int32).contiguous(), rt
 
 
 @dataclass
 class Spec:
+    """The kernel's view of an encoding. ``params``: differentiable tensors (the autograd
+    inputs); ``ft``/``it``: float / int tables built from them without grad."""
     mode: int
-    p0: Optional[torch.Tensor] = None   # [H] alibi slope / kerple r1
-    p1: Optional[torch.Tensor] = None   # [H] kerple r2
-    tab: Optional[torch.Tensor] = None  # [H, NT(+1)] t5 table / fire node values
-    sc: Optional[torch.Tensor] = None   # [2] fire (c, L)
-    lut: Optional[torch.Tensor] = None  # [RT + 1] t5 buckets
-    nt: int = 1
-    rt: int = 0
+    name: str = "none"
+    params: tuple = ()
+    ft: Optional[torch.Tensor] = None
+    it: Optional[torch.Tensor] = None
+    sc: Optional[torch.Tensor] = None
+    W: int = 1
+    NS: int = 1
+    RT: int = 0
     eps: float = 0.0
     use_log: bool = True
-    use_thr: bool = True
+    extra: dict = field(default_factory=dict)
 
 
-def encoding_spec(encoding, device, grid: Optional[int] = None) -> Spec:
-    """The kernel's view of an encoding: differentiable small tensors built in PyTorch."""
+def _fire_tables(w1, b1, W2, b2, nbins):
+    """Sorted kinks and per-segment affine pieces of f_h(x) = b2 + sum_k W2 relu(w1 x + b1).
+
+    Returns ft = [A log2e (H x NS) | D log2e (H x NS) | dA log2e (H x W) | kinks (W)],
+    it = [SEGLO (nbins) | SEGHI (nbins)], and (order, rank) of the sort.
+    """
+    H, Wd = W2.shape
+    nz = w1 != 0
+    kink = torch.where(nz, -b1 / torch.where(nz, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
+    ks, order = torch.sort(kink)
+    w1s, b1s, W2s = w1[order], b1[order], W2[:, order]
+    dA = W2s * w1s.abs()
+    dD = W2s * (b1s * torch.sign(w1s))
+    neg = (w1 < 0).to(w1.dtype)
+    A0 = W2 @ (w1 * neg)
+    D0 = b2 + W2 @ (b1 * neg + F.relu(b1) * (~nz).to(w1.dtype))
+    A = torch.cat([A0[:, None], A0[:, None] + dA.cumsum(1)], 1)
+    D = torch.cat([D0[:, None], D0[:, None] + dD.cumsum(1)], 1)
+    ft = torch.cat([(A * K.LOG2E).reshape(-1), (D * K.LOG2E).reshape(-1), (dA * K.LOG2E).reshape(-1), ks])
+    edges = torch.arange(nbins + 1, device=w1.device, dtype=torch.float32) / nbins
+    seglo = torch.searchsorted(ks, edges[:-1], right=False)
+    seghi = torch.searchsorted(ks, edges[1:], right=True)
+    seghi[-1] = Wd
+    it = torch.cat([seglo, seghi]).to(torch.int32)
+    return ft.float().contiguous(), it.contiguous(), order
+
+
+def encoding_spec(encoding, device) -> Spec:
+    """The kernel's view of an encoding: differentiable small tensors and derived tables."""
     if encoding is None:
         return Spec(K.NONE)
     name = encoding.name
     f32 = dict(device=device, dtype=torch.float32)
     if name == "alibi":
-        return Spec(K.ALIBI, p0=encoding.slopes.to(**f32).contiguous())
+        return Spec(K.ALIBI, name, params=(encoding.slopes.to(**f32).contiguous(),))
     if name in ("kerple_log", "kerple_power"):
-        return Spec(_NAMES[name], p0=encoding.r1.to(**f32).contiguous(), p1=encoding.r2.to(**f32).contiguous())
+        return Spec(_NAMES[name], name, params=(encoding.r1.to(**f32).contiguous(), encoding.r2.to(**f32).contiguous()))
     if name == "t5":
-        lut, rt = _t5_lut(encoding, device)
-        tab = encoding.relative_attention_bias.weight.to(**f32).t().contiguous()  # [H, buckets]
-        return Spec(K.T5, tab=tab, lut=lut, nt=int(encoding.num_buckets), rt=rt)
+        it, rt = _t5_tables(encoding, device)
+        wt = encoding.relative_attention_bias.weight.to(**f32)  # [NB, H]
+        nb = int(encoding.num_buckets)
+        return Spec(K.T5, name, params=(wt,), it=it, W=1, NS=nb, RT=rt, extra=dict(lut=it[:rt + 1].long()))
     if name == "fire":
-        g = int(grid or FIRE_GRID)
-        nodes = torch.linspace(0.0, 1.0, g + 1, **f32)
-        tab = encoding.mlp_forward(nodes).to(torch.float32).t().contiguous()  # [H, G + 1]
-        sc = torch.stack([encoding.c.to(**f32).reshape(()), encoding.L.to(**f32).reshape(())])
-        return Spec(K.FIRE, tab=tab, sc=sc, nt=g, eps=float(encoding.eps),
-                    use_log=bool(encoding.use_log), use_thr=bool(encoding.use_threshold))
+        if encoding.depth != 1 or not encoding.progressive:
+            raise ValueError("fused FIRE needs depth=1 and progressive=True")
+        w1 = encoding.mlp[0].weight.to(**f32).reshape(-1)
+        b1 = encoding.mlp[0].bias.to(**f32)
+        W2 = encoding.mlp[-1].weight.to(**f32)
+        b2 = encoding.mlp[-1].bias.to(**f32)
+        c = encoding.c.to(**f32).reshape(())
+        L = encoding.L.to(**f32).reshape(())
+        return Spec(K.FIRE, name, params=(w1, b1, W2, b2, c), W=int(w1.numel()), NS=int(w1.numel()) + 1,
+                    eps=float(encoding.eps), use_log=bool(encoding.use_log), extra=dict(enc=encoding, L=L))
     raise ValueError(f"fused attention does not support encoding {name!r}")
 
 
@@ -111,94 +157,141 @@ def _pos(p: torch.Tensor, B: int, T: int, name: str) -> tuple[torch.Tensor, int]
     raise ValueError(f"{name} must be [T] or [B, T], got {tuple(p.shape)}")
 
 
+def _bounds(p: torch.Tensor):
+    """(suffix min, prefix max) along the last dim, int32."""
+    pmax = torch.cummax(p, -1).values
+    smin = torch.cummin(p.flip(-1), -1).values.flip(-1)
+    return smin.contiguous(), pmax.contiguous()
+
+
 def _dummy(device, dtype=torch.float32):
     return torch.zeros(4, device=device, dtype=dtype)
 
 
+class _State:
+    """Non-differentiable launch state shared by forward and backward."""
+
+
 class _FusedBiasAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p0, p1, tab, sc, qp, kp, sq, sk, lut, meta):
-        mode, nt, rt, eps, use_log, use_thr, causal, scale = meta
+    def forward(ctx, q, k, v, st, *params):
         B, Tq, H, D = q.shape
         Tk, HKV = k.shape[1], k.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dev = q.device
-        (qp, qp_sb), (kp, kp_sb) = _pos(qp, B, Tq, "q_pos"), _pos(kp, B, Tk, "k_pos")
-        has_seg = sq is not None
-        if has_seg:
-            (sq, sq_sb), (sk, sk_sb) = _pos(sq, B, Tq, "segment_ids_q"), _pos(sk, B, Tk, "segment_ids_k")
-        else:
-            sq, sk, sq_sb, sk_sb = qp, kp, 0, 0
-        d = _dummy(dev)
-        args_t = [x if x is not None else d for x in (p0, p1, tab, sc)]
-        lut_t = lut if lut is not None else torch.zeros(4, device=dev, dtype=torch.int32)
-        tab_stride = tab.stride(0) if tab is not None else 0
         o = torch.empty_like(q)
-        lse = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         BM, BN, warps, stages = _config(D)["fwd"]
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
         grid = (triton_cdiv(Tq, BM), B * H)
         K._fwd_kernel[grid](
-            q, k, v, o, lse, qp, kp, sq, sk, *args_t[:3], lut_t, args_t[3],
+            q, k, v, o, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
+            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            qp_sb, kp_sb, sq_sb, sk_sb,
-            H, H // HKV, Tq, Tk, tab_stride, nt, rt, scale * K.LOG2E, eps,
-            BIAS=mode, CAUSAL=causal, HAS_SEG=has_seg, USE_LOG=use_log, USE_THR=use_thr, DOT_PREC=prec,
-            D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, o, lse, qp, kp, sq, sk, lut_t, *args_t)
-        ctx.meta = meta
-        ctx.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
-        ctx.has_seg = has_seg
-        ctx.present = tuple(x is not None for x in (p0, p1, tab, sc))
+            *st.strides, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.eps,
+            BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
+            DOT_PREC=st.prec, D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, *params)
+        ctx.st = st
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, qp, kp, sq, sk, lut, p0, p1, tab, sc = ctx.saved_tensors
-        mode, nt, rt, eps, use_log, use_thr, causal, scale = ctx.meta
-        qp_sb, kp_sb, sq_sb, sk_sb = ctx.strides
+        q, k, v, o, lse, *params = ctx.saved_tensors
+        st = ctx.st
         B, Tq, H, D = q.shape
         Tk, HKV = k.shape[1], k.shape[2]
         do = do.contiguous()
         dev = q.device
+        mode = st.mode
         delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        tab_stride = tab.stride(0) if ctx.present[2] else 0
-        need = ctx.needs_input_grad
-        pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW) and (need[3] or need[4]) or \
-            mode == K.T5 and need[5] or mode == K.FIRE and (need[5] or need[6])
-        common = dict(BIAS=mode, CAUSAL=causal, HAS_SEG=ctx.has_seg, USE_LOG=use_log, USE_THR=use_thr,
-                      DOT_PREC=prec, D=D)
+        need = ctx.needs_input_grad[4:]
+        pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and any(need)
         cfg = _config(D)
         BM, BN, warps, stages = cfg["dq"]
         nmb = triton_cdiv(Tq, BM)
-        part_stride = nt + 3
+        W, NS = st.W, st.NS
+        if mode == K.FIRE:
+            part_stride = 2 * NS + 2 * W
+        elif mode == K.T5:
+            part_stride = 2 * NS
+        else:
+            part_stride = 2
         part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else _dummy(dev)
+        if pgrad and mode == K.FIRE:
+            rowc = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+            rowx = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+        else:
+            rowc = rowx = _dummy(dev)
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                   qp_sb, kp_sb, sq_sb, sk_sb)
+                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
+        common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
+                      DOT_PREC=st.prec, D=D)
+        tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
+                st.rowf)
         K._bwd_dq_kernel[(nmb, B * H)](
-            q, k, v, do, dq, lse, delta, qp, kp, sq, sk, p0, p1, tab, lut, sc, part, *strides,
-            H, H // HKV, Tq, Tk, tab_stride, nt, rt, scale * K.LOG2E, scale, eps, part_stride,
+            q, k, v, do, dq, lse, delta, *tabs, part, rowc, rowx, *strides,
+            H, H // HKV, Tq, Tk, W, NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.scale, st.eps, part_stride,
             PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
         BM, BN, warps, stages = cfg["dkdv"]
         K._bwd_dkdv_kernel[(triton_cdiv(Tk, BN), B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, qp, kp, sq, sk, p0, p1, tab, lut, sc, *strides,
-            H, HKV, H // HKV, Tq, Tk, tab_stride, nt, rt, scale * K.LOG2E, scale, eps,
+            q, k, v, do, dk, dv, lse, delta, *tabs, *strides,
+            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.scale, st.eps,
             BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
-        g0 = g1 = gtab = gsc = None
+        grads = [None] * len(params)
         if pgrad:
-            part = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
-            if mode in (K.KERPLE_LOG, K.KERPLE_POW):
-                g0, g1 = part[:, 0].contiguous(), part[:, 1].contiguous()
+            tot = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
+            if mode == K.KERPLE_LOG:
+                r1, r2 = params
+                grads = [-K.LN2 * tot[:, 0], -r1 * tot[:, 1]]
+            elif mode == K.KERPLE_POW:
+                r1, r2 = params
+                grads = [-tot[:, 0], -r1 * K.LN2 * tot[:, 1]]
             elif mode == K.T5:
-                gtab = part[:, :nt].contiguous()
+                base, G = tot[:, :NS], tot[:, NS:]
+                bsum = base + G - F.pad(G[:, 1:], (0, 1))  # G[:, 0] is 0
+                grads = [bsum.t().contiguous()]
             else:
-                gtab = part[:, :nt + 1].contiguous()
-                gsc = torch.stack([part[:, nt + 1].sum(), part[:, nt + 2].sum()])
-        return (dq, dk, dv, g0, g1, gtab, gsc) + (None,) * 6
+                grads = _fire_grads(st, params, tot, rowc, rowx)
+        grads = [g if n else None for g, n in zip(grads, need)]
+        return (dq, dk, dv, None) + tuple(grads)
+
+
+def _fire_grads(st, params, tot, rowc, rowx):
+    """Exact gradients of (w1, b1, W2, b2, c) and of the per-row denominators (chained to c
+    and L by autograd in ``fused_bias_attention``) from the kernel's segment moments."""
+    w1, b1, W2, b2, c, den = params
+    W, NS = st.W, st.NS
+    Pb, Qb = tot[:, :NS], tot[:, NS:2 * NS]
+    G, GQ = tot[:, 2 * NS:2 * NS + W], tot[:, 2 * NS + W:]
+    Pseg = Pb + F.pad(G, (1, 0)) - F.pad(G, (0, 1))  # [H, NS]
+    Qseg = Qb + F.pad(GQ, (1, 0)) - F.pad(GQ, (0, 1))
+    # above[:, s] = sum over segments >= s; a unit of sorted rank t is on above its kink
+    # (segments t + 1 ..) when w1 > 0, below it (segments .. t) when w1 < 0
+    Pab = Pseg.flip(1).cumsum(1).flip(1)[:, 1:]  # [H, W]
+    Qab = Qseg.flip(1).cumsum(1).flip(1)[:, 1:]
+    Ptot, Qtot = Pseg.sum(1, keepdim=True), Qseg.sum(1, keepdim=True)
+    order = st.order
+    w1s, b1s = w1[order], b1[order]
+    pos, negw = (w1s > 0), (w1s < 0)
+    const_on = ((w1s == 0) & (b1s > 0)).to(Ptot.dtype)
+    Ps = torch.where(pos, Pab, torch.where(negw, Ptot - Pab, Ptot * const_on))
+    Qs = torch.where(pos, Qab, torch.where(negw, Qtot - Qab, Qtot * const_on))
+    Pk = torch.empty_like(Ps)
+    Qk = torch.empty_like(Qs)
+    Pk[:, order] = Ps
+    Qk[:, order] = Qs
+    dW2 = w1[None, :] * Qk + b1[None, :] * Pk
+    dw1 = (W2 * Qk).sum(0)
+    db1 = (W2 * Pk).sum(0)
+    db2 = Ptot[:, 0]
+    # den [Bq, Tq] (Bq = 1 or B)
+    rc = rowc.sum(1)  # [B, Tq]
+    rx = rowx.sum(1)
+    if den.shape[0] == 1:
+        rc, rx = rc.sum(0, keepdim=True), rx.sum(0, keepdim=True)
+    dc = (rc / den).sum() if st.use_log else torch.zeros_like(c)
+    return [dw1, db1, dW2, db2, dc.reshape(c.shape), -rx / den]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -208,11 +301,15 @@ def triton_cdiv(a: int, b: int) -> int:
 def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True,
                          segment_ids_q=None, segment_ids_k=None, softmax_scale: Optional[float] = None,
                          fire_grid: Optional[int] = None):
-    """Attention with a position bias computed inside Triton kernels (see package docstring)."""
+    """Attention with a position bias computed inside Triton kernels (see package docstring).
+
+    ``fire_grid`` is accepted for compatibility with v1 (FIRE interpolation grid) and ignored:
+    FIRE is now exact."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, Tq, H, D = q.shape
+    Tk = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[2]:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (Hq must be a multiple of Hkv)")
     if D not in (16, 32, 64, 128):
@@ -223,8 +320,46 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         raise ValueError(f"fused attention does not support encoding {getattr(encoding, 'name', encoding)!r}")
     if encoding is not None and getattr(encoding, "num_heads_local", H) != H:
         raise ValueError(f"encoding has {encoding.num_heads_local} local heads, q has {H}")
-    spec = encoding_spec(encoding, q.device, fire_grid)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    meta = (spec.mode, spec.nt, spec.rt, spec.eps, spec.use_log, spec.use_thr, bool(causal), scale)
-    return _FusedBiasAttention.apply(q, k, v, spec.p0, spec.p1, spec.tab, spec.sc, q_pos, k_pos,
-                                     segment_ids_q, segment_ids_k, spec.lut, meta)
+    dev = q.device
+    spec = encoding_spec(encoding, dev)
+    st = _State()
+    st.mode, st.W, st.NS, st.RT, st.eps, st.use_log = spec.mode, spec.W, spec.NS, spec.RT, spec.eps, spec.use_log
+    st.causal = bool(causal)
+    st.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    (st.qp, qp_sb), (st.kp, kp_sb) = _pos(q_pos, B, Tq, "q_pos"), _pos(k_pos, B, Tk, "k_pos")
+    st.has_seg = segment_ids_q is not None
+    if st.has_seg:
+        (st.sq, sq_sb), (st.sk, sk_sb) = (_pos(segment_ids_q, B, Tq, "segment_ids_q"),
+                                          _pos(segment_ids_k, B, Tk, "segment_ids_k"))
+    else:
+        st.sq, st.sk, sq_sb, sk_sb = st.qp, st.kp, 0, 0
+    st.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
+    same = q_pos is k_pos and Tq == Tk
+    st.kmin, st.kmax = _bounds(st.kp)
+    st.qmin, st.qmax = (st.kmin, st.kmax) if same else _bounds(st.qp)
+    d = _dummy(dev)
+    st.p0 = spec.params[0] if spec.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
+    st.p1 = spec.params[1] if spec.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
+    st.ft, st.it, st.sc, st.rowf = d, torch.zeros(4, device=dev, dtype=torch.int32), d, d
+    den = None
+    if spec.mode == K.T5:
+        wt = spec.params[0].detach()  # [NB, H]
+        tabr = wt[spec.extra["lut"]].t()  # [H, RT + 1]
+        st.ft = torch.cat([tabr.reshape(-1), wt.t().reshape(-1)]).contiguous()
+        st.it = spec.it
+    elif spec.mode == K.FIRE:
+        enc = spec.extra["enc"]
+        w1, b1, W2, b2, c = spec.params
+        with torch.no_grad():
+            st.ft, st.it, st.order = _fire_tables(w1.detach(), b1.detach(), W2.detach(), b2.detach(), K.FIRE_BINS)
+            st.sc = torch.stack([c.detach(), spec.extra["L"].detach()]).contiguous()
+        # per-row denominators, differentiable in c and L (ties i == L split like torch.maximum)
+        qpf = st.qp.to(torch.float32)
+        L = spec.extra["L"]
+        ieff = torch.maximum(qpf, L)
+        den = (torch.log1p(c * ieff) if spec.use_log else ieff) + spec.eps
+        den = den.reshape(-1, Tq)
+        st.rowf = ((K.LN2 if spec.use_log else 1.0) / den.detach()).contiguous()
+    params = spec.params + ((den,) if den is not None else ())
+    return _FusedBiasAttention.apply(q, k, v, st, *params)

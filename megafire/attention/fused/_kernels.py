@@ -1,27 +1,43 @@
-"""Triton kernels: FlashAttention-2 style attention with an in-kernel position bias.
+"""Triton kernels: FlashAttention-2 style attention with an in-kernel position bias (v2).
 
 Scores (natural-log units) ``s_ij = scale * q_i . k_j + b_h(i, j)``; masked scores are
 -inf; ``P = softmax(s)``; ``O = P V``. Internally the kernels work in base 2
-(``s * log2(e)``) and save the base-2 log-sum-exp per row.
+(``s * log2(e)``; every bias table below is stored pre-multiplied by ``log2(e)``) and save
+the base-2 log-sum-exp per row.
 
 Backward (per score, recomputed): ``dP = dO V^T``, ``dS = P * (dP - delta)`` with
 ``delta_i = sum_d dO_id O_id``; ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dV = P^T dO``;
-``dL/db_h(i, j) = dS_ij``, reduced in-kernel into the encoding's few parameters:
+``dL/db_h(i, j) = dS_ij``, reduced in the ``dq`` kernel into a few sums per program
+(row sums in registers, one partial row per program, no atomics per score).
 
-* ALiBi ``b = -m_h r`` (``r = max(qpos_i - kpos_j, 0)``): no gradient.
-* Kerple-log ``b = -r1 log(1 + r2 r)``, Kerple-power ``b = -r1 r^r2``: two dS-weighted
-  sums per head, accumulated elementwise in registers over the whole loop, reduced once.
-* T5 ``b = W[h, lut[min(r, RT)]]``: the gradient of ``W[h, k]`` is the sum of dS over the
-  scores in bucket k. Buckets are monotone in ``r``; each tile loops over the (few) buckets
-  it spans, one masked tile-sum per bucket, one atomic add per (tile, bucket) into a
-  per-program partial row (never shared between programs).
-* FIRE ``b = F_h(x)``, ``x = psi(r) / (psi(max(L, qpos_i)) + eps)`` with ``F_h`` the
-  piecewise-linear interpolant of the MLP on ``G + 1`` uniform nodes of ``[0, 1]``
-  (cell ``g = floor(x G)``, ``w = x G - g``, ``F = F[g] + w (F[g+1] - F[g])``). The node
-  gradients ``dF[g] += dS (1 - w)``, ``dF[g + 1] += dS w`` are reduced like T5's buckets
-  (cells are monotone in ``j`` for a row; far tiles span one or two cells). ``c`` and ``L``
-  get ``sum dS F'(x) dx/dc`` and ``sum dS F'(x) dx/dL``, accumulated elementwise and
-  reduced once per program with per-row factors.
+Tiles. Every kernel bounds a tile's distances ``r = qpos - kpos`` from four scalar loads:
+suffix-min / prefix-max arrays of the positions (``QMIN[i] = min(qpos[i:])``,
+``QMAX[i] = max(qpos[:i+1]``), same for keys), exact for monotone positions and
+conservative otherwise. The same bounds decide whether a tile needs the mask at all
+(interior tiles skip it).
+
+* ALiBi ``b = -m_h r``; Kerple-log ``-r1 log(1 + r2 r)`` = ``-r1 ln2 lg2(1 + r2 r)``;
+  Kerple-power ``-r1 r^r2`` = ``-r1 exp2(r2 lg2 r)`` (``lg2.approx``/``ex2.approx``, one MUFU
+  op each). Kerple grads: two row-sum accumulators per program.
+* T5 ``b = W[h, bucket(r)]``: the tile's bucket range ``[bucket(r_lo), bucket(r_hi)]``
+  (two scalar LUT loads). One bucket (every tile with ``r_lo >= max_distance`` and many
+  others): the bias is one scalar per tile. Otherwise (tiles near the diagonal): one
+  gather per score from ``TABR[h, min(r, RT)]``. Gradient: the tile's dS sum goes to
+  bucket ``b_lo``; for each bucket boundary ``k`` inside the tile, the sum of dS with
+  ``r >= T_k`` (first distance of bucket k) goes to ``G[k]``; bucket sums are
+  ``base[k] + G[k] - G[k + 1]`` (PyTorch).
+* FIRE ``b = f_h(x)``, ``x = psi(r) / den_i``: ``f_h`` is piecewise linear with kinks at the
+  hidden units' ``-b1_k / w1_k``. PyTorch sorts the kinks and tabulates, per segment
+  ``s`` between consecutive kinks, ``f = A[h, s] x + D[h, s]``, and per kink
+  ``dA[h, t]`` (``f = A[s] x + D[s] + sum_t dA[t] relu(x - kink_t)`` exactly). A tile's
+  ``x`` range (bounded from ``r_lo, r_hi`` and the rows' denominators, with a small
+  margin) picks, through a 1024-bin table, the segment ``s_lo`` of its smallest ``x`` and
+  the kinks ``[s_lo, s_hi)`` that may fall inside. Per score: ``lg2(1 + c r)`` (one MUFU
+  op), one FMA with the row vector ``a ln2 / den_i``, plus 3 ops per crossing kink (0 on
+  most tiles). Backward: ``P = sum dS`` and ``Q = sum dS x`` of the tile go to segment
+  ``s_lo``; per crossing kink the sums over ``x > kink`` go to ``G``/``GQ``; per row,
+  ``sum dS f'(x) dpsi/dc`` and ``sum dS f'(x) x`` (for ``c`` and the denominator).
+  PyTorch turns these into exact gradients of every MLP weight, ``c`` and ``den``.
 """
 from __future__ import annotations
 
@@ -50,71 +66,124 @@ def _patch_interpreter() -> None:
     _it._megafire_patched = True
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
     _patch_interpreter()
 
 # bias modes (constexpr)
 NONE, ALIBI, KERPLE_LOG, KERPLE_POW, T5, FIRE = 0, 1, 2, 3, 4, 5
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+#: FIRE: bins of [0, 1] for the tile -> segment-range lookup
+FIRE_BINS = 1024
 
 
 @triton.jit
-def _bias(BIAS: tl.constexpr, h, qpos, kpos, P0, P1, TAB, LUT, SC, tab_stride, NT, RT, eps,
-          USE_LOG: tl.constexpr, USE_THR: tl.constexpr):
-    """qpos, kpos: int32 tensors broadcastable to the tile. Returns (bias, key, w, x, slope).
+def _lg2(x, FAST: tl.constexpr):
+    if FAST:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = tl.math.log2(x)
+    return y
 
-    key/w: table index and interpolation weight (T5, FIRE); x and slope = dF/dx (FIRE).
-    Unused outputs are zeros and cost nothing once the compiler drops them.
+
+@triton.jit
+def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
+                USE_LOG: tl.constexpr):
+    """Scalars for a tile whose positions lie in [qlo, qhi] x [klo, khi] (conservative).
+
+    FIRE: (s_lo, s_hi, a2, d2): segment of the smallest x, end of the kink range that may
+    cross the tile, slope and offset of segment s_lo (log2e units).
+    T5: (b_lo, b_hi, W[h, b_lo] log2e, 0). Others: zeros.
     """
-    r = tl.maximum(qpos - kpos, 0)
-    rf = r.to(tl.float32)
-    zero = rf * 0.0
-    key = r * 0
-    w = zero
-    x = zero
-    slope = zero
+    s_lo = qlo * 0
+    s_hi = qlo * 0
+    a2 = qlo.to(tl.float32) * 0.0
+    d2 = a2
+    if BIAS == 5:
+        c = tl.load(SC)
+        L = tl.load(SC + 1)
+        rlo = tl.maximum(qlo - khi, 0).to(tl.float32)
+        rhi = tl.maximum(qhi - klo, 0).to(tl.float32)
+        ilo = tl.maximum(qlo.to(tl.float32), L)
+        ihi = tl.maximum(qhi.to(tl.float32), L)
+        if USE_LOG:
+            plo = tl.log(1.0 + c * rlo)
+            phi = tl.log(1.0 + c * rhi)
+            den_small = tl.log(1.0 + c * ilo) + eps
+            den_big = tl.log(1.0 + c * ihi) + eps
+        else:
+            plo = rlo
+            phi = rhi
+            den_small = ilo + eps
+            den_big = ihi + eps
+        x_lo = plo / den_big
+        x_hi = phi / den_small
+        x_lo = x_lo - 1e-5 - 1e-5 * x_lo
+        x_hi = x_hi + 1e-5 + 1e-5 * x_hi
+        glo = tl.where(x_lo > 0.0, tl.minimum(x_lo * NBINS, NBINS - 1.0), 0.0).to(tl.int32)
+        ghi = tl.where(x_hi < 1.0, tl.maximum(x_hi * NBINS, 0.0), NBINS - 1.0).to(tl.int32)
+        s_lo = tl.load(IT + glo)
+        s_hi = tl.load(IT + NBINS + ghi)
+        a2 = tl.load(FT + h * NS + s_lo)
+        d2 = tl.load(FT + H * NS + h * NS + s_lo)
+    elif BIAS == 4:
+        rlo = tl.minimum(tl.maximum(qlo - khi, 0), RT)
+        rhi = tl.minimum(tl.maximum(qhi - klo, 0), RT)
+        s_lo = tl.load(IT + rlo)
+        s_hi = tl.load(IT + rhi)
+        a2 = tl.load(FT + H * (RT + 1) + h * NS + s_lo) * 1.4426950408889634
+    return s_lo, s_hi, a2, d2
+
+
+@triton.jit
+def _bias2(BIAS: tl.constexpr, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT,
+           CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr):
+    """Bias in log2e units for a tile; qf, kf: float positions broadcastable to the tile
+    ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
+
+    Returns (bias2, rf, lg): rf = max(r, 0) and lg = lg2(1 + c rf) (FIRE log; rf otherwise)
+    for the callers that need them (unused ones are dropped by the compiler).
+    """
+    rf = tl.maximum(qf - kf, 0.0)
+    lg = rf
     if BIAS == 1:
-        m = tl.load(P0 + h)
-        b = -m * rf
+        m2 = tl.load(P0 + h) * 1.4426950408889634
+        if CAUSAL:
+            bias2 = (kf - qf) * m2  # r < 0 only where masked
+        else:
+            bias2 = rf * (-m2)
     elif BIAS == 2:
         r1 = tl.load(P0 + h)
         r2 = tl.load(P1 + h)
-        b = -r1 * tl.log(1.0 + r2 * rf)
+        lg = _lg2(1.0 + r2 * rf, FAST)
+        bias2 = lg * (-r1)  # -r1 ln(1 + r2 r) log2e = -r1 lg2(1 + r2 r)
     elif BIAS == 3:
         r1 = tl.load(P0 + h)
         r2 = tl.load(P1 + h)
-        pw = tl.where(r > 0, tl.exp(r2 * tl.log(tl.maximum(rf, 1.0))), 0.0)
-        b = -r1 * pw
+        lg = _lg2(tl.maximum(rf, 1.0), FAST)
+        pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
+        bias2 = pw * (-r1 * 1.4426950408889634)
     elif BIAS == 4:
-        key = tl.load(LUT + tl.minimum(r, RT))
-        b = tl.load(TAB + h * tab_stride + key)
+        bias2 = rf * 0.0 + a2
+        if s_lo != s_hi:
+            ri = tl.minimum(rf, RT * 1.0).to(tl.int32)
+            bias2 = tl.load(FT + h * (RT + 1) + ri) * 1.4426950408889634
     elif BIAS == 5:
-        c = tl.load(SC)
-        qf = qpos.to(tl.float32)
-        if USE_THR:
-            L = tl.load(SC + 1)
-            ieff = tl.maximum(qf, L)
-        else:
-            ieff = qf
         if USE_LOG:
-            psi_r = tl.log(1.0 + c * rf)
-            den = tl.log(1.0 + c * ieff) + eps
-        else:
-            psi_r = rf
-            den = ieff + eps
-        x = psi_r / den
-        t = tl.minimum(tl.maximum(x * NT, 0.0), NT * 1.0)
-        g = tl.minimum(t.to(tl.int32), NT - 1)
-        w = t - g.to(tl.float32)
-        f0 = tl.load(TAB + h * tab_stride + g)
-        f1 = tl.load(TAB + h * tab_stride + g + 1)
-        b = f0 + w * (f1 - f0)
-        slope = (f1 - f0) * NT
-        key = g
+            c = tl.load(SC)
+            lg = _lg2(1.0 + c * rf, FAST)
+        bias2 = lg * (rowf * a2) + d2
+        offk = 2 * H * NS + H * W
+        for t in range(s_lo, s_hi):
+            kt = tl.load(FT + offk + t)
+            da = tl.load(FT + 2 * H * NS + h * W + t)
+            bias2 += da * tl.maximum(lg * rowf - kt, 0.0)
     else:
-        b = zero
-    return b, key, w, x, slope
+        bias2 = rf * 0.0
+    return bias2, rf, lg
 
 
 @triton.jit
@@ -128,23 +197,41 @@ def _mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, offs_m, offs_n, qpos, kpo
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC,
+def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo, khi, Tq, Tk):
+    """Whether the tile rows [m0, m1) x cols [n0, n1) may hold a masked score (m1, n1 past-the-end)."""
+    need = n1 > Tk
+    if CAUSAL:
+        need = need | (n1 - 1 > m0 + (Tk - Tq)) | (khi > qlo)
+    if HAS_SEG:
+        need = need | (Tq >= 0)
+    return need
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb,
-                H, GROUP, Tq, Tk, tab_stride, NT, RT, scale2, eps,
+                H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, eps,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                USE_LOG: tl.constexpr, USE_THR: tl.constexpr, DOT_PREC: tl.constexpr,
+                USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     mrow = offs_m < Tq
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
     qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    qf = qpos.to(tl.float32)
+    qlo = tl.load(QMIN + b * qp_sb + m0)
+    qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
+    rowf = qf * 0.0
+    if BIAS == 5:
+        rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
     sq = offs_m * 0
     if HAS_SEG:
         sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
@@ -153,7 +240,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC,
     acc = tl.zeros([BM, D], tl.float32)
     hi = Tk
     if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BM + (Tk - Tq))
+        hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
     for start_n in range(0, hi, BN):
@@ -162,17 +249,22 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC,
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-        sk = offs_n * 0
-        if HAS_SEG:
-            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+        klo = tl.load(KMIN + b * kp_sb + start_n)
+        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
         if BIAS != 0:
-            bias, _k, _w, _x, _s = _bias(BIAS, h, qpos[:, None], kpos[None, :], P0, P1, TAB, LUT, SC,
-                                         tab_stride, NT, RT, eps, USE_LOG, USE_THR)
-            s += bias * 1.4426950408889634
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
-        s = tl.where(valid, s, float("-inf"))
+            s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
+                                             USE_LOG)
+            bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                                     s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
+            s += bias2
+        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk):
+            sk = offs_n * 0
+            if HAS_SEG:
+                sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+            valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                          sq[:, None], sk[None, :], Tq, Tk)
+            s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -189,24 +281,29 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
+                     P0, P1, FT, IT, SC, ROWF,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb,
-                     H, HKV, GROUP, Tq, Tk, tab_stride, NT, RT, scale2, scale, eps,
+                     H, HKV, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps,
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                     USE_LOG: tl.constexpr, USE_THR: tl.constexpr, DOT_PREC: tl.constexpr,
+                     USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     mcol = offs_n < Tk
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
     kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    kf = kpos.to(tl.float32)
+    klo = tl.load(KMIN + b * kp_sb + n0)
+    khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
     sk = offs_n * 0
     if HAS_SEG:
         sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
@@ -214,7 +311,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TA
     dv = tl.zeros([BN, D], tl.float32)
     lo = 0
     if CAUSAL:
-        lo = tl.maximum(pid_n * BN - (Tk - Tq), 0)
+        lo = tl.maximum(n0 - (Tk - Tq), 0)
         lo = (lo // BM) * BM
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
@@ -227,17 +324,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TA
             lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
             qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
-            sq = offs_m * 0
-            if HAS_SEG:
-                sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
+            qlo = tl.load(QMIN + b * qp_sb + start_m)
+            qhi = tl.load(QMAX + b * qp_sb + tl.minimum(start_m + BM, Tq) - 1)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # [BN, BM]
             if BIAS != 0:
-                bias, _k, _w, _x, _s = _bias(BIAS, h, qpos[None, :], kpos[:, None], P0, P1, TAB, LUT, SC,
-                                             tab_stride, NT, RT, eps, USE_LOG, USE_THR)
-                sT += bias * 1.4426950408889634
-            valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
-                          sq[None, :], sk[:, None], Tq, Tk)
-            pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
+                rowf = qpos.to(tl.float32) * 0.0
+                if BIAS == 5:
+                    rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+                s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
+                                                 USE_LOG)
+                bias2, _rf, _lg = _bias2(BIAS, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
+                                         s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
+                sT += bias2
+            pT = tl.math.exp2(sT - lse[None, :])
+            if _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk):
+                sq = offs_m * 0
+                if HAS_SEG:
+                    sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
+                valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
+                              sq[None, :], sk[:, None], Tq, Tk)
+                pT = tl.where(valid, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
@@ -250,24 +356,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TA
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TAB, LUT, SC, PART,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
+                   P0, P1, FT, IT, SC, ROWF, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb,
-                   H, GROUP, Tq, Tk, tab_stride, NT, RT, scale2, scale, eps, part_stride,
+                   H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps, part_stride,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                   USE_LOG: tl.constexpr, USE_THR: tl.constexpr, DOT_PREC: tl.constexpr, PGRAD: tl.constexpr,
+                   USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, PGRAD: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
-    PART row of this program (fp32, zeroed by the caller): T5 ``[0, NT)`` bucket sums;
-    FIRE ``[0, NT]`` node sums, ``[NT + 1]`` dc, ``[NT + 2]`` dL; Kerple ``[0]`` dr1, ``[1]`` dr2.
+    PART row of this program (fp32, zeroed by the caller):
+    Kerple ``[0]`` sum dS lg (log) / dS pw (power), ``[1]`` sum dS r/(1 + r2 r) / dS pw lg2 r;
+    T5 ``[0, NS)`` per-bucket base sums, ``[NS, 2 NS)`` per-boundary sums ``G``;
+    FIRE ``[0, NS)`` P, ``[NS, 2 NS)`` Q per segment, ``[2 NS, 2 NS + W)`` G,
+    ``[2 NS + W, 2 NS + 2 W)`` GQ per kink. FIRE also writes per row (ROWC, ROWX [B H, Tq]):
+    ``sum_j dS f'(x) r / (1 + c r)`` and ``sum_j dS f'(x) x``.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     mrow = offs_m < Tq
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
@@ -275,16 +387,28 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TAB, LUT
     lse = tl.load(LSE + bh * Tq + offs_m, mask=mrow, other=float("inf"))
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=mrow, other=0.0)
     qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    qf = qpos.to(tl.float32)
+    qlo = tl.load(QMIN + b * qp_sb + m0)
+    qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
+    rowf = qf * 0.0
+    if BIAS == 5:
+        rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
     sq = offs_m * 0
     if HAS_SEG:
         sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
     part = PART + (bh * tl.num_programs(0) + pid_m) * part_stride
     dq = tl.zeros([BM, D], tl.float32)
-    acc1 = tl.zeros([BM, BN], tl.float32)
-    acc2 = tl.zeros([BM, BN], tl.float32)
+    acc1 = tl.zeros([BM], tl.float32)  # kerple / FIRE row sums
+    acc2 = tl.zeros([BM], tl.float32)
+    runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
+    runQ = tl.zeros([BM], tl.float32)
+    cur = qlo * 0 - 1
+    c = 0.0
+    if BIAS == 5:
+        c = tl.load(SC)
     hi = Tk
     if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BM + (Tk - Tq))
+        hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
     for start_n in range(0, hi, BN):
@@ -293,86 +417,85 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, P0, P1, TAB, LUT
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-        sk = offs_n * 0
-        if HAS_SEG:
-            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+        klo = tl.load(KMIN + b * kp_sb + start_n)
+        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        bias, key, w, x, slope = _bias(BIAS, h, qpos[:, None], kpos[None, :], P0, P1, TAB, LUT, SC,
-                                       tab_stride, NT, RT, eps, USE_LOG, USE_THR)
+        s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps, USE_LOG)
+        bias2, rf, lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                               s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
         if BIAS != 0:
-            s += bias * 1.4426950408889634
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            s += bias2
+        p = tl.math.exp2(s - lse[:, None])
+        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk):
+            sk = offs_n * 0
+            if HAS_SEG:
+                sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+            valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                          sq[:, None], sk[None, :], Tq, Tk)
+            p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if PGRAD:
             if BIAS == 2:
-                r1 = tl.load(P0 + h)
                 r2 = tl.load(P1 + h)
-                rf = tl.maximum(qpos[:, None] - kpos[None, :], 0).to(tl.float32)
-                acc1 += ds * (bias / r1)
-                acc2 += ds * (-r1 * rf / (1.0 + r2 * rf))
+                acc1 += tl.sum(ds * lg, 1)
+                acc2 += tl.sum(ds * (rf / (1.0 + r2 * rf)), 1)
             elif BIAS == 3:
-                r1 = tl.load(P0 + h)
-                rf = tl.maximum(qpos[:, None] - kpos[None, :], 0).to(tl.float32)
-                acc1 += ds * (bias / r1)
-                acc2 += ds * (bias * tl.log(tl.maximum(rf, 1.0)))
+                r2 = tl.load(P1 + h)
+                pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
+                dpw = ds * pw
+                acc1 += tl.sum(dpw, 1)
+                acc2 += tl.sum(dpw * lg, 1)
             elif BIAS >= 4:
-                kmin = tl.min(tl.where(valid, key, 2147483647))
-                kmax = tl.max(tl.where(valid, key, -1))
+                rowP = tl.sum(ds, 1)
                 if BIAS == 5:
-                    dhi = ds * w
-                    dlo = ds - dhi
-                    # c and L: dS * F'(x) * dx/d{c,L}; dx/dc = (dpsi_r/dc - x dden/dc) / den
-                    u = ds * slope
+                    x = lg * rowf[:, None]
+                    dsx = ds * x
+                    rowQ = tl.sum(dsx, 1)
+                    a = a2 * 0.6931471805599453
                     if USE_LOG:
-                        c = tl.load(SC)
-                        rf = tl.maximum(qpos[:, None] - kpos[None, :], 0).to(tl.float32)
-                        acc1 += u * (rf / (1.0 + c * rf))
-                    acc2 += u * x
-                else:
-                    dlo = ds
-                    dhi = ds
-                s_ = kmin
-                while s_ <= kmax:
-                    sel = key == s_
-                    tl.atomic_add(part + s_, tl.sum(tl.sum(tl.where(sel, dlo, 0.0), 1), 0))
+                        dpsi = rf / (1.0 + c * rf)
+                        dsd = ds * dpsi
+                        acc1 += a * tl.sum(dsd, 1)
+                    acc2 += a * rowQ
+                if s_lo != cur:  # flush the running sums of the previous segment / bucket
+                    tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
+                    runP = runP * 0.0
                     if BIAS == 5:
-                        tl.atomic_add(part + s_ + 1, tl.sum(tl.sum(tl.where(sel, dhi, 0.0), 1), 0))
-                    s_ += 1
+                        tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
+                        runQ = runQ * 0.0
+                    cur = s_lo
+                runP += rowP
+                if BIAS == 5:
+                    runQ += rowQ
+                    for t in range(s_lo, s_hi):
+                        kt = tl.load(FT + 2 * H * NS + H * W + t)
+                        da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
+                        on = x > kt
+                        dsm = tl.where(on, ds, 0.0)
+                        dsmx = tl.where(on, dsx, 0.0)
+                        tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
+                        rq = tl.sum(dsmx, 1)
+                        tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
+                        acc2 += da * rq
+                        if USE_LOG:
+                            acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
+                else:
+                    for kk in range(s_lo + 1, s_hi + 1):
+                        thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
+                        gk = tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0)
+                        tl.atomic_add(part + NS + kk, gk)
     dq = dq * scale
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
     if PGRAD:
         if (BIAS == 2) | (BIAS == 3):
-            tl.store(part, tl.sum(tl.sum(acc1, 1), 0))
-            tl.store(part + 1, tl.sum(tl.sum(acc2, 1), 0))
-        elif BIAS == 5:
-            c = tl.load(SC)
-            qf = qpos.to(tl.float32)
-            if USE_THR:
-                L = tl.load(SC + 1)
-                ieff = tl.maximum(qf, L)
-            else:
-                ieff = qf
-            if USE_LOG:
-                den = tl.log(1.0 + c * ieff) + eps
-                dden_dc = ieff / (1.0 + c * ieff)
-            else:
-                den = ieff + eps
-                dden_dc = ieff * 0.0
-            s1 = tl.sum(acc1, 1)
-            sx = tl.sum(acc2, 1)
-            dc = tl.sum(tl.where(mrow, (s1 - sx * dden_dc) / den, 0.0), 0)
-            tl.store(part + NT + 1, dc)
-            if USE_THR:
-                if USE_LOG:
-                    dden_dL = c / (1.0 + c * L)
-                else:
-                    dden_dL = 1.0
-                # torch.maximum splits the gradient evenly at ties (qpos == L): match it
-                wL = tl.where(qf < L, 1.0, tl.where(qf == L, 0.5, 0.0))
-                dL = tl.sum(tl.where(mrow, -sx / den * dden_dL * wL, 0.0), 0)
-                tl.store(part + NT + 2, dL)
+            tl.store(part, tl.sum(acc1, 0))
+            tl.store(part + 1, tl.sum(acc2, 0))
+        elif BIAS >= 4:
+            tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
+            if BIAS == 5:
+                tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
+                tl.store(ROWC + bh * Tq + offs_m, acc1, mask=mrow)
+                tl.store(ROWX + bh * Tq + offs_m, acc2, mask=mrow)
