@@ -132,8 +132,25 @@ class FIRE(PositionalEncoding):
         return h
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        if q_pos.dim() == 2 and not q_pos.is_cuda:
+            table = self._distinct_position_bias(q_pos, k_pos)
+            if table is not None:
+                return table
         x = self.mlp_input(q_pos, k_pos)  # [(B,) Tq, Tk]
         return self.mlp_forward(x).movedim(-1, -3)  # [(B,) H_local, Tq, Tk]
+
+    def _distinct_position_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        """Per-batch positions of packed documents repeat (each document restarts at 0):
+        evaluate f once per distinct (i, j) in [0, P)^2 and gather, when P^2 < B*Tq*Tk.
+        Same values as the direct path (f is elementwise); gradients flow through the gather."""
+        lo = min(int(q_pos.min()), int(k_pos.min()))
+        num = max(int(q_pos.max()), int(k_pos.max())) + 1
+        if lo < 0 or num * num >= q_pos.numel() * k_pos.size(-1):
+            return None
+        grid = torch.arange(num, device=q_pos.device)
+        table = self.bias(grid, grid).flatten(1)  # [H_local, P*P]
+        idx = q_pos.long().unsqueeze(-1) * num + k_pos.long().unsqueeze(-2)  # [B, Tq, Tk]
+        return table[:, idx].movedim(0, 1)  # [B, H_local, Tq, Tk]
 
     def flops(self, num_scores: int, num_tokens: int) -> int:
         # per score: psi (mul, add, log) if use_log, the division if progressive, then the MLP
