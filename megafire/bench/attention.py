@@ -108,9 +108,11 @@ def _flex_alibi():
 
 
 def check(device, out_rows):
-    """fused (bf16) vs float32 reference on GPU: odd length, GQA, both head dims."""
+    """fused (bf16) vs a float64 reference on GPU: odd length, GQA, both head dims, every gradient."""
     from megafire.attention.fused import fused_bias_attention
     sys.path.insert(0, "tests/fused")
+    import copy
+    from fused_ref import reference
     worst = 0.0
     for D in (64, 128):
         for name in ENCS:
@@ -118,7 +120,8 @@ def check(device, out_rows):
             B, T, H, HKV = 2, 1000, 8, 2
             enc = _build(name, H, D, device)
             if name == "fire":
-                enc.init_L = 200.0
+                with torch.no_grad():
+                    enc.L_mult.fill_(200.0 / enc.init_L)
             q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
             k = torch.randn(B, T, HKV, D, device=device, dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(B, T, HKV, D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -127,36 +130,123 @@ def check(device, out_rows):
             do = torch.randn_like(out)
             out.backward(do)
             got = [out, q.grad, k.grad, v.grad] + [p.grad for p in _params(enc)]
-            # fp32 reference; for FIRE, the interpolated function the kernel computes
-            import copy
-            from fused_ref import reference
-            enc2 = copy.deepcopy(enc) if enc is not None else None
-            qs, ks, vs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            if name == "fire":
-                from fused_fireapprox import interp_bias
-                from megafire.attention.fused import FIRE_GRID
-
-                class _E:
-                    def bias(self, a, b):
-                        return interp_bias(enc2, a, b, FIRE_GRID).float()
-                ref_enc = _E()
-            else:
-                ref_enc = enc2
-            ref = reference(qs, ks, vs, ref_enc, pos, pos)
-            ref.backward(do.float())
+            enc2 = copy.deepcopy(enc).double() if enc is not None else None
+            if enc2 is not None:
+                enc2.zero_grad(set_to_none=True)
+            qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = reference(qs, ks, vs, enc2, pos, pos)
+            ref.backward(do.double())
             want = [ref, qs.grad, ks.grad, vs.grad] + [p.grad for p in _params(enc2)]
+            names = ["out", "dq", "dk", "dv"] + [n for n, p in ([] if enc is None else enc.named_parameters())
+                                                 if p.requires_grad]
             errs = []
             for a, b in zip(got, want):
-                den = b.float().norm().item()
-                e = (a.float() - b.float()).norm().item() / den if den > 1e-6 else (a.float() - b.float()).abs().max().item()
-                errs.append(e)
-                if not math.isfinite(e):
-                    e = float("inf")
+                a = torch.zeros(()) if a is None else a
+                b = torch.zeros(()) if b is None else b
+                den = b.double().norm().item()
+                e = (a.double() - b.double()).norm().item() / den if den > 1e-9 else (a.double() - b.double()).abs().max().item()
+                errs.append(e if math.isfinite(e) else float("inf"))
             worst = max(worst, max(errs))
-            out_rows.append(dict(D=D, enc=name, errs=[f"{e:.1e}" for e in errs]))
-            print(f"check D={D} {name:13s} out/dq/dk/dv/params rel err: " + " ".join(f"{e:.1e}" for e in errs),
+            out_rows.append(dict(D=D, enc=name, errs={n: f"{e:.1e}" for n, e in zip(names, errs)}))
+            print(f"check D={D} {name:13s} rel err vs float64: " + " ".join(f"{n}={e:.1e}" for n, e in zip(names, errs)),
                   flush=True)
     return worst
+
+
+def _tune_candidates(D):
+    fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)] if D == 64 else \
+        [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
+    bwd = [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
+           ((128, 64, 8, 2), (64, 128, 8, 2)), ((64, 32, 4, 3), (32, 128, 4, 3))] if D == 64 else \
+        [((64, 64, 4, 2), (64, 64, 8, 2)), ((64, 64, 8, 2), (64, 128, 8, 2)),
+         ((128, 64, 8, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3))]
+    out = []
+    for skip in (1, 0):
+        for f in fwd:
+            out.append(("fwd", {"fwd": f, "skip": skip}))
+        for dq, dkdv in bwd:
+            out.append(("bwd", {"dq": dq, "dkdv": dkdv, "skip": skip}))
+    return out
+
+
+def _tune_one(job):
+    """Runs in a worker process: compile (and run once) one (D, encoding, config)."""
+    import os
+    D, N, H, tokens, enc_name, cfg = job
+    os.environ["MEGAFIRE_FUSED_CONFIGS"] = json.dumps({str(D): cfg})
+    from megafire.attention.fused import fused_bias_attention
+    dev = torch.device("cuda")
+    B = max(1, tokens // N)
+    enc = _build(enc_name, H, D, dev)
+    q, k, v = [torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    pos = torch.arange(N, device=dev)
+    try:
+        fused_bias_attention(q, k, v, enc, pos, pos).sum().backward()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # noqa
+        return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def tune(args):
+    """Times candidate launch configs (fwd alone; dq+dkdv through fwd+bwd) per D and encoding.
+    Compiles in parallel worker processes first (shared Triton cache), then times serially."""
+    import multiprocessing as mp
+    import os
+    encs = args.encodings.split(",")
+    N = int(args.seqlens.split(",")[0])
+    jobs = []
+    for D in [int(x) for x in args.head_dims.split(",")]:
+        for e in encs:
+            for kind, cfg in _tune_candidates(D):
+                jobs.append((D, N, args.heads, args.tokens, e, cfg))
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(min(14, len(jobs))) as pool:
+        status = pool.map(_tune_one, jobs, chunksize=1)
+    print(f"tune: compiled {len(jobs)} combos in {time.time() - t0:.0f}s; failures: "
+          f"{[(j[0], j[4], j[5], s) for j, s in zip(jobs, status) if s != 'ok']}", flush=True)
+    from megafire.attention.fused import fused_bias_attention
+    dev = torch.device("cuda")
+    res = []
+    for (D, N_, H, tokens, e, cfg), st_ in zip(jobs, status):
+        if st_ != "ok":
+            continue
+        os.environ["MEGAFIRE_FUSED_CONFIGS"] = json.dumps({str(D): cfg})
+        B = max(1, tokens // N_)
+        enc = _build(e, H, D, dev)
+        q, k, v = [torch.randn(B, N_, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        pos = torch.arange(N_, device=dev)
+        fn = lambda: fused_bias_attention(q, k, v, enc, pos, pos)  # noqa
+        if "fwd" in cfg:
+            with torch.no_grad():
+                ms = _time(fn, 100)
+        else:
+            out = fn()
+            do = torch.randn_like(out)
+            ps = [q, k, v] + _params(enc)
+
+            def fb():
+                for t in ps:
+                    t.grad = None
+                fn().backward(do)
+            ms = _time(fb, 150)
+        row = dict(D=D, N=N_, enc=e, cfg=cfg, ms=ms)
+        res.append(row)
+        print(json.dumps(row), flush=True)
+    os.environ.pop("MEGAFIRE_FUSED_CONFIGS", None)
+    best = {}
+    for r in res:
+        key = (r["D"], r["enc"], "fwd" if "fwd" in r["cfg"] else "bwd")
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    print("\nbest per (D, encoding, part):")
+    for key, r in sorted(best.items()):
+        print(key, r["cfg"], f"{r['ms']:.3f} ms")
+    if args.json:
+        with open(args.json.replace(".json", "") + "_tune.json", "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -170,6 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flex", action="store_true", help="also FlexAttention ALiBi score_mod")
     ap.add_argument("--check", action="store_true", help="correctness check first")
     ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--tune", action="store_true", help="time candidate launch configs (first seqlen) and exit")
+    ap.add_argument("--no-table", action="store_true", help="only --check (and --tune)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("megafire bench attention needs a CUDA GPU", file=sys.stderr)
@@ -185,6 +277,10 @@ def main(argv=None) -> int:
             traceback.print_exc()
             worst = float("nan")
         print(f"check worst rel err {worst:.2e}", flush=True)
+    if args.tune:
+        tune(args)
+    if args.no_table or args.tune:
+        return 0
     sdpa, fused, reference = variants(args, None)
     encs = args.encodings.split(",")
     tables = []

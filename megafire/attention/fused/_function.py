@@ -14,11 +14,13 @@ from . import _kernels as K
 
 #: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
 #: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
-#: Override for tuning: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3]}}'.
+#: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
+#: (D, encoding name) entries override D's. Override for tuning:
+#: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 CONFIGS = {
-    "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1)),
-    64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2)),
-    128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2)),
+    "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), skip=True),
+    64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip=True),
+    128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2), skip=True),
 }
 
 #: FIRE: number of bins of [0, 1] in the tile -> kink-range table
@@ -31,16 +33,17 @@ def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(d: int) -> dict:
+def _config(d: int, name: str = "none") -> dict:
     if _interp():
         return CONFIGS["interp"]
     cfg = dict(CONFIGS.get(d, CONFIGS[128] if d > 64 else CONFIGS[64]))
+    cfg.update(CONFIGS.get((d, name), {}))
     env = os.environ.get("MEGAFIRE_FUSED_CONFIGS")
     if env:
         if env not in _env_cache:
             _env_cache[env] = json.loads(env)
         over = _env_cache[env].get(str(d), {})
-        cfg.update({k: tuple(v) for k, v in over.items()})
+        cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()})
     return cfg
 
 
@@ -180,7 +183,8 @@ class _FusedBiasAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-        BM, BN, warps, stages = _config(D)["fwd"]
+        cfg = _config(D, st.name)
+        BM, BN, warps, stages = cfg["fwd"]
         grid = (triton_cdiv(Tq, BM), B * H)
         K._fwd_kernel[grid](
             q, k, v, o, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
@@ -189,7 +193,7 @@ class _FusedBiasAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             *st.strides, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.eps,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-            DOT_PREC=st.prec, D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+            DOT_PREC=st.prec, SKIP=bool(cfg["skip"]), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, *params)
         ctx.st = st
         return o
@@ -207,7 +211,7 @@ class _FusedBiasAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         need = ctx.needs_input_grad[4:]
         pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and any(need)
-        cfg = _config(D)
+        cfg = _config(D, st.name)
         BM, BN, warps, stages = cfg["dq"]
         nmb = triton_cdiv(Tq, BM)
         W, NS = st.W, st.NS
@@ -226,7 +230,7 @@ class _FusedBiasAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
         common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-                      DOT_PREC=st.prec, D=D)
+                      DOT_PREC=st.prec, SKIP=bool(cfg["skip"]), D=D)
         tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
                 st.rowf)
         K._bwd_dq_kernel[(nmb, B * H)](
@@ -323,6 +327,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     dev = q.device
     spec = encoding_spec(encoding, dev)
     st = _State()
+    st.name = spec.name
     st.mode, st.W, st.NS, st.RT, st.eps, st.use_log = spec.mode, spec.W, spec.NS, spec.RT, spec.eps, spec.use_log
     st.causal = bool(causal)
     st.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)

@@ -197,9 +197,11 @@ def _mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, offs_m, offs_n, qpos, kpo
 
 
 @triton.jit
-def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo, khi, Tq, Tk):
-    """Whether the tile rows [m0, m1) x cols [n0, n1) may hold a masked score (m1, n1 past-the-end)."""
-    need = n1 > Tk
+def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo, khi, Tq, Tk,
+               SKIP: tl.constexpr):
+    """Whether the tile rows [m0, m1) x cols [n0, n1) may hold a masked score (m1, n1 past-the-end).
+    SKIP=False: always (every tile masked, as in v1)."""
+    need = (n1 > Tk) | (not SKIP)
     if CAUSAL:
         need = need | (n1 - 1 > m0 + (Tk - Tq)) | (khi > qlo)
     if HAS_SEG:
@@ -213,7 +215,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1,
                 qp_sb, kp_sb, sq_sb, sk_sb,
                 H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, eps,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -258,7 +260,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1,
             bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                      s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
             s += bias2
-        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk):
+        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP):
             sk = offs_n * 0
             if HAS_SEG:
                 sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
@@ -287,7 +289,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                      qp_sb, kp_sb, sq_sb, sk_sb,
                      H, HKV, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps,
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                     USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group."""
     pid_n = tl.program_id(0)
@@ -337,7 +339,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                                          s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
                 sT += bias2
             pT = tl.math.exp2(sT - lse[None, :])
-            if _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk):
+            if _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP):
                 sq = offs_m * 0
                 if HAS_SEG:
                     sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
@@ -362,7 +364,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
                    qp_sb, kp_sb, sq_sb, sk_sb,
                    H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps, part_stride,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                   USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, PGRAD: tl.constexpr,
+                   USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
@@ -426,7 +428,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
         if BIAS != 0:
             s += bias2
         p = tl.math.exp2(s - lse[:, None])
-        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk):
+        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP):
             sk = offs_n * 0
             if HAS_SEG:
                 sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
