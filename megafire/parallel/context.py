@@ -50,6 +50,7 @@ class ParallelContext:
         return ModelParallelConfig(
             tensor_model_parallel_size=self.tp_size,
             pipeline_model_parallel_size=self.pp_size,
+            pipeline_dtype=params_dtype,   # megatron requires it when pp > 1 (unused: DeepSpeed runs the pipeline)
             params_dtype=params_dtype,
             use_cpu_initialization=True,
             perform_initialization=True,

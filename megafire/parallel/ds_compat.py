@@ -7,7 +7,24 @@
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
+
+
+def skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op (~75 s, inference only) when its
+    comm backend starts: report it as unavailable instead (training uses gloo / NCCL)."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_deepspeed_comm(backend: str) -> None:
+    """deepspeed.comm over the already initialized torch.distributed world (pipelines need it
+    before deepspeed.initialize)."""
+    import deepspeed.comm as ds_dist
+    skip_shm_build()
+    if not ds_dist.is_initialized():
+        ds_dist.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
 
 
 def patch_zero3_0d_params() -> None:

@@ -66,3 +66,30 @@ def install_tp_replicated_grad_hooks(model: nn.Module, tp_group) -> int:
         p.register_hook(_AllReduceGrad(tp_group))
         p.megafire_tp_hooked = True
     return len(params)
+
+
+def mark_tp_sharded_encoding_params(model: nn.Module, tp_size: int) -> int:
+    """Flag per-head encoding parameters as tensor-parallel (``tensor_model_parallel = True``).
+
+    Under TP a bias or rotary encoding holds only its local heads' share of per-head
+    parameters (FIRE's output layer, Kerple's r1/r2, T5's table): gradient-norm code must
+    count each rank's shard (sum over the TP group), like megatron's sharded weights, and not
+    once as if replicated -- otherwise the clipping coefficient differs between TP ranks
+    (megafire's ZeRO-0 clipping) or misses shards (DeepSpeed's norm), and replicated weights
+    drift apart. Parameters flagged ``megafire_tp_replicated`` and those of absolute encodings
+    (full copies with complete gradients) stay replicated. Returns the number flagged.
+    """
+    from megafire.positional import PositionalEncoding
+    if tp_size == 1:
+        return 0
+    flagged = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, PositionalEncoding) or module.kind not in ("bias", "rotary") or id(module) in seen:
+            continue
+        seen.add(id(module))
+        for p in module.parameters():
+            if not getattr(p, "megafire_tp_replicated", False):
+                p.tensor_model_parallel = True
+                flagged += 1
+    return flagged

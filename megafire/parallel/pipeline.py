@@ -167,6 +167,9 @@ def build_pipeline(gpt, ctx, *, activation_checkpointing: bool = False, dynamic_
 
     from megafire.model import lm_loss
 
+    from .ds_compat import init_deepspeed_comm
+    init_deepspeed_comm(ctx.backend)
+
     _Pipeline = _pipeline_class()
     topo = PipeModelDataParallelTopology(num_pp=ctx.pp_size, num_mp=ctx.tp_size, num_dp=ctx.dp_size)
     doc_mask = gpt.attention_config.document_mask

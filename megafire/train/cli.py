@@ -7,13 +7,20 @@ Examples::
     torchrun --nproc-per-node 8 -m megafire.cli train --config configs/arms/350m-rope.yaml
 
 ``--ds-config`` merges a DeepSpeed JSON file over the ds_config built from the config
-(for DeepSpeed options that our config does not expose). Exit status 2 on a bad config.
+(for DeepSpeed options that our config does not expose). ``--init-from PATH`` starts the
+run (step 0, fresh optimizer) from the weights of another run or checkpoint in any layout
+(tp / pp / ZeRO; megafire.train.universal), e.g. to continue a TP=2 x PP=2 run at TP=1.
+
+Exit status: 0 when max_steps is reached; 124 after a stop on SIGUSR1 / SIGTERM (a checkpoint
+was written; resume with --train.resume=true; slurm/README.md); 2 on a bad config.
 """
 from __future__ import annotations
 
 import sys
 
 USAGE = __doc__
+#: stopped by SIGUSR1/SIGTERM after a checkpoint: the Slurm scripts requeue on it (slurm/README.md)
+EXIT_STOPPED = 124
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*tp_group is None.*")
     from megafire.config import ConfigError, load_config
-    config_path = ds_config_path = None
+    config_path = ds_config_path = init_from = None
     rest: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
-        for flag in ("--config", "--ds-config"):
+        for flag in ("--config", "--ds-config", "--init-from"):
             if arg == flag or arg.startswith(flag + "="):
                 value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
                 if value is None:
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                 i += 0 if "=" in arg else 1
                 if flag == "--config":
                     config_path = value
+                elif flag == "--init-from":
+                    init_from = value
                 else:
                     ds_config_path = value
                 break
@@ -52,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import read_ds_config
         override = read_ds_config(ds_config_path) if ds_config_path else None
         from .loop import train
-        result = train(cfg, ds_config_override=override)
+        extra = {}
+        if init_from:
+            from .universal import init_from_factory
+            extra["model_factory"] = init_from_factory(init_from)
+        result = train(cfg, ds_config_override=override, **extra)
     except ConfigError as e:
         print(f"megafire train: error: {e}", file=sys.stderr)
         return 2
     print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
           f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)
-    return 0
+    return EXIT_STOPPED if result.stopped_by_signal else 0

@@ -32,10 +32,9 @@ def setup_parallel(cfg: Config):
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun, the
     deepspeed launcher or a Slurm script; without them, a single-process world.
     """
-    from megafire.parallel import init_parallel
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: pipeline training is not wired into the "
-                          "trainer yet (DeepSpeed PipelineModule); use parallel.pp=1")
+    import torch.distributed as dist
+
+    from megafire.parallel import check_layout, init_distributed, init_parallel
     # DeepSpeed insists on LOCAL_RANK; a world of one, or srun without a wrapper, may not set it.
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     backend = "gloo"
@@ -43,13 +42,15 @@ def setup_parallel(cfg: Config):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
+    init_distributed(backend)
+    check_layout(cfg, dist.get_world_size())
     return init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend)
 
 
 class DeepSpeedMPU:
     """The ``mpu`` object DeepSpeed asks for model/data-parallel groups, over a ParallelContext.
 
-    "Model parallel" for DeepSpeed is tensor parallel here (pipelines are wired separately):
+    "Model parallel" for DeepSpeed is tensor parallel here (pipelines bring their own grid):
     ZeRO partitions and all-reduces over the data-parallel group, and gradient-norm
     reductions count TP-sharded parameters across the model-parallel group.
     """
@@ -173,15 +174,21 @@ def _broadcast_0d_params() -> None:
 
 
 def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
-    """deepspeed.initialize with a torch AdamW client optimizer and our mpu adapter."""
+    """deepspeed.initialize with a torch AdamW client optimizer and our mpu adapter (a
+    PipelineModule brings its own grid, whose groups equal megatron's: parallel.pipeline)."""
     import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from megafire.parallel.ds_compat import patch_zero3_0d_params
     _skip_shm_build()
     _broadcast_0d_params()
+    patch_zero3_0d_params()
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                           mpu=DeepSpeedMPU(ctx), dist_init_required=False)
+                                           mpu=None if isinstance(module, PipelineModule) else DeepSpeedMPU(ctx),
+                                           dist_init_required=False)
     return engine
 
 

@@ -4,7 +4,7 @@
 checkpoint directory (``checkpoints/step_XXXXXXXX``). Weights come back in fp32: from the
 model states for ZeRO-0, and from the fp32 master copy in the optimizer shards for ZeRO
 1-3 (DeepSpeed's ``zero_to_fp32``), so a bf16 run evaluates with its exact master weights.
-Checkpoints of tensor-parallel runs (tp > 1) are not merged here yet.
+Tensor- and pipeline-parallel checkpoints are merged by megafire.train.universal.
 """
 from __future__ import annotations
 
@@ -42,22 +42,10 @@ def load_run_config(path: str | Path) -> Config:
 
 
 def load_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(config, fp32 state dict of the GPT) from a checkpoint or run directory (tp = 1)."""
-    ckpt_dir = resolve_checkpoint(path)
-    cfg = load_run_config(ckpt_dir)
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
-    if meta.get("tp", 1) > 1 or meta.get("pp", 1) > 1:
-        raise NotImplementedError(f"{ckpt_dir}: merging tensor/pipeline-parallel shards (tp={meta.get('tp')}, "
-                                  f"pp={meta.get('pp')}) into one model is not implemented yet")
-    if meta.get("zero_stage", 0) == 0:
-        states = torch.load(ckpt_dir / ckpt.DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        # non-tensor entries are megatron's `_extra_state` placeholders (None)
-        state = {k: v.float() for k, v in states["module"].items() if torch.is_tensor(v)}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=ckpt.DS_TAG)
-    return cfg, {k.removeprefix(MODULE_PREFIX): v for k, v in state.items()}
+    """(config, fp32 state dict of the TP=1 GPT) from a checkpoint, run or universal directory
+    of any layout (tp / pp / ZeRO 0-3): megafire.train.universal.consolidated_state_dict."""
+    from .universal import consolidated_state_dict
+    return consolidated_state_dict(path)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", with_config: bool = False,

@@ -88,19 +88,45 @@ class Trainer:
         check_vocab(cfg, self.data)
         torch.manual_seed(cfg.train.seed)
         self.model = model_factory(cfg, ctx)
-        self.encodings = encodings_of(self.model)
         self.ds_config = build_ds_config(cfg, self.curriculum, ds_config_override)
-        self.engine = initialize_engine(LanguageModelLoss(self.model), cfg, self.ds_config, ctx)
+        self.engine = initialize_engine(self._engine_module(), cfg, self.ds_config, ctx)
+        self.encodings = self._stage_encodings()
         self.start_step = self._resume(resume_from) if resume_from else 0
         self.stop_requested = False
         self.last_checkpoint: Optional[Path] = resume_from
 
     # --- set-up ------------------------------------------------------------------------
     def _check_parallel_support(self) -> None:
-        p = self.cfg.parallel
-        if p.tp > 1 and p.zero_stage > 0:
-            raise ConfigError(f"parallel.tp={p.tp} with parallel.zero_stage={p.zero_stage}: the all-reduce of "
-                              "TP-replicated gradients (FIRE's MLP, c, L) is wired for ZeRO-0 only so far")
+        from megafire.parallel import check_layout
+        check_layout(self.cfg, self.world)
+
+    @property
+    def pipeline(self) -> bool:
+        return self.ctx.pp_size > 1
+
+    def _engine_module(self):
+        """The module DeepSpeed drives: the GPT behind a loss wrapper, or this stage of a pipeline.
+
+        TP-replicated parameters (FIRE's MLP, c, L) get their gradient summed over the TP group
+        by hooks inside backward, before ZeRO reduces or partitions it and before clipping;
+        per-head encoding parameters count as TP-sharded in gradient norms.
+        """
+        from megafire.parallel import (build_pipeline, install_tp_replicated_grad_hooks,
+                                       mark_tp_sharded_encoding_params)
+        install_tp_replicated_grad_hooks(self.model, self.ctx.tp_group)
+        mark_tp_sharded_encoding_params(self.model, self.ctx.tp_size)
+        if not self.pipeline:
+            return LanguageModelLoss(self.model)
+        return build_pipeline(self.model, self.ctx, activation_checkpointing=self.cfg.parallel.activation_checkpointing,
+                              dynamic_shape=len(self.curriculum.stages) > 1)
+
+    def _stage_encodings(self):
+        """The encodings whose parameters this rank trains (a pipeline stage holds only some)."""
+        found = encodings_of(self.model)
+        if not self.pipeline:
+            return found
+        mine = {id(p) for p in self.engine.module.parameters()}
+        return {k: e for k, e in found.items() if any(id(p) in mine for p in e.parameters())}
 
     def _resume_target(self) -> Optional[Path]:
         """The checkpoint to resume from; refuses to overwrite an existing run by accident."""
@@ -134,16 +160,15 @@ class Trainer:
     def train_step(self, stage) -> tuple[float, Optional[float]]:
         """A optimizer-step's micro-steps; returns (loss averaged over micro-steps and dp, grad norm)."""
         engine, grad_norm = self.engine, None
+        if self.pipeline:
+            return self._pipeline_step(stage)
         losses = []
         for _ in range(self.curriculum.grad_accum):
             batch = self.data.source.next_batch(stage.micro_batch_size, stage.seq_len)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch)
-            engine.backward(loss)
+            engine.backward(loss)   # TP-replicated gradients are summed by hooks inside backward
             if engine.is_gradient_accumulation_boundary():
-                if self.ctx.tp_size > 1:
-                    from megafire.parallel import allreduce_tp_replicated_grads
-                    allreduce_tp_replicated_grads(self.model, self.ctx.tp_group)
                 if manual_clipping(self.cfg):
                     grad_norm = clip_gradients(engine, self.cfg.train.grad_clip, self.ctx.tp_group)
             engine.step()
@@ -157,6 +182,23 @@ class Trainer:
             grad_norm = None if norm is None else float(norm)
         return float(mean), grad_norm
 
+    def _pipeline_step(self, stage) -> tuple[float, Optional[float]]:
+        """One optimizer step through DeepSpeed's pipeline schedule (all micro-batches, the
+        tied-weight and data-parallel reductions, clipping, step). Every stage draws the same
+        batches (the first uses inputs, the last labels), so loader states stay in step."""
+        engine = self.engine
+        micro = []
+        for _ in range(self.curriculum.grad_accum):
+            b = {k: v.to(engine.device, non_blocking=True)
+                 for k, v in self.data.source.next_batch(stage.micro_batch_size, stage.seq_len).items()}
+            segment_ids = b.get("segment_ids")
+            if segment_ids is None:
+                segment_ids = torch.zeros_like(b["input_ids"])
+            micro.append(((b["input_ids"], b["positions"], segment_ids), b["labels"]))
+        loss = engine.train_batch(data_iter=iter(micro))
+        norm = engine.get_global_grad_norm()
+        return float(loss), None if norm is None else float(norm)
+
     # --- the run -----------------------------------------------------------------------
     def run(self) -> TrainResult:
         from megafire.tracking import Tracker
@@ -169,7 +211,7 @@ class Trainer:
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.start_step, enabled=main)
         tracker = Tracker(cfg, rank=self.rank).start()
         progress = Progress(cfg.train.max_steps, self.start_step, enabled=main and cfg.train.progress)
-        log(f"{self.world} rank(s), dp={self.ctx.dp_size} tp={self.ctx.tp_size}, zero={cfg.parallel.zero_stage}, "
+        log(f"{self.world} rank(s), dp={self.ctx.dp_size} tp={self.ctx.tp_size} pp={self.ctx.pp_size}, zero={cfg.parallel.zero_stage}, "
             f"{cfg.train.precision}; {cur.describe()}", self.rank)
         restore = self._install_signal_handlers()
         loss, step, status = float("nan"), self.start_step, "FAILED"
@@ -226,6 +268,7 @@ class Trainer:
         return {"step": step + 1, "tokens": cur.tokens_before(step + 1), "loss": loss, "lr": lr,
                 "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size, "stage": stage.index,
                 "tokens_per_s": tokens_per_s, "step_time_s": dt, "grad_norm": grad_norm, "mfu": mfu,
+                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                 **encoding_log_values(self.encodings)}
 
     # --- checkpoints and signals -------------------------------------------------------
@@ -236,6 +279,9 @@ class Trainer:
                 "world_size": self.world, "tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
                 "tokens_per_step": self.cfg.train.tokens_per_step, "zero_stage": self.cfg.parallel.zero_stage,
                 "precision": self.cfg.train.precision, "tokenizer_sha256": self.data.tokenizer_sha256}
+        if self.pipeline:   # layer index -> GPT sub-module, for megafire.train.universal
+            from megafire.parallel.pipeline import layer_prefixes
+            meta["pipeline_layers"] = layer_prefixes(self.model)
         rank_state = {"step": steps_done, "loader": self.data.source.state_dict(), "rng": ckpt.rng_state()}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.engine, self.ckpt_root, step=steps_done, meta=meta, rank_state=rank_state,

@@ -117,8 +117,10 @@ def _rank_state(src: Path, meta: dict, tp_rank: int, tp: int, pp: int) -> dict[s
             raise RuntimeError(f"{src}: pipeline checkpoint without meta.json 'pipeline_layers'")
         out: dict[str, torch.Tensor] = {}
         for idx, prefix in enumerate(layers):
-            state = torch.load(ds / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt", map_location="cpu",
-                               weights_only=False)
+            f = ds / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
+            if not f.is_file() and layers.index(prefix) < idx:
+                continue   # a tied layer's second use (the logits) has no file of its own
+            state = torch.load(f, map_location="cpu", weights_only=False)
             for k, v in _clean(state).items():
                 out.setdefault(f"{prefix}.{k.removeprefix('inner.')}", v)   # tied layers: first copy
         return out

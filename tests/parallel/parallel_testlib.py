@@ -37,7 +37,9 @@ LAYOUTS_2 = {
 
 def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, **train) -> "Config":
     """A 2-layer, 2-head GPT on synthetic data; grad_clip 0.05 so that clipping is active
-    (the clipping paths differ per layout and must agree too)."""
+    (the clipping paths differ per layout and must agree too). Micro-batches of 32 tokens:
+    one process accumulates 2 (the batches that DP=2's two ranks draw, in the same order),
+    TP=2 and PP=2 also run 2 micro-batches per step (the pipeline schedule fills)."""
     from megafire.config import load_config
     options = ENCODINGS.get(encoding, {})
     name = "kerple_log" if encoding == "kerple" else encoding
@@ -47,7 +49,7 @@ def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, **train)
                   "position": {"name": name, "options": dict(options)}},
         "attention": {"backend": "reference"},
         "data": {"corpus": "synthetic", "seq_len": 16},
-        "train": {"max_steps": 4, "tokens_per_step": 64, "lr": 1e-2, "grad_clip": 0.05, "progress": False,
+        "train": {"max_steps": 4, "tokens_per_step": 64, "micro_batch_tokens": 32, "lr": 1e-2, "grad_clip": 0.05, "progress": False,
                   **train},
         "parallel": dict(parallel or {}),
         "tracking": {"enabled": False},
@@ -67,8 +69,23 @@ def free_port() -> int:
 
 def run_job(script: str, nprocs: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run tests/parallel/<script> under torchrun (gloo, one thread per process)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nprocs),
            str(Path(__file__).parent / script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+
+
+def clean_env(**extra) -> dict:
+    """This environment minus the rendezvous variables an in-process run leaves behind
+    (init_distributed sets MASTER_PORT: a child reusing it collides with the old store)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
+def failure_report(proc: subprocess.CompletedProcess) -> str:
+    """The error lines of every rank, then the tail (torchrun's own summary buries the cause)."""
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "Error" in line and "Warning" not in line][:40]
+    return "\n".join(errors) + "\n...\n" + text[-3000:]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_testlib import LAYOUTS_2, losses, run_job, tiny
+from parallel_testlib import failure_report, LAYOUTS_2, losses, run_job, tiny
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
     proc = run_job("_resume_job.py", 2, str(out), ",".join(LAYOUTS_2), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, failure_report(proc)
     return out
 
 

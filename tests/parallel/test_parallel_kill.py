@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_testlib import REPO, losses, tiny
+from parallel_testlib import REPO, clean_env, losses, tiny
 
 HERE = Path(__file__).parent
 
@@ -21,8 +21,7 @@ HERE = Path(__file__).parent
 def _env():
     import torch
     # same intra-op thread count as this process, so that the runs are bit-comparable
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    return clean_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 def _lines(run_dir: Path) -> int:
