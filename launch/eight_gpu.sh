@@ -15,6 +15,10 @@
 # same layouts run with DP doubled. Every run uses one sequence length (2048, the 350m arm's
 # final curriculum stage) so that the throughput is the steady-state one, and no checkpoints.
 #
+# Micro-batches are fixed in tokens (the config's train.micro_batch_tokens), so every layout
+# draws the same global batches per step (DP=8 ranks one micro-batch each, DP=2 ranks four
+# each) and the loss traces are comparable step by step.
+#
 # --dry-run: the CPU rehearsal. 8 gloo processes (torchrun on this machine), for each layout
 # (1) megafire.parallel.describe checks and prints the tp/dp/pp groups of every rank, (2) a tiny
 # model of the same config family trains 2 steps in fp32 with the reference attention; then
@@ -61,7 +65,7 @@ if [ "$DRY" = 1 ]; then
   COMMON=(--config "$CONFIG" --train.max_steps="$STEPS" --train.precision=fp32 --attention.backend=reference
           --data.corpus=synthetic --model.vocab_size=256 --model.hidden_size=64 --model.num_layers=4
           --model.num_heads=4 --model.position.options.init_L=8.0
-          "--curriculum.stages=[{seq_len: 32, tokens: 1}]" --train.tokens_per_step=512 --train.micro_batch_tokens=0
+          "--curriculum.stages=[{seq_len: 32, tokens: 1}]" --train.tokens_per_step=512 --train.micro_batch_tokens=64
           --train.warmup_tokens=0 --train.checkpoint_every_steps=0 --train.log_every_steps=1
           --tracking.enabled=false --train.progress=false --data.num_workers=0)
   launch() { "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "$@"; }

@@ -84,6 +84,8 @@ class Trainer:
         self.curriculum = Curriculum.from_config(cfg, ctx.dp_size)
         self._check_parallel_support()
         resume_from = self._resume_target()
+        if self.world > 1:   # every rank decides before rank 0 writes into run.dir (run() start)
+            dist.barrier()
         self.data: DataBundle = data_factory(cfg, ctx)
         check_vocab(cfg, self.data)
         torch.manual_seed(cfg.train.seed)

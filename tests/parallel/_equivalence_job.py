@@ -1,4 +1,5 @@
-"""2-rank job (torchrun): every layout of LAYOUTS_2 x every encoding trains the tiny model;
+"""2-rank job (torchrun): every layout of LAYOUTS_2 x every encoding trains the tiny model,
+and the runs of EXTRA_2;
 plus TP=2 gradients (through the trainer's hooks) == TP=1 gradients for every encoding.
 
 argv: OUT_DIR STEPS. Writes OUT_DIR/<layout>-<encoding>/ (runs) and OUT_DIR/ranks.json:
@@ -14,7 +15,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel_testlib import ENCODINGS, LAYOUTS_2, tiny  # noqa: E402
+from parallel_testlib import ENCODINGS, EXTRA_2, LAYOUTS_2, tiny  # noqa: E402
 
 
 def tp_gradients_match(out: Path) -> dict:
@@ -65,6 +66,13 @@ def main():
             gathered = [None, None]
             dist.all_gather_object(gathered, seen)
             record[f"{name}-{enc}"] = gathered
+    for name, (enc, parallel, sections, _) in EXTRA_2.items():
+        seen = []
+        train(tiny(out / name, enc, parallel, sections, max_steps=steps),
+              callbacks=[lambda trainer, rec: seen.append(rec["loss"])])
+        gathered = [None, None]
+        dist.all_gather_object(gathered, seen)
+        record[name] = gathered
     record["grads"] = tp_gradients_match(out)
     if dist.get_rank() == 0:
         (out / "ranks.json").write_text(json.dumps(record))

@@ -35,7 +35,21 @@ LAYOUTS_2 = {
 }
 
 
-def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, **train) -> "Config":
+#: name -> (encoding, parallel overrides, other config sections, reference run name): more
+#: code paths, fewer encodings -- activation checkpointing, TP with ZeRO-1, a pipeline whose
+#: sequence length changes mid-run (curriculum: DeepSpeed's dynamic_shape)
+CURRICULUM = {"curriculum": {"stages": [{"seq_len": 16, "tokens": 128}, {"seq_len": 32, "tokens": 1000}]}}
+EXTRA_2 = {
+    "tp2-z1-ac": ("fire", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True}, {}, "ref-fire"),
+    "pp2-ac": ("t5", {"pp": 2, "zero_stage": 1, "activation_checkpointing": True}, {}, "ref-t5"),
+    "dp2-z3-ac": ("fire", {"zero_stage": 3, "activation_checkpointing": True}, {}, "ref-fire"),
+    "pp2-curriculum": ("fire", {"pp": 2, "zero_stage": 1}, CURRICULUM, "ref-curriculum-fire"),
+    "tp2-curriculum": ("fire", {"tp": 2}, CURRICULUM, "ref-curriculum-fire"),
+}
+
+
+def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, sections: dict | None = None,
+         **train) -> "Config":
     """A 2-layer, 2-head GPT on synthetic data; grad_clip 0.05 so that clipping is active
     (the clipping paths differ per layout and must agree too). Micro-batches of 32 tokens:
     one process accumulates 2 (the batches that DP=2's two ranks draw, in the same order),
@@ -53,6 +67,7 @@ def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, **train)
                   **train},
         "parallel": dict(parallel or {}),
         "tracking": {"enabled": False},
+        **(sections or {}),
     }
     return load_config(None, data)
 

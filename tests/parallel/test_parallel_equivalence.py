@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from parallel_testlib import failure_report, ENCODINGS, LAYOUTS_2, losses, run_job, tiny
+from parallel_testlib import CURRICULUM, ENCODINGS, EXTRA_2, LAYOUTS_2, failure_report, losses, run_job, tiny
 
 STEPS = 4
 LOSS_RTOL = 1e-5
@@ -28,6 +28,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
     for enc in ENCODINGS:
         train(tiny(out / f"ref-{enc}", enc, max_steps=STEPS))
+    train(tiny(out / "ref-curriculum-fire", "fire", sections=CURRICULUM, max_steps=STEPS))
     proc = run_job("_equivalence_job.py", 2, str(out), str(STEPS), timeout=900)
     assert proc.returncode == 0, failure_report(proc)
     return out, json.loads((out / "ranks.json").read_text())
@@ -50,6 +51,18 @@ def test_loss_trace_equals_single_process(runs, layout):
         assert ref[-1] < ref[0], f"{enc}: the reference does not train"
     print(f"{layout}: max relative loss difference per encoding {worst}")
     assert max(worst.values()) <= LOSS_RTOL, worst
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(EXTRA_2))
+def test_more_paths_equal_single_process(runs, name):
+    """Activation checkpointing, TP=2 with ZeRO-1, pipelines and TP across a length change."""
+    out, _ = runs
+    ref, got = losses(out / EXTRA_2[name][3]), losses(out / name)
+    assert len(got) == len(ref) == STEPS
+    worst = max(_rel(g, r) for g, r in zip(got, ref))
+    print(f"{name}: max relative loss difference {worst:.2e}")
+    assert worst <= LOSS_RTOL, (got, ref)
 
 
 @pytest.mark.distributed
