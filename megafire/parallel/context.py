@@ -90,9 +90,9 @@ def init_distributed(backend: Optional[str] = None) -> None:
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=0, world_size=1)
+        # an in-process store: no port to collide with, and nothing written to os.environ that
+        # child processes (a Slurm job submitted from here, a test's workers) would inherit
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     else:
         dist.init_process_group(backend)
 

@@ -74,7 +74,10 @@ class Jobs:
         env.update(MEGAFIRE_ROOT=str(ROOT), RUN_DIR=str(run_dir), TRAIN_CMD=trainer.cmd,
                    CONFIG=trainer.config, PYTHONUNBUFFERED="1")
         env.update(env_extra or {})
-        env.pop("SLURM_JOB_ID", None)
+        # a rendezvous left in this process's environment (an in-process world) must not leak
+        # into the job: slurm_env.py honours an explicit MASTER_ADDR/MASTER_PORT
+        for var in ("SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(var, None)
         cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/%x-%j.out",
                "--export=ALL", *sbatch_opts, str(ROOT / "slurm" / template), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
