@@ -150,6 +150,31 @@ def test_fire_kinks_decode_segments():
     _run("fire", B=1, Tq=7, Tk=33, offset=5, kinks=True)
 
 
+@pytest.mark.parametrize("name", ["fire", "t5", "kerple_log"])
+def test_half_inputs_resid_delta(name):
+    """fp16 inputs (the interpreter cannot run bf16 dots): the forward also stores the output's
+    rounding residual, so delta = dO . O is that of the fp32 output and the parameter
+    gradients (sums of dS) are not spoiled by the rounded O (FIRE kinks crossing tiles)."""
+    torch.manual_seed(3)
+    H, T = 2, 45
+    enc = _encoding(name, H, kinks=(name == "fire"))
+    q = torch.randn(1, T, H, 16).half().requires_grad_()
+    k = torch.randn(1, T, 1, 16).half().requires_grad_()
+    v = torch.randn(1, T, 1, 16).half().requires_grad_()
+    pos = torch.arange(T)
+    out = fused_bias_attention(q, k, v, enc, pos, pos)
+    do = torch.randn_like(out)
+    out.backward(do)
+    e64 = double_copy(enc)
+    q2, k2, v2 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference(q2, k2, v2, e64, pos, pos).backward(do.double())
+    errs = {n: _rel(p.grad, p2.grad) for (n, p), (_, p2) in zip(enc.named_parameters(), e64.named_parameters())
+            if n != "mlp.2.bias"}  # b2's true gradient is 0 (softmax shift): abs error below
+    assert max(errs.values()) < 3e-3, errs
+    if name == "fire":
+        assert enc.mlp[2].bias.grad.abs().max() < 1e-2
+
+
 def test_fire_tables_exact():
     """The segment tables reproduce f on a dense grid (incl. kinks outside [0, 1], w1 = 0)."""
     from megafire.attention.fused._function import _fire_tables

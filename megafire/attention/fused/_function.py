@@ -17,10 +17,17 @@ from . import _kernels as K
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
+#: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
+#: B=4, H=16; docs/kernels.md); skip_fwd / skip_bwd: the mask-skip flag of the fwd / bwd kernels.
 CONFIGS = {
-    "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), skip=True),
-    64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip=True),
-    128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2), skip=True),
+    "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), skip_fwd=True, skip_bwd=True),
+    64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=True),
+    (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3)),
+    (64, "t5"): dict(skip_fwd=False),
+    (64, "fire"): dict(fwd=(64, 64, 4, 3)),
+    128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=False),
+    (128, "t5"): dict(fwd=(128, 32, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2), skip_fwd=False, skip_bwd=True),
+    (128, "fire"): dict(dq=(64, 64, 4, 2), dkdv=(64, 64, 8, 2), skip_fwd=False, skip_bwd=True),
 }
 
 #: FIRE: number of bins of [0, 1] in the tile -> kink-range table
@@ -44,6 +51,8 @@ def _config(d: int, name: str = "none") -> dict:
             _env_cache[env] = json.loads(env)
         over = _env_cache[env].get(str(d), {})
         cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()})
+        if "skip" in over:  # one flag for both (tuning)
+            cfg["skip_fwd"] = cfg["skip_bwd"] = bool(over["skip"])
     return cfg
 
 
@@ -182,32 +191,37 @@ class _FusedBiasAttention(torch.autograd.Function):
         Tk, HKV = k.shape[1], k.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
+        resid = st.resid and q.dtype != torch.float32
+        ores = torch.empty_like(q) if resid else o
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         cfg = _config(D, st.name)
         BM, BN, warps, stages = cfg["fwd"]
         grid = (triton_cdiv(Tq, BM), B * H)
         K._fwd_kernel[grid](
-            q, k, v, o, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
+            q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
             st.p0, st.p1, st.ft, st.it, st.sc, st.rowf,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             *st.strides, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.eps,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-            DOT_PREC=st.prec, SKIP=bool(cfg["skip"]), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, o, lse, *params)
+            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, D=D, BM=BM, BN=BN, num_warps=warps,
+            num_stages=stages)
+        ctx.resid = resid
+        ctx.save_for_backward(q, k, v, o, ores if resid else None, lse, *params)
         ctx.st = st
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *params = ctx.saved_tensors
+        q, k, v, o, ores, lse, *params = ctx.saved_tensors
         st = ctx.st
         B, Tq, H, D = q.shape
         Tk, HKV = k.shape[1], k.shape[2]
         do = do.contiguous()
         dev = q.device
         mode = st.mode
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
+        of = o.float() + ores.float() if ctx.resid else o.float()  # fp32 output (rounding residual added back)
+        delta = (of * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         need = ctx.needs_input_grad[4:]
         pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and any(need)
@@ -230,7 +244,7 @@ class _FusedBiasAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
         common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-                      DOT_PREC=st.prec, SKIP=bool(cfg["skip"]), D=D)
+                      DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), D=D)
         tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
                 st.rowf)
         K._bwd_dq_kernel[(nmb, B * H)](
@@ -367,4 +381,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         den = den.reshape(-1, Tq)
         st.rowf = ((K.LN2 if spec.use_log else 1.0) / den.detach()).contiguous()
     params = spec.params + ((den,) if den is not None else ())
+    # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
+    st.resid = torch.is_grad_enabled() and spec.mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and \
+        any(p.requires_grad for p in params)
     return _FusedBiasAttention.apply(q, k, v, st, *params)

@@ -90,7 +90,27 @@ def _lg2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
+def _fire_dens(BIAS: tl.constexpr, qlo, qhi, SC, eps, USE_LOG: tl.constexpr):
+    """FIRE: (smallest, largest) denominator psi(max(q, L)) + eps over rows with positions in
+    [qlo, qhi] (loop-invariant in the fwd / dq kernels: computed once per program there)."""
+    den_small = qlo.to(tl.float32) * 0.0 + 1.0
+    den_big = den_small
+    if BIAS == 5:
+        c = tl.load(SC)
+        L = tl.load(SC + 1)
+        ilo = tl.maximum(qlo.to(tl.float32), L)
+        ihi = tl.maximum(qhi.to(tl.float32), L)
+        if USE_LOG:
+            den_small = tl.log(1.0 + c * ilo) + eps
+            den_big = tl.log(1.0 + c * ihi) + eps
+        else:
+            den_small = ilo + eps
+            den_big = ihi + eps
+    return den_small, den_big
+
+
+@triton.jit
+def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS, RT, NBINS,
                 USE_LOG: tl.constexpr):
     """Scalars for a tile whose positions lie in [qlo, qhi] x [klo, khi] (conservative).
 
@@ -103,22 +123,15 @@ def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT
     a2 = qlo.to(tl.float32) * 0.0
     d2 = a2
     if BIAS == 5:
-        c = tl.load(SC)
-        L = tl.load(SC + 1)
         rlo = tl.maximum(qlo - khi, 0).to(tl.float32)
         rhi = tl.maximum(qhi - klo, 0).to(tl.float32)
-        ilo = tl.maximum(qlo.to(tl.float32), L)
-        ihi = tl.maximum(qhi.to(tl.float32), L)
         if USE_LOG:
+            c = tl.load(SC)
             plo = tl.log(1.0 + c * rlo)
             phi = tl.log(1.0 + c * rhi)
-            den_small = tl.log(1.0 + c * ilo) + eps
-            den_big = tl.log(1.0 + c * ihi) + eps
         else:
             plo = rlo
             phi = rhi
-            den_small = ilo + eps
-            den_big = ihi + eps
         x_lo = plo / den_big
         x_hi = phi / den_small
         x_lo = x_lo - 1e-5 - 1e-5 * x_lo
@@ -210,13 +223,16 @@ def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF,
+def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb,
                 H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, eps,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                RESID: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype),
+    so that the backward's delta = dO . O is that of the fp32 output (consistent dS, whose
+    sums are the encoding parameters' gradients)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -231,6 +247,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1,
     qf = qpos.to(tl.float32)
     qlo = tl.load(QMIN + b * qp_sb + m0)
     qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
+    den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
     rowf = qf * 0.0
     if BIAS == 5:
         rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
@@ -255,8 +272,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1,
         khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
         if BIAS != 0:
-            s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
-                                             USE_LOG)
+            s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS,
+                                             RT, NBINS, USE_LOG)
             bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                      s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
             s += bias2
@@ -277,8 +294,11 @@ def _fwd_kernel(Q, K, V, O, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1,
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mrow[:, None])
+    out_r = out.to(O.dtype.element_ty)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out_r, mask=mrow[:, None])
+    if RESID:
+        tl.store(ORES + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                 (out - out_r.to(tl.float32)).to(O.dtype.element_ty), mask=mrow[:, None])
     tl.store(LSE + bh * Tq + offs_m, lse, mask=mrow)
 
 
@@ -333,8 +353,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                 rowf = qpos.to(tl.float32) * 0.0
                 if BIAS == 5:
                     rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
-                s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps,
-                                                 USE_LOG)
+                den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
+                s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS,
+                                                 RT, NBINS, USE_LOG)
                 bias2, _rf, _lg = _bias2(BIAS, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
                                          s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
                 sT += bias2
@@ -392,6 +413,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     qf = qpos.to(tl.float32)
     qlo = tl.load(QMIN + b * qp_sb + m0)
     qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
+    den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
     rowf = qf * 0.0
     if BIAS == 5:
         rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
@@ -422,7 +444,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
         klo = tl.load(KMIN + b * kp_sb + start_n)
         khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, FT, IT, SC, H, NS, RT, NBINS, eps, USE_LOG)
+        s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS, RT,
+                                         NBINS, USE_LOG)
         bias2, rf, lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
         if BIAS != 0:
