@@ -128,7 +128,7 @@ rm -f "$NEW_CONF"
 
 # Quick path: everything up, configuration unchanged.
 if [ "$CONF_CHANGED" = 0 ] && alive "$RUN/slurmctld.pid" && alive "$RUN/slurmd.pid" \
-   && { [ "$WITH_DB" = 0 ] || alive "$RUN/slurmdbd.pid"; } \
+   && { [ "$WITH_DB" = 0 ] || { alive "$RUN/slurmdbd.pid" && mariadb-admin ping >/dev/null 2>&1; }; } \
    && sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
   say "already up"; sinfo; exit 0
 fi
