@@ -16,6 +16,7 @@ was written; resume with --train.resume=true; slurm/README.md); 2 on a bad confi
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megafire train: error: {e}", file=sys.stderr)
         return 2
-    print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
-          f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":   # one summary line, not one per rank
+        print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
+              f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)
     return EXIT_STOPPED if result.stopped_by_signal else 0

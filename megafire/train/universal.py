@@ -142,7 +142,7 @@ def _zero_fp32(ds: Path, tp_rank: int) -> dict:
                 os.symlink(f.resolve(), view / f.name)
         import contextlib
         import io
-        with contextlib.redirect_stdout(io.StringIO()):   # it prints per-parameter progress
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # progress bars
             return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.DS_TAG)
 
 
