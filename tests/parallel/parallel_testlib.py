@@ -45,7 +45,14 @@ EXTRA_2 = {
     "dp2-z3-ac": ("fire", {"zero_stage": 3, "activation_checkpointing": True}, {}, "ref-fire"),
     "pp2-curriculum": ("fire", {"pp": 2, "zero_stage": 1}, CURRICULUM, "ref-curriculum-fire"),
     "tp2-curriculum": ("fire", {"tp": 2}, CURRICULUM, "ref-curriculum-fire"),
+    "pp2-untied": ("fire", {"pp": 2, "zero_stage": 1}, {"model": {"tie_embeddings": False}}, "ref-untied-fire"),
+    "pp2-learned": ("learned", {"pp": 2, "zero_stage": 1}, {}, "ref-learned"),
+    "tp2-learned": ("learned", {"tp": 2}, {}, "ref-learned"),
 }
+#: reference (single-process) runs of EXTRA_2 beyond ref-<encoding>: name -> (encoding, sections)
+EXTRA_REFS = {"ref-curriculum-fire": ("fire", CURRICULUM),
+              "ref-untied-fire": ("fire", {"model": {"tie_embeddings": False}}),
+              "ref-learned": ("learned", {})}
 
 
 def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, sections: dict | None = None,
@@ -67,8 +74,9 @@ def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, sections
                   **train},
         "parallel": dict(parallel or {}),
         "tracking": {"enabled": False},
-        **(sections or {}),
     }
+    for key, value in (sections or {}).items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
     return load_config(None, data)
 
 

@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from parallel_testlib import CURRICULUM, ENCODINGS, EXTRA_2, LAYOUTS_2, failure_report, losses, run_job, tiny
+from parallel_testlib import ENCODINGS, EXTRA_2, EXTRA_REFS, LAYOUTS_2, failure_report, losses, run_job, tiny
 
 STEPS = 4
 LOSS_RTOL = 1e-5
@@ -28,7 +28,8 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
     for enc in ENCODINGS:
         train(tiny(out / f"ref-{enc}", enc, max_steps=STEPS))
-    train(tiny(out / "ref-curriculum-fire", "fire", sections=CURRICULUM, max_steps=STEPS))
+    for name, (enc, sections) in EXTRA_REFS.items():
+        train(tiny(out / name, enc, sections=sections, max_steps=STEPS))
     proc = run_job("_equivalence_job.py", 2, str(out), str(STEPS), timeout=900)
     assert proc.returncode == 0, failure_report(proc)
     return out, json.loads((out / "ranks.json").read_text())
@@ -56,7 +57,8 @@ def test_loss_trace_equals_single_process(runs, layout):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(EXTRA_2))
 def test_more_paths_equal_single_process(runs, name):
-    """Activation checkpointing, TP=2 with ZeRO-1, pipelines and TP across a length change."""
+    """Activation checkpointing, TP=2 with ZeRO-1, pipelines and TP across a length change,
+    an untied output layer and a learned absolute encoding in a pipeline."""
     out, _ = runs
     ref, got = losses(out / EXTRA_2[name][3]), losses(out / name)
     assert len(got) == len(ref) == STEPS
@@ -78,8 +80,6 @@ def test_ranks_agree(runs):
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS_2))
 def test_final_weights_equal_single_process(runs, layout):
-    import torch
-
     from megafire.train.universal import consolidated_state_dict
     out, _ = runs
     for enc in ENCODINGS:

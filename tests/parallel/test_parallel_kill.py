@@ -3,7 +3,6 @@ resume to the uninterrupted loss trace (bit-exact); SIGUSR1 checkpoints and exit
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
