@@ -124,6 +124,9 @@ def test_decode_offset(name):
 
 def test_non_causal_and_fire_ablations():
     _run("kerple_power", B=1, Tq=17, Tk=17, causal=False)
+    _run("t5", B=1, Tq=23, Tk=23, causal=False)
+    _run("fire", B=1, Tq=23, Tk=23, causal=False, kinks=True)
+    _run("fire", B=2, Tq=21, Tk=21, batched_pos=True, kinks=True)
     _run("fire", B=1, Tq=17, Tk=17, enc_opts=dict(use_log=False))
     _run("fire", B=1, Tq=17, Tk=17, enc_opts=dict(use_threshold=False))
 
