@@ -213,8 +213,8 @@ class Trainer:
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.start_step, enabled=main)
         tracker = Tracker(cfg, rank=self.rank).start()
         progress = Progress(cfg.train.max_steps, self.start_step, enabled=main and cfg.train.progress)
-        log(f"{self.world} rank(s), dp={self.ctx.dp_size} tp={self.ctx.tp_size} pp={self.ctx.pp_size}, zero={cfg.parallel.zero_stage}, "
-            f"{cfg.train.precision}; {cur.describe()}", self.rank)
+        log(f"{self.world} rank(s), dp={self.ctx.dp_size} tp={self.ctx.tp_size} pp={self.ctx.pp_size}, "
+            f"zero={cfg.parallel.zero_stage}, {cfg.train.precision}; {cur.describe()}", self.rank)
         restore = self._install_signal_handlers()
         loss, step, status = float("nan"), self.start_step, "FAILED"
         try:

@@ -70,8 +70,8 @@ def tiny(run_dir, encoding: str = "fire", parallel: dict | None = None, sections
                   "position": {"name": name, "options": dict(options)}},
         "attention": {"backend": "reference"},
         "data": {"corpus": "synthetic", "seq_len": 16},
-        "train": {"max_steps": 4, "tokens_per_step": 64, "micro_batch_tokens": 32, "lr": 1e-2, "grad_clip": 0.05, "progress": False,
-                  **train},
+        "train": {"max_steps": 4, "tokens_per_step": 64, "micro_batch_tokens": 32, "lr": 1e-2, "grad_clip": 0.05,
+                  "progress": False, **train},
         "parallel": dict(parallel or {}),
         "tracking": {"enabled": False},
     }
