@@ -125,8 +125,8 @@ def test_decode_offset(name):
 def test_non_causal_and_fire_ablations():
     _run("kerple_power", B=1, Tq=17, Tk=17, causal=False)
     _run("t5", B=1, Tq=23, Tk=23, causal=False)
-    _run("fire", B=1, Tq=23, Tk=23, causal=False, kinks=True)
-    _run("fire", B=2, Tq=21, Tk=21, batched_pos=True, kinks=True)
+    _run("fire", B=1, Tq=19, Tk=19, causal=False, kinks=True)
+    _run("fire", B=2, Tq=18, Tk=18, batched_pos=True, kinks=True)
     _run("fire", B=1, Tq=17, Tk=17, enc_opts=dict(use_log=False))
     _run("fire", B=1, Tq=17, Tk=17, enc_opts=dict(use_threshold=False))
 
@@ -142,9 +142,9 @@ def test_supports():
 @pytest.mark.parametrize("use_log,use_threshold", [(True, True), (False, True), (True, False)])
 def test_fire_kinks_crossing_tiles(use_log, use_threshold):
     """Every kink inside [0.02, 0.9]: many kinks cross the 16x16 interpreter tiles (the
-    per-score crossing path and the per-kink gradient sums); ragged length, GQA, rows both
+    per-score crossing path and the per-kink gradient sums); ragged length, GQA group 2, rows both
     below and above L."""
-    _run("fire", B=1, Tq=45, Tk=45, H=4, HKV=2, kinks=True,
+    _run("fire", B=1, Tq=40, Tk=40, H=2, HKV=1, kinks=True,
          enc_opts=dict(use_log=use_log, use_threshold=use_threshold, init_L=20.0))
 
 
