@@ -164,6 +164,8 @@ def _tune_candidates(D):
     for skip in (1, 0):
         for f in fwd:
             out.append(("fwd", {"fwd": f, "skip": skip}))
+        for f in fwd[:2]:  # the opt-in one-tile-ahead scalars (not yet timed)
+            out.append(("fwd", {"fwd": f, "skip": skip, "prefetch": True}))
         for dq, dkdv in bwd:
             out.append(("bwd", {"dq": dq, "dkdv": dkdv, "skip": skip}))
     return out

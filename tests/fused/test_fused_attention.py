@@ -178,6 +178,15 @@ def test_half_inputs_resid_delta(name):
         assert enc.mlp[2].bias.grad.abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("name", ["t5", "fire", "alibi"])
+def test_prefetch_variant(name, monkeypatch):
+    """The opt-in forward variant that computes the next tile's scalars one iteration ahead."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS["interp"], "prefetch", True)
+    _run(name, B=2, Tq=19, Tk=19, seg=True, kinks=(name == "fire"))
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
+
+
 def test_fire_tables_exact():
     """The segment tables reproduce f on a dense grid (incl. kinks outside [0, 1], w1 = 0)."""
     from megafire.attention.fused._function import _fire_tables

@@ -14,6 +14,7 @@ from . import _kernels as K
 
 #: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
 #: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
+#: prefetch (fwd; opt-in, not yet timed): tile scalars one tile ahead (see _fwd_kernel).
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
@@ -204,7 +205,8 @@ class _FusedBiasAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             *st.strides, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.eps,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, D=D, BM=BM, BN=BN, num_warps=warps,
+            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid,
+            PREFETCH=bool(cfg.get("prefetch", False)), D=D, BM=BM, BN=BN, num_warps=warps,
             num_stages=stages)
         ctx.resid = resid
         ctx.save_for_backward(q, k, v, o, ores if resid else None, lse, *params)

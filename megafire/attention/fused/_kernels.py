@@ -229,10 +229,14 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
                 H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, eps,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
-                RESID: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                RESID: tl.constexpr, PREFETCH: tl.constexpr,
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype),
     so that the backward's delta = dO . O is that of the fp32 output (consistent dS, whose
-    sums are the encoding parameters' gradients)."""
+    sums are the encoding parameters' gradients).
+    PREFETCH (opt-in, not yet timed): the next tile's bound loads are issued at the top of an
+    iteration and its tile scalars (T5 / FIRE table lookups) computed at the end, carried to the
+    next iteration, so the dependent scalar-load chain leaves the path before the tile's bias."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -262,18 +266,28 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
+    if PREFETCH:
+        khi_p = tl.load(KMAX + b * kp_sb + tl.minimum(BN, Tk) - 1)
+        s_lo_p, s_hi_p, a2_p, d2_p = _tile_range(BIAS, h, qlo, qhi, tl.load(KMIN + b * kp_sb), khi_p,
+                                                 den_small, den_big, FT, IT, SC, H, NS, RT, NBINS, USE_LOG)
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         mcol = offs_n < Tk
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-        klo = tl.load(KMIN + b * kp_sb + start_n)
-        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        if BIAS != 0:
+        if PREFETCH:
+            s_lo, s_hi, a2, d2, khi = s_lo_p, s_hi_p, a2_p, d2_p, khi_p
+            nx = tl.where(start_n + BN < Tk, start_n + BN, start_n)
+            klo_n = tl.load(KMIN + b * kp_sb + nx)
+            khi_p = tl.load(KMAX + b * kp_sb + tl.minimum(nx + BN, Tk) - 1)
+        else:
+            klo = tl.load(KMIN + b * kp_sb + start_n)
+            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
             s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS,
                                              RT, NBINS, USE_LOG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        if BIAS != 0:
             bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                      s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
             s += bias2
@@ -291,6 +305,9 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
+        if PREFETCH:
+            s_lo_p, s_hi_p, a2_p, d2_p = _tile_range(BIAS, h, qlo, qhi, klo_n, khi_p, den_small, den_big, FT, IT,
+                                                     SC, H, NS, RT, NBINS, USE_LOG)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
