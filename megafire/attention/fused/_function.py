@@ -107,7 +107,8 @@ def _fire_tables(w1, b1, W2, b2, nbins):
     """Sorted kinks and per-segment affine pieces of f_h(x) = b2 + sum_k W2 relu(w1 x + b1).
 
     Returns ft = [A log2e (H x NS) | D log2e (H x NS) | dA log2e (H x W) | kinks (W)],
-    it = [SEGLO (nbins) | SEGHI (nbins)], and (order, rank) of the sort.
+    it = [SEGLO (nbins) | SEGHI (nbins)] (SEGLO[g] = #kinks < g / nbins, SEGHI[g] = #kinks <= (g + 1) / nbins,
+    the last = W), and the sort order of the units.
     """
     H, Wd = W2.shape
     nz = w1 != 0
