@@ -104,6 +104,26 @@ def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, run_dir=run_dir, meta=meta)
 
 
+def _is_sharded(info: CheckpointInfo) -> bool:
+    """Tensor/pipeline shards or ZeRO-3 partitions: the weights live in several files."""
+    meta, path = info.meta, info.path
+    return (int(meta.get("tp", 1)) > 1 or int(meta.get("pp", 1)) > 1 or int(meta.get("zero_stage", 0)) == 3
+            or (path / DS_DIR / "mp_rank_01_model_states.pt").exists())
+
+
+def _from_universal(info: CheckpointInfo):
+    """Sharded layouts go through the universal format (megafire.train.universal), which merges
+    TP shards, pipeline layer files and ZeRO-3 partitions into fp32 TP=1 weights; they are cast
+    back to the training precision so that a bf16 run exports bf16 whatever its layout."""
+    from megafire.train.universal import consolidated_state_dict as merge
+    try:
+        cfg, state = merge(info.path)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {info.path}: cannot merge its shards: {type(e).__name__}: {e}") from None
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return cfg, {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+
+
 def _check_layout(info: CheckpointInfo) -> Path:
     """The model-states file, after refusing layouts that need consolidation across shards."""
     meta, path = info.meta, info.path
@@ -137,6 +157,8 @@ def consolidated_state_dict(checkpoint_dir: str | Path):
     layouts (see the module docstring).
     """
     info = resolve_checkpoint(checkpoint_dir)
+    if _is_sharded(info):
+        return _from_universal(info)
     states = _check_layout(info)
     cfg = load_config_of(info)
     try:
