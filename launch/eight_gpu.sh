@@ -10,6 +10,7 @@
 #   z1      DP=8, ZeRO-1              z3      DP=8, ZeRO-3
 #   tp2pp2  TP=2 x PP=2 x DP=2, ZeRO-1 (pipelines need ZeRO-1)
 #   tp4     TP=4 x DP=2, ZeRO-1
+# and for two GPUs (NPROC_PER_NODE=2): one (1 GPU), dp2 (DP=2), tp2 (TP=2), pp2 (PP=2), ZeRO-1.
 # On one node the processes come from torchrun (--nproc-per-node = GPUs, default 8); inside a
 # Slurm allocation (slurm/eight-gpu.sbatch: 2 nodes x 8) from `srun launch/task.sh`, so the
 # same layouts run with DP doubled. Every run uses one sequence length (2048, the 350m arm's
@@ -52,11 +53,16 @@ layout_args() {   # layout name -> trainer overrides
     z3)     echo "--parallel.tp=1 --parallel.pp=1 --parallel.zero_stage=3" ;;
     tp2pp2) echo "--parallel.tp=2 --parallel.pp=2 --parallel.zero_stage=1" ;;
     tp4)    echo "--parallel.tp=4 --parallel.pp=1 --parallel.zero_stage=1" ;;
-    *) echo "unknown layout $1 (z1 z3 tp2pp2 tp4)" >&2; return 2 ;;
+    # the two-GPU set (NPROC_PER_NODE=2): one GPU as the reference, then each kind of parallelism
+    one)    echo "--parallel.tp=1 --parallel.pp=1 --parallel.zero_stage=1" ;;
+    dp2)    echo "--parallel.tp=1 --parallel.pp=1 --parallel.zero_stage=1" ;;
+    tp2)    echo "--parallel.tp=2 --parallel.pp=1 --parallel.zero_stage=1" ;;
+    pp2)    echo "--parallel.tp=1 --parallel.pp=2 --parallel.zero_stage=1" ;;
+    *) echo "unknown layout $1 (z1 z3 tp2pp2 tp4 one dp2 tp2 pp2)" >&2; return 2 ;;
   esac
 }
 layout_tp_pp() {
-  case "$1" in z1|z3) echo "1 1" ;; tp2pp2) echo "2 2" ;; tp4) echo "4 1" ;; esac
+  case "$1" in z1|z3|one|dp2) echo "1 1" ;; tp2pp2) echo "2 2" ;; tp4) echo "4 1" ;; tp2) echo "2 1" ;; pp2) echo "1 2" ;; esac
 }
 
 if [ "$DRY" = 1 ]; then
@@ -80,6 +86,7 @@ else
     launch() { "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "$@"; }
   fi
 fi
+ALL_NPROC=$NPROC
 
 mkdir -p "$OUT"
 RUNS=()
@@ -87,7 +94,8 @@ for layout in $LAYOUTS; do
   read -r -a largs <<< "$(layout_args "$layout")"
   run="$OUT/$layout"
   rm -rf "$run"
-  echo "=== $layout: ${largs[*]} -> $run" >&2
+  NPROC=$([ "$layout" = one ] && echo 1 || echo "$ALL_NPROC")   # "one": the single-GPU reference
+  echo "=== $layout ($NPROC processes): ${largs[*]} -> $run" >&2
   if [ "$DRY" = 1 ]; then
     read -r tp pp <<< "$(layout_tp_pp "$layout")"
     launch -m megafire.parallel.describe --tp "$tp" --pp "$pp"
