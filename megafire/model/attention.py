@@ -9,7 +9,10 @@ For hidden states ``x`` [B, T, hidden]::
 
 Tensor parallelism: each rank owns a contiguous range of Hkv / tp key/value groups and the
 Hq / tp query heads that read them (query head h reads group h // (Hq / Hkv)), so attention
-needs no communication; ``W_o`` is row-parallel and all-reduces its output.
+needs no communication; ``W_o`` is row-parallel and all-reduces its output. Under sequence
+parallelism ``x`` and the output are sequence shards [B, T / tp, hidden]: the QKV projection
+all-gathers its input along T (attention sees the whole sequence for its local heads) and
+``W_o`` reduce-scatters its output along T instead of all-reducing it.
 
 The fused QKV weight is laid out per key/value group: ``[q_g0 .. q_g(R-1), k_g, v_g]`` for
 g = 0..Hkv-1 with R = Hq / Hkv query heads per group; a contiguous split by group gives
@@ -29,7 +32,7 @@ from megafire.config import ModelConfig
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
 
-from .layers import init_methods
+from .layers import column_parallel, init_methods, row_parallel
 
 
 class Attention(nn.Module):
@@ -66,26 +69,39 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(H * D, cfg.hidden_size, config=mp_config, init_method=out_init,
                                      bias=cfg.linear_bias, input_is_parallel=True, skip_bias_add=False,
                                      tp_group=parallel.tp_group)
+        if parallel.sp and self.out.bias is not None:
+            self.out.bias.megafire_tp_replicated = True                  # added to each sequence shard
+        self.parallel = parallel
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] -> q [B, T, Hq_local, D], k and v [B, T, Hkv_local, D]."""
-        B, T, _ = x.shape
+        """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden]) -> q [B, T, Hq_local, D], k and v
+        [B, T, Hkv_local, D]."""
         G, R, D = self.kv_heads_local, self.group_size, self.head_dim
         if self.fused_qkv:
-            qkv = self.qkv(x)[0].view(B, T, G, R + 2, D)                # [B, T, G, R + 2, D]
+            qkv = column_parallel(self.qkv, x, self.parallel)
+            B, T = qkv.shape[:2]
+            qkv = qkv.view(B, T, G, R + 2, D)                            # [B, T, G, R + 2, D]
             q, k, v = qkv[:, :, :, :R], qkv[:, :, :, R], qkv[:, :, :, R + 1]
             return q.reshape(B, T, G * R, D), k, v
-        q = self.q(x)[0].view(B, T, G * R, D)                            # [B, T, Hq_local, D]
-        kv = self.kv(x)[0].view(B, T, G, 2, D)                           # [B, T, G, 2, D]
+        q, kv = column_parallel(self.q, x, self.parallel), column_parallel(self.kv, x, self.parallel)
+        B, T = q.shape[:2]
+        q = q.view(B, T, G * R, D)                                       # [B, T, Hq_local, D]
+        kv = kv.view(B, T, G, 2, D)                                      # [B, T, G, 2, D]
         return q, kv[:, :, :, 0], kv[:, :, :, 1]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 cache=None) -> torch.Tensor:
         """x [B, T, hidden], positions [T] | [B, T], segment_ids [B, T] | None -> [B, T, hidden].
 
+        Sequence parallel: x and the output are [B, T / tp, hidden]; positions and segment ids
+        stay full length.
+
         With a :class:`~megafire.model.cache.KVCache`, the new keys/values are appended and
         the queries attend to every cached key (the cache supplies k_pos and key segments).
         """
+        if cache is not None and self.parallel.sp:
+            raise ValueError("KV-cache decoding is not supported with sequence parallelism; build the model "
+                             "without parallel.sequence_parallel for inference")
         q, k, v = self.project(x)
         if self.encoding is not None and self.encoding.kind == "rotary":
             q, k = self.encoding.rotate(q, k, positions, positions)
@@ -95,4 +111,4 @@ class Attention(nn.Module):
         attend = get_attention_fn(self.backend, self.encoding, q.device.type)
         o = attend(q, k, v, self.encoding, positions, k_pos, causal=True, segment_ids_q=segment_ids,
                    segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)   # [B, T, Hq_local, D]
-        return self.out(o.flatten(2))[0]                                 # [B, T, hidden]
+        return row_parallel(self.out, o.flatten(2), self.parallel)      # [B, T, hidden] (SP: [B, T / tp, hidden])

@@ -6,6 +6,9 @@
 
 Every stage takes and returns plain tensors (hidden states [B, T, hidden], positions
 [T] | [B, T], segment ids [B, T] | None), so a pipeline can be cut between any two stages.
+Sequence parallelism (``ParallelContext.sequence_parallel``, tp > 1): the embedding keeps this
+rank's sequence shard of its output, the hidden states between stages are [B, T / tp, hidden],
+and the head all-gathers them along T before the output projection (logits stay full length).
 Logits are vocab-parallel: each TP rank returns its slice ``[B, T, V / tp]``
 (:meth:`GPT.gather_logits` concatenates them); :func:`lm_loss` consumes them directly.
 Positions and segment ids come from the caller (data loader, KV-cache decoder); no layer
@@ -21,13 +24,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megafire.config import AttentionConfig, Config, ModelConfig
-from megafire.parallel.comm import gather_last_dim
+from megafire.parallel.comm import gather_last_dim, scatter_seq
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
 
 from .block import Block
 from .cache import KVCache
-from .layers import RMSNorm, build_encodings, init_methods
+from .layers import RMSNorm, build_encodings, column_parallel, init_methods
 
 
 class Embedding(nn.Module):
@@ -41,13 +44,14 @@ class Embedding(nn.Module):
         self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=init_methods(cfg)[0],
                                            config=mp_config, tp_group=parallel.tp_group)
         self.encoding = encoding
+        self.parallel = parallel
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] -> [B, T, hidden]."""
+        """input_ids [B, T] -> [B, T, hidden] (sequence parallel: this rank's [B, T / tp, hidden])."""
         x = self.word(input_ids)
         if self.encoding is not None:
             x = self.encoding.embed(x, positions)
-        return x
+        return scatter_seq(x, self.parallel.tp_group) if self.parallel.sp else x
 
 
 class Head(nn.Module):
@@ -55,17 +59,19 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, mp_config):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, sequence_parallel=parallel.sp)
         self.tied = cfg.tie_embeddings
+        self.parallel = parallel
         self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp_config,
                                            init_method=init_methods(cfg)[0], bias=False, gather_output=False,
                                            skip_weight_param_allocation=self.tied, tp_group=parallel.tp_group)
 
     def forward(self, x: torch.Tensor, tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, T, hidden] -> vocab-parallel logits [B, T, V / tp]; ``tied_weight`` = E when tied."""
+        """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden]) -> vocab-parallel logits
+        [B, T, V / tp]; ``tied_weight`` = E when tied."""
         if self.tied and tied_weight is None:
             raise ValueError("tied embeddings: pass the embedding weight as tied_weight")
-        return self.output(self.norm(x), weight=tied_weight if self.tied else None)[0]
+        return column_parallel(self.output, self.norm(x), self.parallel, tied_weight if self.tied else None)
 
 
 class GPT(nn.Module):

@@ -1,4 +1,5 @@
-"""Small building blocks: RMSNorm, the SwiGLU MLP, init methods and encoding construction."""
+"""Small building blocks: RMSNorm, the SwiGLU MLP, init methods, encoding construction, and the
+column/row-parallel calls that sequence parallelism reroutes."""
 from __future__ import annotations
 
 import inspect
@@ -11,6 +12,7 @@ from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 
 from megafire.config import ModelConfig
+from megafire.parallel.comm import gather_seq, reduce_scatter_seq
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding, build_encoding, encoding_class
 
@@ -18,10 +20,14 @@ from megafire.positional import PositionalEncoding, build_encoding, encoding_cla
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * w``, computed in fp32, returned in x's dtype."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, *, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        if sequence_parallel:
+            # each TP rank normalizes its own sequence shard: partial gradients, summed over TP
+            # by megafire.parallel's hooks for replicated parameters
+            self.weight.megafire_tp_replicated = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -36,6 +42,31 @@ def init_methods(cfg: ModelConfig):
     the projections that write into the residual stream).
     """
     return init_method_normal(cfg.init_std), scaled_init_method_normal(cfg.init_std, cfg.num_layers)
+
+
+def column_parallel(layer: ColumnParallelLinear, x: torch.Tensor, parallel: ParallelContext,
+                    weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``layer(x)`` (output sharded along its last dim); ``weight`` replaces a weightless layer's.
+
+    Sequence parallel: ``x`` is this rank's sequence shard [B, T / tp, h]; it is all-gathered
+    along T and multiplied here (megatron's own call would all-reduce the input gradient, which
+    the gather's reduce-scatter already does).
+    """
+    if not parallel.sp:
+        return layer(x, weight=weight)[0]
+    return F.linear(gather_seq(x, parallel.tp_group), layer.weight if weight is None else weight, layer.bias)
+
+
+def row_parallel(layer: RowParallelLinear, x: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """``layer(x)`` for input sharded along its last dim: the ranks' partial products summed.
+
+    Sequence parallel: the sum is reduce-scattered along T, so each rank gets its sequence
+    shard [B, T / tp, h]; the (replicated) bias is added to the shard.
+    """
+    if not parallel.sp:
+        return layer(x)[0]
+    y = reduce_scatter_seq(F.linear(x, layer.weight), parallel.tp_group)
+    return y if layer.bias is None else y + layer.bias
 
 
 class SwiGLU(nn.Module):
@@ -57,10 +88,14 @@ class SwiGLU(nn.Module):
         self.down = RowParallelLinear(ffn, cfg.hidden_size, config=mp_config, init_method=out_init,
                                       bias=cfg.linear_bias, input_is_parallel=True, skip_bias_add=False,
                                       tp_group=parallel.tp_group)
+        if parallel.sp and self.down.bias is not None:
+            self.down.bias.megafire_tp_replicated = True             # added to each sequence shard
+        self.parallel = parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)[0].chunk(2, dim=-1)               # [B, T, F_local] each
-        return self.down(F.silu(gate) * up)[0]                       # [B, T, hidden]
+        """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden], in and out)."""
+        gate, up = column_parallel(self.gate_up, x, self.parallel).chunk(2, dim=-1)   # [B, T, F_local] each
+        return row_parallel(self.down, F.silu(gate) * up, self.parallel)           # [B, T, hidden]
 
 
 def build_encodings(cfg: ModelConfig, parallel: ParallelContext

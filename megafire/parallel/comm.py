@@ -1,4 +1,4 @@
-"""Device-agnostic tensor-parallel collectives megatron-core only offers for CUDA."""
+"""Device-agnostic tensor-parallel collectives megatron-core only offers for CUDA (or for [seq, batch, ...] layouts)."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +26,99 @@ def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return x
     return _GatherLastDim.apply(x, group)
+
+
+# --- sequence parallelism: activations [B, T, hidden] sharded along T (dim 1) over the TP group ---
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, T / n, ...] -> [B, T, ...], the ranks' shards concatenated along dim 1 in rank order."""
+    size = dist.get_world_size(group)
+    shard = x.movedim(1, 0).contiguous()                                   # [T / n, B, ...]
+    out = shard.new_empty((shard.shape[0] * size, *shard.shape[1:]))
+    dist.all_gather_into_tensor(out, shard, group=group)
+    return out.movedim(0, 1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, T, ...] on every rank -> this rank's [B, T / n, ...] slice of the sum over the group."""
+    size = dist.get_world_size(group)
+    full = x.movedim(1, 0).contiguous()                                     # [T, B, ...]
+    out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
+    dist.reduce_scatter_tensor(out, full, group=group)
+    return out.movedim(0, 1)
+
+
+def _seq_slice(x: torch.Tensor, group) -> torch.Tensor:
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = x.shape[1] // n
+    return x[:, rank * chunk:(rank + 1) * chunk].contiguous()
+
+
+def _check_divisible(x: torch.Tensor, group) -> None:
+    if x.shape[1] % dist.get_world_size(group):
+        raise ValueError(f"sequence parallelism: sequence length {x.shape[1]} is not divisible by the "
+                         f"tensor-parallel size {dist.get_world_size(group)}")
+
+
+class _GatherSeq(torch.autograd.Function):
+    """forward: all-gather along the sequence; backward: reduce-scatter (every rank's use of the
+    full sequence contributes to each shard's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """forward: sum of the ranks' partial outputs, this rank keeps its sequence shard;
+    backward: all-gather the shards' gradients (each partial output fed every shard)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        _check_divisible(x, group)
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """forward: keep this rank's sequence shard of a replicated tensor; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        _check_divisible(x, group)
+        return _seq_slice(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Sequence shard [B, T / tp, ...] -> full [B, T, ...] on every rank (backward: reduce-scatter)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums [B, T, ...] -> this rank's shard [B, T / tp, ...] of their sum (backward: all-gather)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _ReduceScatterSeq.apply(x, group)
+
+
+def scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Replicated [B, T, ...] -> this rank's shard [B, T / tp, ...] (backward: all-gather)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _ScatterSeq.apply(x, group)

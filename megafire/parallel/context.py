@@ -33,6 +33,14 @@ class ParallelContext:
     pp_group: Optional[dist.ProcessGroup] = None
     #: torch.distributed backend of the groups ("gloo" on CPU, "nccl" on GPUs).
     backend: str = "gloo"
+    #: Megatron-style sequence parallelism: between the tensor-parallel regions, activations
+    #: [B, T, hidden] are sharded along T over the TP group (no effect at tp_size 1).
+    sequence_parallel: bool = False
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism in effect (requested and tp_size > 1)."""
+        return self.sequence_parallel and self.tp_size > 1
 
     def __post_init__(self):
         if not 0 <= self.tp_rank < self.tp_size:
@@ -97,12 +105,20 @@ def init_distributed(backend: Optional[str] = None) -> None:
         dist.init_process_group(backend)
 
 
-def init_parallel(tp: int = 1, pp: int = 1, backend: Optional[str] = None) -> ParallelContext:
+def init_parallel(tp: int = 1, pp: int = 1, backend: Optional[str] = None, *,
+                  sequence_parallel: bool = False) -> ParallelContext:
     """torch.distributed + megatron parallel_state (tp x dp x pp) -> this rank's ParallelContext.
 
     Idempotent for the same (tp, pp); re-initializing with other sizes destroys the old
-    model-parallel groups first.
+    model-parallel groups first. ``sequence_parallel`` is recorded in the context (the model
+    reads it at construction).
     """
+    import dataclasses
+    ctx = _init_parallel(tp, pp, backend)
+    return dataclasses.replace(ctx, sequence_parallel=sequence_parallel)
+
+
+def _init_parallel(tp: int, pp: int, backend: Optional[str]) -> ParallelContext:
     from megatron.core import parallel_state as ps
     init_distributed(backend)
     world = dist.get_world_size()

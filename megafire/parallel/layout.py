@@ -17,11 +17,7 @@ def check_layout(cfg: Config, world_size: int) -> int:
                           f"(data parallel = world / (tp * pp))")
     dp = world_size // (p.tp * p.pp)
     if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true is not supported: megatron-core's sequence-parallel "
-                          "layers scatter/gather along dim 0 assuming [seq, batch, hidden] activations, while "
-                          "megafire's blocks are [batch, seq, hidden] (positions and segment ids are per batch "
-                          "row), and RMSNorm weights would need their own TP all-reduce; use "
-                          "parallel.activation_checkpointing to save activation memory instead")
+        _check_sequence_parallel(cfg)
     if p.pp > 1:
         if p.zero_stage != 1:
             raise ConfigError(f"parallel.pp={p.pp} needs parallel.zero_stage=1, got {p.zero_stage}: DeepSpeed "
@@ -44,3 +40,21 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"train.tokens_per_step={t.tokens_per_step} must be divisible by the data-parallel "
                           f"size {dp} = world {world_size} / (tp {p.tp} * pp {p.pp})")
     return dp
+
+
+def _check_sequence_parallel(cfg: Config) -> None:
+    """Sequence parallelism shards [B, T, hidden] along T over the TP group (see docs/parallel.md)."""
+    p = cfg.parallel
+    if p.tp < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp > 1 (got tp={p.tp}): it shards "
+                          "activations over the tensor-parallel group")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.sequence_parallel=true is not supported with parallel.pp={p.pp} (the pipeline "
+                          "stages pass full-length hidden states); use pp=1")
+    lengths = {"data.seq_len": cfg.data.seq_len}
+    for i, stage in enumerate(cfg.curriculum.stages):
+        lengths[f"curriculum.stages[{i}].seq_len"] = stage.seq_len
+    for key, length in lengths.items():
+        if length % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true needs {key}={length} divisible by "
+                              f"parallel.tp={p.tp} (each TP rank holds T / tp positions)")

@@ -44,7 +44,7 @@ def setup_parallel(cfg: Config):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
     init_distributed(backend)
     check_layout(cfg, dist.get_world_size())
-    return init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend)
+    return init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend, sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 class DeepSpeedMPU:
