@@ -82,7 +82,9 @@ def test_requeue_and_time_limit_signal_resume(jobs, trainer, tmp_path):
     it has written a checkpoint; run 2 resumes from it, then gets SIGUSR1 on the batch shell
     (what `--signal=B:USR1@N` sends before the time limit): the trap forwards it, the trainer
     checkpoints and exits 124, the script requeues the job; run 3 resumes and completes."""
-    run_dir, name, steps, every = tmp_path / "run", "mf-requeue", 200, 20
+    # long enough that run 1 cannot finish inside Slurm's KillWait (30 s) after the external requeue,
+    # even on an idle machine (~20 steps/s): the requeued step must be stopped, not outrun
+    run_dir, name, steps, every = tmp_path / "run", "mf-requeue", 1200, 20
     job = jobs.submit("train-cpu.sbatch", name, run_dir, trainer, trainer.args(steps, every))
     log = lambda: jobs.log(job, name)
 
