@@ -124,19 +124,12 @@ def _from_universal(info: CheckpointInfo):
     return cfg, {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
 
 
-def _check_layout(info: CheckpointInfo) -> Path:
-    """The model-states file, after refusing layouts that need consolidation across shards."""
-    meta, path = info.meta, info.path
-    tp, pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
-    if tp > 1 or pp > 1 or (path / DS_DIR / "mp_rank_01_model_states.pt").exists():
-        raise CheckpointError(f"checkpoint {path} is sharded (tp={tp}, pp={pp}); consolidating tensor/pipeline "
-                              f"shards is not supported yet: export from a tp=1, pp=1 checkpoint")
-    if int(meta.get("zero_stage", 0)) == 3:
-        raise CheckpointError(f"checkpoint {path} was written with ZeRO-3, whose weights are partitioned "
-                              f"across the optimizer shards; consolidating them is not supported yet")
-    states = path / DS_DIR / MODEL_STATES
+def _model_states_file(info: CheckpointInfo) -> Path:
+    """The single model-states file of an unsharded checkpoint (sharded ones go through
+    :func:`_from_universal` before this is reached)."""
+    states = info.path / DS_DIR / MODEL_STATES
     if not states.is_file():
-        raise CheckpointError(f"checkpoint {path} has no model weights: {states} is missing")
+        raise CheckpointError(f"checkpoint {info.path} has no model weights: {states} is missing")
     return states
 
 
@@ -159,7 +152,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path):
     info = resolve_checkpoint(checkpoint_dir)
     if _is_sharded(info):
         return _from_universal(info)
-    states = _check_layout(info)
+    states = _model_states_file(info)
     cfg = load_config_of(info)
     try:
         blob = torch.load(states, map_location="cpu", weights_only=False)
