@@ -178,12 +178,13 @@ def test_half_inputs_resid_delta(name):
         assert enc.mlp[2].bias.grad.abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("name", ["t5", "fire", "alibi"])
-def test_prefetch_variant(name, monkeypatch):
-    """The opt-in forward variant that computes the next tile's scalars one iteration ahead."""
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_tile_tables_other_geometry(name, monkeypatch):
+    """Tile tables of a different launch geometry per kernel (fwd 32x16, dq 16x32, dkdv 32x32)."""
     from megafire.attention.fused import CONFIGS
-    monkeypatch.setitem(CONFIGS["interp"], "prefetch", True)
-    _run(name, B=2, Tq=19, Tk=19, seg=True, kinks=(name == "fire"))
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], fwd=(32, 16, 4, 1), dq=(16, 32, 4, 1),
+                                                dkdv=(32, 32, 4, 1)))
+    _run(name, B=2, Tq=37, Tk=37, seg=True, kinks=(name == "fire"))
     _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
 
 

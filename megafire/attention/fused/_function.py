@@ -14,7 +14,8 @@ from . import _kernels as K
 
 #: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
 #: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
-#: prefetch (fwd; opt-in, not yet timed): tile scalars one tile ahead (see _fwd_kernel).
+#: pres: with parameter gradients in half precision, P V also adds the probabilities' rounding
+#: residual (one more MMA in the forward; exact delta for the parameter gradients; default on).
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
@@ -198,17 +199,18 @@ class _FusedBiasAttention(torch.autograd.Function):
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         cfg = _config(D, st.name)
         BM, BN, warps, stages = cfg["fwd"]
-        grid = (triton_cdiv(Tq, BM), B * H)
-        K._fwd_kernel[grid](
+        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
+        pres = resid and bool(cfg.get("pres", True))
+        K._fwd_kernel[(nqb, B * H)](
             q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
-            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf,
+            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            *st.strides, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.eps,
+            *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid,
-            PREFETCH=bool(cfg.get("prefetch", False)), D=D, BM=BM, BN=BN, num_warps=warps,
-            num_stages=stages)
+            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
+            D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
         ctx.resid = resid
         ctx.save_for_backward(q, k, v, o, ores if resid else None, lse, *params)
         ctx.st = st
@@ -223,8 +225,10 @@ class _FusedBiasAttention(torch.autograd.Function):
         do = do.contiguous()
         dev = q.device
         mode = st.mode
-        of = o.float() + ores.float() if ctx.resid else o.float()  # fp32 output (rounding residual added back)
-        delta = (of * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
+        delta = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+        K._bwd_delta_kernel[(triton_cdiv(Tq, 64), B * H)](
+            o, ores if ctx.resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=ctx.resid, D=D, BM=64, num_warps=4)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         need = ctx.needs_input_grad[4:]
         pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and any(need)
@@ -247,18 +251,23 @@ class _FusedBiasAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
         common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-                      DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), D=D)
+                      DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
         tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
                 st.rowf)
+        nkb = triton_cdiv(Tk, BN)
+        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
         K._bwd_dq_kernel[(nmb, B * H)](
-            q, k, v, do, dq, lse, delta, *tabs, part, rowc, rowx, *strides,
-            H, H // HKV, Tq, Tk, W, NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.scale, st.eps, part_stride,
+            q, k, v, do, dq, lse, delta, *tabs, tt, ta, part, rowc, rowx, *strides, st.tab_b,
+            H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
             PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
         BM, BN, warps, stages = cfg["dkdv"]
-        K._bwd_dkdv_kernel[(triton_cdiv(Tk, BN), B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, *tabs, *strides,
-            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, K.FIRE_BINS, st.scale * K.LOG2E, st.scale, st.eps,
+        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
+        K._bwd_dkdv_kernel[(nkb, B * HKV)](
+            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, *strides, st.tab_b,
+            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
             BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
+        st.tables = {}
         grads = [None] * len(params)
         if pgrad:
             tot = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
@@ -313,6 +322,29 @@ def _fire_grads(st, params, tot, rowc, rowx):
         rc, rx = rc.sum(0, keepdim=True), rx.sum(0, keepdim=True)
     dc = (rc / den).sum() if st.use_log else torch.zeros_like(c)
     return [dw1, db1, dW2, db2, dc.reshape(c.shape), -rx / den]
+
+
+def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
+    """Per-tile scalars of the BM x BN launch geometry (T5, FIRE; see ``_tile_table_kernel``),
+    built once per geometry and call (one small launch); dummies for the other encodings."""
+    if not st.table:
+        return st.dummy_i, st.dummy_f
+    key = (BM, BN)
+    if key not in st.tables:
+        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+        bt = st.tab_bsz
+        dev = st.qp.device
+        tt = torch.empty(bt * nqb * nkb, device=dev, dtype=torch.int32)
+        ta = torch.empty(bt * H * nqb * nkb * 2, device=dev, dtype=torch.float32)
+        blk = 16 if K.INTERPRET else 256
+        qp_sb, kp_sb = st.strides[0], st.strides[1]
+        K._tile_table_kernel[(triton_cdiv(nqb * nkb, blk), bt)](
+            st.qmin, st.qmax, st.kmin, st.kmax, st.ft, st.it, st.sc, tt, ta, qp_sb, kp_sb,
+            H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps,
+            BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
+            num_warps=4)
+        st.tables[key] = (tt, ta)
+    return st.tables[key]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -383,6 +415,12 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         den = (torch.log1p(c * ieff) if spec.use_log else ieff) + spec.eps
         den = den.reshape(-1, Tq)
         st.rowf = ((K.LN2 if spec.use_log else 1.0) / den.detach()).contiguous()
+    st.table = spec.mode in (K.T5, K.FIRE)
+    st.ku = spec.W if spec.mode == K.FIRE else (spec.NS if spec.mode == K.T5 else 1)
+    st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
+    st.tab_b = 1 if st.tab_bsz > 1 else 0
+    st.tables = {}
+    st.dummy_i, st.dummy_f = torch.zeros(4, device=dev, dtype=torch.int32), d
     params = spec.params + ((den,) if den is not None else ())
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     st.resid = torch.is_grad_enabled() and spec.mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and \

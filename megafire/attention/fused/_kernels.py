@@ -90,38 +90,16 @@ def _lg2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fire_dens(BIAS: tl.constexpr, qlo, qhi, SC, eps, USE_LOG: tl.constexpr):
-    """FIRE: (smallest, largest) denominator psi(max(q, L)) + eps over rows with positions in
-    [qlo, qhi] (loop-invariant in the fwd / dq kernels: computed once per program there)."""
-    den_small = qlo.to(tl.float32) * 0.0 + 1.0
-    den_big = den_small
-    if BIAS == 5:
-        c = tl.load(SC)
-        L = tl.load(SC + 1)
-        ilo = tl.maximum(qlo.to(tl.float32), L)
-        ihi = tl.maximum(qhi.to(tl.float32), L)
-        if USE_LOG:
-            den_small = tl.log(1.0 + c * ilo) + eps
-            den_big = tl.log(1.0 + c * ihi) + eps
-        else:
-            den_small = ilo + eps
-            den_big = ihi + eps
-    return den_small, den_big
+def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, SC, RT, NBINS,
+               USE_LOG: tl.constexpr):
+    """Head-independent tile scalars for tiles whose positions lie in [qlo, qhi] x [klo, khi]
+    (conservative; elementwise, so it runs on vectors of tiles in the table kernel).
 
-
-@triton.jit
-def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS, RT, NBINS,
-                USE_LOG: tl.constexpr):
-    """Scalars for a tile whose positions lie in [qlo, qhi] x [klo, khi] (conservative).
-
-    FIRE: (s_lo, s_hi, a2, d2): segment of the smallest x, end of the kink range that may
-    cross the tile, slope and offset of segment s_lo (log2e units).
-    T5: (b_lo, b_hi, W[h, b_lo] log2e, 0). Others: zeros.
+    FIRE: (s_lo, s_hi): segment of the smallest x and end of the kink range that may cross
+    the tile. T5: (bucket(r_lo), bucket(r_hi)). Others: zeros.
     """
     s_lo = qlo * 0
     s_hi = qlo * 0
-    a2 = qlo.to(tl.float32) * 0.0
-    d2 = a2
     if BIAS == 5:
         rlo = tl.maximum(qlo - khi, 0).to(tl.float32)
         rhi = tl.maximum(qhi - klo, 0).to(tl.float32)
@@ -140,20 +118,74 @@ def _tile_range(BIAS: tl.constexpr, h, qlo, qhi, klo, khi, den_small, den_big, F
         ghi = tl.where(x_hi < 1.0, tl.maximum(x_hi * NBINS, 0.0), NBINS - 1.0).to(tl.int32)
         s_lo = tl.load(IT + glo)
         s_hi = tl.load(IT + NBINS + ghi)
-        a2 = tl.load(FT + h * NS + s_lo)
-        d2 = tl.load(FT + H * NS + h * NS + s_lo)
     elif BIAS == 4:
         rlo = tl.minimum(tl.maximum(qlo - khi, 0), RT)
         rhi = tl.minimum(tl.maximum(qhi - klo, 0), RT)
         s_lo = tl.load(IT + rlo)
         s_hi = tl.load(IT + rhi)
-        a2 = tl.load(FT + H * (RT + 1) + h * NS + s_lo) * 1.4426950408889634
-    return s_lo, s_hi, a2, d2
+    return s_lo, s_hi
+
+
+@triton.jit
+def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
+                       H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps,
+                       BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BLK: tl.constexpr):
+    """Per-tile scalars of a launch geometry (BM x BN tiles), read by the attention kernels
+    with one independent load per tile instead of a dependent chain of table lookups.
+
+    TT[bq, qb, kb] (int32) = s_lo | s_hi << 12 | may_mask << 24 (``may_mask``: the tile can
+    hold a masked score: causal diagonal, ragged tail, segments);
+    TA[bq, h, qb, kb, 0:2] = (a2, d2): FIRE's slope and offset of segment s_lo, T5's
+    W[h, b_lo] (log2e units).
+    """
+    pid = tl.program_id(0)
+    bq = tl.program_id(1)
+    t = pid * BLK + tl.arange(0, BLK)
+    ok = t < nqb * nkb
+    qb = t // nkb
+    kb = t % nkb
+    m0 = qb * BM
+    n0 = kb * BN
+    qlo = tl.load(QMIN + bq * qp_sb + tl.minimum(m0, Tq - 1), mask=ok, other=0)
+    qhi = tl.load(QMAX + bq * qp_sb + tl.minimum(m0 + BM, Tq) - 1, mask=ok, other=0)
+    klo = tl.load(KMIN + bq * kp_sb + tl.minimum(n0, Tk - 1), mask=ok, other=0)
+    khi = tl.load(KMAX + bq * kp_sb + tl.minimum(n0 + BN, Tk) - 1, mask=ok, other=0)
+    den_small = qlo.to(tl.float32) * 0.0 + 1.0
+    den_big = den_small
+    if BIAS == 5:
+        c = tl.load(SC)
+        L = tl.load(SC + 1)
+        ilo = tl.maximum(qlo.to(tl.float32), L)
+        ihi = tl.maximum(qhi.to(tl.float32), L)
+        if USE_LOG:
+            den_small = tl.log(1.0 + c * ilo) + eps
+            den_big = tl.log(1.0 + c * ihi) + eps
+        else:
+            den_small = ilo + eps
+            den_big = ihi + eps
+    s_lo, s_hi = _tile_segs(BIAS, qlo, qhi, klo, khi, den_small, den_big, IT, SC, RT, NBINS, USE_LOG)
+    need = (n0 + BN > Tk) | (m0 + BM > Tq)
+    if CAUSAL:
+        need = need | (n0 + BN - 1 > m0 + (Tk - Tq)) | (khi > qlo)
+    if HAS_SEG:
+        need = need | (Tq >= 0)
+    tl.store(TT + bq * nqb * nkb + t, s_lo | (s_hi << 12) | (need.to(tl.int32) << 24), mask=ok)
+    for h in range(H):
+        if BIAS == 5:
+            a2 = tl.load(FT + h * NS + s_lo, mask=ok, other=0.0)
+            d2 = tl.load(FT + H * NS + h * NS + s_lo, mask=ok, other=0.0)
+        else:
+            a2 = tl.load(FT + H * (RT + 1) + h * NS + s_lo, mask=ok, other=0.0) * 1.4426950408889634
+            d2 = a2 * 0.0
+        base = TA + ((bq * H + h) * nqb * nkb + t) * 2
+        tl.store(base, a2, mask=ok)
+        tl.store(base + 1, d2, mask=ok)
 
 
 @triton.jit
 def _bias2(BIAS: tl.constexpr, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT,
-           CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr):
+           CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr):
     """Bias in log2e units for a tile; qf, kf: float positions broadcastable to the tile
     ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
 
@@ -189,11 +221,15 @@ def _bias2(BIAS: tl.constexpr, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, 
             c = tl.load(SC)
             lg = _lg2(1.0 + c * rf, FAST)
         bias2 = lg * (rowf * a2) + d2
-        offk = 2 * H * NS + H * W
-        for t in range(s_lo, s_hi):
-            kt = tl.load(FT + offk + t)
-            da = tl.load(FT + 2 * H * NS + h * W + t)
-            bias2 += da * tl.maximum(lg * rowf - kt, 0.0)
+        # kinks that may cross the tile (none on most tiles): unrolled and guarded, not a
+        # loop, so that the K/V loop around this stays innermost (software-pipelined)
+        if s_hi > s_lo:
+            offk = 2 * H * NS + H * W
+            for u in tl.static_range(KU):
+                if s_lo + u < s_hi:
+                    kt = tl.load(FT + offk + s_lo + u)
+                    da = tl.load(FT + 2 * H * NS + h * W + s_lo + u)
+                    bias2 += da * tl.maximum(lg * rowf - kt, 0.0)
     else:
         bias2 = rf * 0.0
     return bias2, rf, lg
@@ -223,20 +259,34 @@ def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF,
+def _tile_next(TABLE: tl.constexpr, tt, ta, i):
+    """Tile i's record and (a2, d2) from the per-row tile tables (or zeros without TABLE)."""
+    if TABLE:
+        rec = tl.load(tt + i)
+        a2 = tl.load(ta + 2 * i)
+        d2 = tl.load(ta + 2 * i + 1)
+    else:
+        rec = i * 0
+        a2 = i.to(tl.float32) * 0.0
+        d2 = a2
+    return rec, a2, d2
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                qp_sb, kp_sb, sq_sb, sk_sb,
-                H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, eps,
+                qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
+                H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
-                RESID: tl.constexpr, PREFETCH: tl.constexpr,
+                RESID: tl.constexpr, PRES: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype),
-    so that the backward's delta = dO . O is that of the fp32 output (consistent dS, whose
-    sums are the encoding parameters' gradients).
-    PREFETCH (opt-in, not yet timed): the next tile's bound loads are issued at the top of an
-    iteration and its tile scalars (T5 / FIRE table lookups) computed at the end, carried to the
-    next iteration, so the dependent scalar-load chain leaves the path before the tile's bias."""
+    """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype).
+    PRES: P V with P split in two half-precision parts (``p = round(p) + residual``: one more
+    MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
+    ``delta = dO . O`` equals ``sum_j P dP`` to fp32 rounding: the rows of dS sum to ~0 as
+    they must, which the encoding-parameter gradients (sums of dS) need.
+    TABLE (T5, FIRE): tile scalars from the tile tables, loaded one tile ahead."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -250,8 +300,6 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
     qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
     qf = qpos.to(tl.float32)
     qlo = tl.load(QMIN + b * qp_sb + m0)
-    qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
-    den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
     rowf = qf * 0.0
     if BIAS == 5:
         rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
@@ -266,32 +314,31 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
-    if PREFETCH:
-        khi_p = tl.load(KMAX + b * kp_sb + tl.minimum(BN, Tk) - 1)
-        s_lo_p, s_hi_p, a2_p, d2_p = _tile_range(BIAS, h, qlo, qhi, tl.load(KMIN + b * kp_sb), khi_p,
-                                                 den_small, den_big, FT, IT, SC, H, NS, RT, NBINS, USE_LOG)
+    bt = b * tab_b
+    tt = TT + (bt * nqb + pid_m) * nkb
+    ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
+    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         mcol = offs_n < Tk
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-        if PREFETCH:
-            s_lo, s_hi, a2, d2, khi = s_lo_p, s_hi_p, a2_p, d2_p, khi_p
-            nx = tl.where(start_n + BN < Tk, start_n + BN, start_n)
-            klo_n = tl.load(KMIN + b * kp_sb + nx)
-            khi_p = tl.load(KMAX + b * kp_sb + tl.minimum(nx + BN, Tk) - 1)
-        else:
-            klo = tl.load(KMIN + b * kp_sb + start_n)
-            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-            s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS,
-                                             RT, NBINS, USE_LOG)
+        rec, a2, d2 = rec_n, a2_n, d2_n
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
+        s_lo = rec & 4095
+        s_hi = (rec >> 12) & 4095
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
         if BIAS != 0:
             bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                                     s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
+                                     s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
             s += bias2
-        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP):
+        if TABLE:
+            need = ((rec >> 24) != 0) | (not SKIP)
+        else:
+            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+            need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
+        if need:
             sk = offs_n * 0
             if HAS_SEG:
                 sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
@@ -303,11 +350,12 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        pb = p.to(v.dtype)
+        pv = tl.dot(pb, v, input_precision=DOT_PREC)
+        if PRES:
+            pv = tl.dot((p - pb.to(tl.float32)).to(v.dtype), v, pv, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
-        if PREFETCH:
-            s_lo_p, s_hi_p, a2_p, d2_p = _tile_range(BIAS, h, qlo, qhi, klo_n, khi_p, den_small, den_big, FT, IT,
-                                                     SC, H, NS, RT, NBINS, USE_LOG)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -320,13 +368,35 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
 
 
 @triton.jit
+def _bwd_delta_kernel(O, ORES, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, H, Tq,
+                      RESID: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+    """delta[b, h, i] = sum_d dO O (O + its rounding residual with RESID), fp32, in one pass
+    (no fp32 copies of O and dO in memory)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    mrow = offs_m < Tq
+    po = b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
+    o = tl.load(O + po, mask=mrow[:, None], other=0.0).to(tl.float32)
+    if RESID:
+        o += tl.load(ORES + po, mask=mrow[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Tq + offs_m, tl.sum(o * do, 1), mask=mrow)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
-                     P0, P1, FT, IT, SC, ROWF,
+                     P0, P1, FT, IT, SC, ROWF, TT, TA,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                     qp_sb, kp_sb, sq_sb, sk_sb,
-                     H, HKV, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps,
+                     qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
+                     H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale,
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
+                     TABLE: tl.constexpr, KU: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group."""
     pid_n = tl.program_id(0)
@@ -341,7 +411,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
     kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
     kf = kpos.to(tl.float32)
-    klo = tl.load(KMIN + b * kp_sb + n0)
     khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
     sk = offs_n * 0
     if HAS_SEG:
@@ -352,8 +421,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
     if CAUSAL:
         lo = tl.maximum(n0 - (Tk - Tq), 0)
         lo = (lo // BM) * BM
+    bt = b * tab_b
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
+        # tile tables down this key block's column: stride nkb between query blocks
+        tt = TT + bt * nqb * nkb + pid_n
+        ta = TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, (lo // BM) * nkb)
         for start_m in range(lo, Tq, BM):
             offs_m = start_m + tl.arange(0, BM)
             mrow = offs_m < Tq
@@ -363,21 +437,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
             lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
             qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
-            qlo = tl.load(QMIN + b * qp_sb + start_m)
-            qhi = tl.load(QMAX + b * qp_sb + tl.minimum(start_m + BM, Tq) - 1)
+            rec, a2, d2 = rec_n, a2_n, d2_n
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
+            s_lo = rec & 4095
+            s_hi = (rec >> 12) & 4095
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # [BN, BM]
             if BIAS != 0:
                 rowf = qpos.to(tl.float32) * 0.0
                 if BIAS == 5:
                     rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
-                den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
-                s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS,
-                                                 RT, NBINS, USE_LOG)
                 bias2, _rf, _lg = _bias2(BIAS, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
-                                         s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
+                                         s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST,
+                                         KU)
                 sT += bias2
             pT = tl.math.exp2(sT - lse[None, :])
-            if _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP):
+            if TABLE:
+                need = ((rec >> 24) != 0) | (not SKIP)
+            else:
+                qlo = tl.load(QMIN + b * qp_sb + start_m)
+                need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
+            if need:
                 sq = offs_m * 0
                 if HAS_SEG:
                     sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
@@ -397,12 +476,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, PART, ROWC, ROWX,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                   qp_sb, kp_sb, sq_sb, sk_sb,
-                   H, GROUP, Tq, Tk, W, NS, RT, NBINS, scale2, scale, eps, part_stride,
+                   qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
+                   H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                   USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
+                   USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
+                   PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
@@ -412,6 +492,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     FIRE ``[0, NS)`` P, ``[NS, 2 NS)`` Q per segment, ``[2 NS, 2 NS + W)`` G,
     ``[2 NS + W, 2 NS + 2 W)`` GQ per kink. FIRE also writes per row (ROWC, ROWX [B H, Tq]):
     ``sum_j dS f'(x) r / (1 + c r)`` and ``sum_j dS f'(x) x``.
+    The per-kink / per-boundary work is unrolled (KU) and guarded, not a loop, so the K/V loop
+    stays innermost and software-pipelined.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -429,8 +511,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
     qf = qpos.to(tl.float32)
     qlo = tl.load(QMIN + b * qp_sb + m0)
-    qhi = tl.load(QMAX + b * qp_sb + tl.minimum(m0 + BM, Tq) - 1)
-    den_small, den_big = _fire_dens(BIAS, qlo, qhi, SC, eps, USE_LOG)
     rowf = qf * 0.0
     if BIAS == 5:
         rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
@@ -452,23 +532,32 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
         hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
+    bt = b * tab_b
+    tt = TT + (bt * nqb + pid_m) * nkb
+    ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
+    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         mcol = offs_n < Tk
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
         kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-        klo = tl.load(KMIN + b * kp_sb + start_n)
-        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+        rec, a2, d2 = rec_n, a2_n, d2_n
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
+        s_lo = rec & 4095
+        s_hi = (rec >> 12) & 4095
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        s_lo, s_hi, a2, d2 = _tile_range(BIAS, h, qlo, qhi, klo, khi, den_small, den_big, FT, IT, SC, H, NS, RT,
-                                         NBINS, USE_LOG)
         bias2, rf, lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                               s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST)
+                               s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
         if BIAS != 0:
             s += bias2
         p = tl.math.exp2(s - lse[:, None])
-        if _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP):
+        if TABLE:
+            need = ((rec >> 24) != 0) | (not SKIP)
+        else:
+            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+            need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
+        if need:
             sk = offs_n * 0
             if HAS_SEG:
                 sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
@@ -511,23 +600,29 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
                 runP += rowP
                 if BIAS == 5:
                     runQ += rowQ
-                    for t in range(s_lo, s_hi):
-                        kt = tl.load(FT + 2 * H * NS + H * W + t)
-                        da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
-                        on = x > kt
-                        dsm = tl.where(on, ds, 0.0)
-                        dsmx = tl.where(on, dsx, 0.0)
-                        tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
-                        rq = tl.sum(dsmx, 1)
-                        tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
-                        acc2 += da * rq
-                        if USE_LOG:
-                            acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
-                else:
-                    for kk in range(s_lo + 1, s_hi + 1):
-                        thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
-                        gk = tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0)
-                        tl.atomic_add(part + NS + kk, gk)
+                if s_hi > s_lo:
+                    if BIAS == 5:
+                        for u in tl.static_range(KU):
+                            if s_lo + u < s_hi:
+                                t = s_lo + u
+                                kt = tl.load(FT + 2 * H * NS + H * W + t)
+                                da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
+                                on = x > kt
+                                dsm = tl.where(on, ds, 0.0)
+                                dsmx = tl.where(on, dsx, 0.0)
+                                tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
+                                rq = tl.sum(dsmx, 1)
+                                tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
+                                acc2 += da * rq
+                                if USE_LOG:
+                                    acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
+                    else:
+                        for u in tl.static_range(1, KU):
+                            if s_lo + u <= s_hi:
+                                kk = s_lo + u
+                                thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
+                                gk = tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0)
+                                tl.atomic_add(part + NS + kk, gk)
     dq = dq * scale
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
