@@ -184,43 +184,52 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
 
 
 @triton.jit
-def _bias2(BIAS: tl.constexpr, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT,
-           CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr):
-    """Bias in log2e units for a tile; qf, kf: float positions broadcastable to the tile
-    ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
+def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT,
+              CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr):
+    """Scores plus the bias (log2e units) of a tile; qf, kf: float positions broadcastable to the
+    tile ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
 
-    Returns (bias2, rf, lg): rf = max(r, 0) and lg = lg2(1 + c rf) (FIRE log; rf otherwise)
+    Returns (s + bias2, rf, lg): rf = max(r, 0) and lg = lg2(1 + c rf) (FIRE log; rf otherwise)
     for the callers that need them (unused ones are dropped by the compiler).
+    The bias is added to ``s`` inside the guarded blocks (never yielded as a separate tile from
+    an ``if``): the tile then stays in the MMA accumulator layout instead of taking a
+    shared-memory layout conversion per tile. No per-score gathers, for the same reason.
     """
     rf = tl.maximum(qf - kf, 0.0)
     lg = rf
     if BIAS == 1:
         m2 = tl.load(P0 + h) * 1.4426950408889634
         if CAUSAL:
-            bias2 = (kf - qf) * m2  # r < 0 only where masked
+            s += (kf - qf) * m2  # r < 0 only where masked
         else:
-            bias2 = rf * (-m2)
+            s += rf * (-m2)
     elif BIAS == 2:
         r1 = tl.load(P0 + h)
         r2 = tl.load(P1 + h)
         lg = _lg2(1.0 + r2 * rf, FAST)
-        bias2 = lg * (-r1)  # -r1 ln(1 + r2 r) log2e = -r1 lg2(1 + r2 r)
+        s += lg * (-r1)  # -r1 ln(1 + r2 r) log2e = -r1 lg2(1 + r2 r)
     elif BIAS == 3:
         r1 = tl.load(P0 + h)
         r2 = tl.load(P1 + h)
         lg = _lg2(tl.maximum(rf, 1.0), FAST)
         pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
-        bias2 = pw * (-r1 * 1.4426950408889634)
+        s += pw * (-r1 * 1.4426950408889634)
     elif BIAS == 4:
-        bias2 = rf * 0.0 + a2
-        if s_lo != s_hi:
-            ri = tl.minimum(rf, RT * 1.0).to(tl.int32)
-            bias2 = tl.load(FT + h * (RT + 1) + ri) * 1.4426950408889634
+        # W[h, b_lo] plus, per bucket boundary k in (b_lo, b_hi], the step W[k] - W[k-1]
+        # where r >= T_k (the first distance of bucket k): exact, unrolled and guarded
+        s += a2
+        if s_hi > s_lo:
+            wb = FT + H * (RT + 1) + h * NS
+            for u in tl.static_range(1, KU):
+                if s_lo + u <= s_hi:
+                    thr = tl.load(IT + RT + 1 + s_lo + u).to(tl.float32)
+                    step = (tl.load(wb + s_lo + u) - tl.load(wb + s_lo + u - 1)) * 1.4426950408889634
+                    s += tl.where(rf >= thr, step, 0.0)
     elif BIAS == 5:
         if USE_LOG:
             c = tl.load(SC)
             lg = _lg2(1.0 + c * rf, FAST)
-        bias2 = lg * (rowf * a2) + d2
+        s += lg * (rowf * a2) + d2
         # kinks that may cross the tile (none on most tiles): unrolled and guarded, not a
         # loop, so that the K/V loop around this stays innermost (software-pipelined)
         if s_hi > s_lo:
@@ -229,10 +238,8 @@ def _bias2(BIAS: tl.constexpr, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, 
                 if s_lo + u < s_hi:
                     kt = tl.load(FT + offk + s_lo + u)
                     da = tl.load(FT + 2 * H * NS + h * W + s_lo + u)
-                    bias2 += da * tl.maximum(lg * rowf - kt, 0.0)
-    else:
-        bias2 = rf * 0.0
-    return bias2, rf, lg
+                    s += da * tl.maximum(lg * rowf - kt, 0.0)
+    return s, rf, lg
 
 
 @triton.jit
@@ -330,9 +337,8 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         s_hi = (rec >> 12) & 4095
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
         if BIAS != 0:
-            bias2, _rf, _lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                                     s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
-            s += bias2
+            s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                                    s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
         if TABLE:
             need = ((rec >> 24) != 0) | (not SKIP)
         else:
@@ -446,10 +452,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                 rowf = qpos.to(tl.float32) * 0.0
                 if BIAS == 5:
                     rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
-                bias2, _rf, _lg = _bias2(BIAS, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
-                                         s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST,
-                                         KU)
-                sT += bias2
+                sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
+                                         s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG,
+                                         FAST, KU)
             pT = tl.math.exp2(sT - lse[None, :])
             if TABLE:
                 need = ((rec >> 24) != 0) | (not SKIP)
@@ -547,10 +552,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
         s_lo = rec & 4095
         s_hi = (rec >> 12) & 4095
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        bias2, rf, lg = _bias2(BIAS, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                               s_lo, s_hi, a2, d2, P0, P1, FT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
-        if BIAS != 0:
-            s += bias2
+        s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                              s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
         p = tl.math.exp2(s - lse[:, None])
         if TABLE:
             need = ((rec >> 24) != 0) | (not SKIP)
