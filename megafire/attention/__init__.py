@@ -1,7 +1,8 @@
 """Attention backends (how scores are computed), independent of which encoding made the bias.
 
 ``reference`` (materialized fp32, every device, the oracle), ``sdpa`` (torch SDPA, no bias),
-``fused`` (Triton, bias in-kernel; megafire.attention.fused), chosen by ``dispatch``.
+``fused`` (Triton, bias in-kernel; megafire.attention.fused), ``flex`` (torch FlexAttention,
+bias as a score_mod; megafire.attention.flex), chosen by ``dispatch``.
 """
 from __future__ import annotations
 

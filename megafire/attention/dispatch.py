@@ -5,9 +5,12 @@ Every backend has the signature of :func:`megafire.attention.reference.reference
     fn(q, k, v, encoding, q_pos, k_pos, *, causal, segment_ids_q, segment_ids_k, softmax_scale)
 
 ``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
-otherwise ``reference``; encodings without a bias use ``sdpa``. Explicit choices that cannot
-work raise :class:`~megafire.config.ConfigError` naming ``attention.backend`` and the reason.
-The resolved choice is logged once per (requested backend, encoding, device type).
+otherwise ``reference``; encodings without a bias use ``sdpa``. ``flex`` (torch FlexAttention,
+:mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
+forward only (torch has no CPU FlexAttention backward; a gradient there is a ConfigError at
+the call). Explicit choices that cannot work raise :class:`~megafire.config.ConfigError`
+naming ``attention.backend``, the reason and the alternatives. The resolved choice is logged
+once per (requested backend, encoding, device type).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from .reference import reference_attention
 from .sdpa import sdpa_attention
 
 BACKENDS = ("auto", "reference", "sdpa", "fused", "flex")
+#: device types the flex backend resolves on (CPU: forward only, see megafire.attention.flex)
+FLEX_DEVICES = ("cuda", "cpu")
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str, str, str]] = set()
 
@@ -55,8 +60,11 @@ def check_backend(backend: str, encoding: Optional[PositionalEncoding]) -> None:
         raise ConfigError(f"attention.backend=fused is for bias encodings; encoding "
                           f"{getattr(encoding, 'name', 'none')!r} is of kind {kind!r} (use sdpa or auto)")
     if backend == "flex":
-        raise ConfigError("attention.backend=flex is not available in this build "
-                          "(no FlexAttention backend is implemented); use auto, reference, sdpa or fused")
+        from .flex import flex_available, flex_unsupported_reason
+        why = flex_available() or flex_unsupported_reason(encoding)
+        if why is not None:
+            raise ConfigError(f"attention.backend=flex is impossible: {why}. "
+                              f"Use {'reference, fused or auto' if kind == 'bias' else 'sdpa, reference or auto'}")
 
 
 def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> str:
@@ -76,6 +84,9 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
         ok, why = _fused_supports(encoding)
         if not ok:
             raise ConfigError(f"attention.backend=fused is impossible: {why}. Use reference or auto")
+    if backend == "flex" and device_type not in FLEX_DEVICES:
+        raise ConfigError(f"attention.backend=flex runs on {' and '.join(FLEX_DEVICES)} here; tensors are on "
+                          f"{device_type!r}. Use reference or auto")
     return backend
 
 
@@ -84,8 +95,13 @@ def _fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
     return fused_bias_attention(q, k, v, encoding, q_pos, k_pos, **kwargs)
 
 
+def _flex_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
+    from megafire.attention.flex import flex_attention_fn       # lazy: FlexAttention only when used
+    return flex_attention_fn(q, k, v, encoding, q_pos, k_pos, **kwargs)
+
+
 _FUNCTIONS: dict[str, Callable] = {"reference": reference_attention, "sdpa": sdpa_attention,
-                                   "fused": _fused_attention}
+                                   "fused": _fused_attention, "flex": _flex_attention}
 
 
 def get_attention_fn(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> Callable:

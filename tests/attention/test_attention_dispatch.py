@@ -6,6 +6,7 @@ from attention_testlib import FakeRotary, RandomBias
 
 from megafire.attention import dispatch, get_attention_fn, reference_attention, resolve_backend, sdpa_attention
 from megafire.config import ConfigError
+from megafire.positional import build_encoding
 
 BIAS, ROT = RandomBias(4, 8), FakeRotary(4, 8)
 
@@ -34,12 +35,26 @@ def test_auto_on_cuda_uses_fused_only_when_supported(monkeypatch):
     ("sdpa", BIAS, "cpu", "attention.backend=sdpa cannot add the attention bias"),
     ("sdpa", BIAS, "cuda", "attention.backend=sdpa cannot add the attention bias"),
     ("fused", ROT, "cuda", "attention.backend=fused is for bias encodings"),
-    ("flex", None, "cuda", "attention.backend=flex is not available"),
+    ("flex", BIAS, "cuda", r"attention.backend=flex is impossible: no FlexAttention score_mod for encoding "
+                           r"'random_bias' .*Use reference, fused or auto"),
+    ("flex", build_encoding("fire", num_heads=4, head_dim=8, depth=2), "cpu",
+     r"attention.backend=flex is impossible: FIRE with depth=2 > 1.*Use reference, fused or auto"),
+    ("flex", None, "mps", r"attention.backend=flex runs on cuda and cpu here; tensors are on 'mps'"),
     ("magic", None, "cpu", "attention.backend='magic' is not allowed"),
 ])
 def test_impossible_choices_raise_config_errors(backend, encoding, device, match):
     with pytest.raises(ConfigError, match=match):
         resolve_backend(backend, encoding, device)
+
+
+@pytest.mark.parametrize("name", ["nope", "rope", "alibi", "kerple_log", "kerple_power", "t5", "fire"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_flex_resolves_for_every_encoding_it_can_express(name, device):
+    enc = build_encoding(name, num_heads=4, head_dim=16)
+    enc = enc if enc.kind in ("rotary", "bias") else None          # as the attention layer keeps it
+    assert resolve_backend("flex", enc, device) == "flex"
+    assert get_attention_fn("flex", enc, device) is dispatch._FUNCTIONS["flex"]
+    assert resolve_backend("auto", enc, device) != "flex"            # auto never picks flex
 
 
 def test_choice_is_logged_once(caplog):
