@@ -1,10 +1,12 @@
 """``megafire bench attention``: fused bias attention vs SDPA-flash, the reference path and Flex.
 
 One run prints, per shape (bf16, causal, B*N = tokens, H heads, head dim D), one row per
-variant: ms fwd, ms fwd+bwd (gradients to q, k, v and every learnable encoding parameter),
-TFLOP/s of fwd+bwd (causal attention FLOPs: 2 * 2 * B * H * N^2 * D / 2 forward, 2.5x that
-backward), peak memory of fwd+bwd above the inputs, and the ratio of throughput to SDPA-flash.
-Also a correctness check of the fused kernels against a float32 reference (``--check``).
+variant (``sdpa-flash``; ``fused-<enc>``; ``reference-<enc>``; with ``--flex``, ``flex-<enc>``:
+megafire.attention.flex, the compiled FlexAttention score_mod of each bias encoding): ms fwd,
+ms fwd+bwd (gradients to q, k, v and every learnable encoding parameter), TFLOP/s of fwd+bwd
+(causal attention FLOPs: 2 * 2 * B * H * N^2 * D / 2 forward, 2.5x that backward), peak
+memory of fwd+bwd above the inputs, and the ratio of throughput to SDPA-flash. Also a
+correctness check of the fused kernels against a float32 reference (``--check``).
 """
 from __future__ import annotations
 
@@ -88,22 +90,19 @@ def variants(args, enc_names):
     return sdpa, fused, reference
 
 
-def _flex_alibi():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    compiled = torch.compile(flex_attention)
+def _flex():
+    """The flex backend as training calls it: compiled FlexAttention, the encoding's score_mod
+    (parameter gradients through its captures), a causal BlockMask built once per shape."""
+    import torch._dynamo
+    from megafire.attention.flex import flex_attention_fn
+    # one compiled graph per (encoding, shape, grad mode): more than dynamo's default limit of
+    # recompiles of flex_attention in one run, beyond which it silently falls back to eager
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
 
     def run(q, k, v, enc, pos):
-        slopes = enc.slopes
-        N = q.shape[1]
-
-        def causal(b, h, qi, ki):
-            return qi >= ki
-
-        def score(s, b, h, qi, ki):
-            return s - slopes[h] * (qi - ki)
-        bm = create_block_mask(causal, None, None, N, N, device=q.device)
-        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score,
-                        block_mask=bm).transpose(1, 2)
+        return flex_attention_fn(q, k, v, enc, pos, pos, causal=True)
     return run
 
 
@@ -259,7 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--encodings", default=",".join(ENCS))
     ap.add_argument("--reference-max-n", type=int, default=4096, help="materialized-bias path up to this N")
-    ap.add_argument("--flex", action="store_true", help="also FlexAttention ALiBi score_mod")
+    ap.add_argument("--flex", action="store_true",
+                    help="also the flex backend (FlexAttention score_mod) for every bias encoding timed")
     ap.add_argument("--check", action="store_true", help="correctness check first")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs (first seqlen) and exit")
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
             if N <= args.reference_max_n:
                 plan += [(f"reference-{e}", reference, e) for e in ("alibi", "fire")]
             if args.flex:
-                plan += [("flex-alibi", _flex_alibi(), "alibi")]
+                plan += [(f"flex-{e}", _flex(), e) for e in encs if e != "none"]
             table = []
             for label, fn, ename in plan:
                 enc = _build(ename, H, D, dev) if ename and ename != "none" else None
