@@ -44,6 +44,8 @@ class PositionConfig:
     """Which position encoding and its options (passed to megafire.positional.build_encoding)."""
     name: str = "rope"
     options: dict = field(default_factory=dict)
+    # rotary encodings: rotate q, k with the Triton kernel (auto: on CUDA) or the torch code
+    fused_rotary: str = choice("auto", "auto", "true", "false")
 
 
 @dataclass
@@ -261,8 +263,10 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}".lstrip(".")
-        value = _coerce(value, hints[name], key)
         allowed = fields[name].metadata.get("choices")
+        if allowed and isinstance(value, bool) and str(value).lower() in allowed:
+            value = str(value).lower()   # YAML reads true/false as booleans; such choices spell them
+        value = _coerce(value, hints[name], key)
         if allowed and value not in allowed:
             raise ConfigError(f"config key {key!r} = {value!r} is not allowed; allowed: "
                               f"{', '.join(map(str, allowed))}")

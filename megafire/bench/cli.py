@@ -1,10 +1,11 @@
-"""``megafire bench {attention,train} ...``."""
+"""``megafire bench {attention,train,rotary} ...``."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train"}
+BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train",
+           "rotary": "megafire.bench.rotary"}
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """``megafire bench train``: training throughput of a config, against a peer encoding.
 
     megafire bench train --config configs/arms/125m-fire.yaml [--steps 20] [--warmup 5]
-                         [--peer rope] [--out bench.json] [--section.key=value ...]
+                         [--peer rope] [--rope-variants] [--out bench.json] [--section.key=value ...]
 
 Runs the real trainer (DeepSpeed engine, curriculum, same micro-batching) for ``--steps``
 steps on synthetic data (``data.corpus=synthetic``, so the loader is not what is measured;
@@ -11,6 +11,9 @@ MFU (GPU, bf16: megafire.flops counts attention and the encoding's own FLOPs), p
 sequence length of the curriculum. ``--peer NAME`` runs the same config again with
 ``model.position.name=NAME`` (default options) and prints the throughput ratio, e.g. FIRE's
 cost against RoPE on flash attention on the same shapes. ``--peer none`` skips it.
+``--rope-variants`` runs the RoPE arm (the config's own or the peer) twice, with
+``model.position.fused_rotary=false`` (torch rotation) and ``=true`` (the Triton kernel),
+prints both rows and the fused / torch throughput ratio.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the medians")
     p.add_argument("--peer", default="rope", help="encoding to compare against ('none' to skip)")
+    p.add_argument("--rope-variants", action="store_true",
+                   help="time the rope arm with model.position.fused_rotary=false and =true")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_known_args(argv)
 
@@ -62,26 +67,53 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     return summary
 
 
+# --rope-variants: (label suffix, extra overrides) per run of the rope arm
+ROPE_VARIANTS = (("torch", ["--model.position.fused_rotary=false"]), ("fused", ["--model.position.fused_rotary=true"]))
+
+
 def _print(summary: dict) -> None:
     for seq_len, s in summary["by_seq_len"].items():
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"
-        print(f"{summary['encoding']:<13} seq_len {seq_len:>6}: {s['tokens_per_s']:>12,.0f} tokens/s  "
+        print(f"{summary['label']:<15} seq_len {seq_len:>6}: {s['tokens_per_s']:>12,.0f} tokens/s  "
               f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  ({s['num_steps']} steps)")
 
 
+def _run_arm(args, overrides: list[str], encoding: str, position: str | None) -> dict[str, dict]:
+    """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants."""
+    variants = ROPE_VARIANTS if args.rope_variants and encoding == "rope" else (("", []),)
+    runs = {}
+    for suffix, extra in variants:
+        summary = bench_config(args.config, overrides + extra, args.steps, args.warmup, position=position)
+        summary["label"] = f"{encoding} ({suffix})" if suffix else encoding
+        _print(summary)
+        runs[suffix] = summary
+    if len(runs) > 1:
+        ratio = runs["fused"]["tokens_per_s"] / runs["torch"]["tokens_per_s"]
+        runs["torch"]["fused_vs_torch"] = runs["fused"]["fused_vs_torch"] = ratio
+        print(f"throughput {encoding} fused rotary / torch rotary: {ratio:.3f}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
+    from megafire.config import load_config
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     if args.steps <= args.warmup:
         print("megafire bench train: --steps must exceed --warmup", file=sys.stderr)
         return 2
-    result = {"main": bench_config(args.config, overrides, args.steps, args.warmup)}
-    _print(result["main"])
-    if args.peer != "none" and args.peer != result["main"]["encoding"]:
-        result["peer"] = bench_config(args.config, overrides, args.steps, args.warmup, position=args.peer)
-        _print(result["peer"])
-        ratio = result["main"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
-        result["ratio_vs_peer"] = ratio
-        print(f"throughput {result['main']['encoding']} / {args.peer}: {ratio:.3f}")
+    encoding = load_config(args.config, overrides).model.position.name
+    result: dict = {}
+    for suffix, summary in _run_arm(args, overrides, encoding, None).items():
+        result["main" + (f"_{suffix}" if suffix else "")] = summary
+    mains = {k: v for k, v in result.items() if k.startswith("main")}
+    if args.peer != "none" and args.peer != encoding:
+        peers = _run_arm(args, overrides, args.peer, args.peer)
+        for suffix, peer in peers.items():
+            key = "peer" + (f"_{suffix}" if suffix else "")
+            result[key] = peer
+            for main_key, main in mains.items():
+                ratio = main["tokens_per_s"] / peer["tokens_per_s"]
+                result["ratio_vs_" + key if main_key == "main" else f"ratio_{main_key}_vs_{key}"] = ratio
+                print(f"throughput {main['label']} / {peer['label']}: {ratio:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

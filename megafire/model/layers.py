@@ -11,7 +11,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 
-from megafire.config import ModelConfig
+from megafire.config import ConfigError, ModelConfig
 from megafire.parallel.comm import gather_seq, reduce_scatter_seq
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding, build_encoding, encoding_class
@@ -112,10 +112,16 @@ def build_encodings(cfg: ModelConfig, parallel: ParallelContext
         options["max_positions"] = cfg.max_positions
 
     def build() -> PositionalEncoding:
-        return build_encoding(cfg.position.name, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                              tp_rank=parallel.tp_rank, tp_size=parallel.tp_size, **options)
+        encoding = build_encoding(cfg.position.name, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                  tp_rank=parallel.tp_rank, tp_size=parallel.tp_size, **options)
+        if hasattr(encoding, "set_fused_rotary"):   # an implementation choice, not an encoding option
+            encoding.set_fused_rotary(cfg.position.fused_rotary)
+        return encoding
 
     first = build()
+    if cfg.position.fused_rotary == "true" and first.kind != "rotary":
+        raise ConfigError(f"model.position.fused_rotary='true' needs a rotary encoding, but model.position.name="
+                          f"{cfg.position.name!r} is of kind {first.kind!r}; allowed for it: auto, false")
     if first.kind == "none":
         return None, [None] * cfg.num_layers
     if first.kind == "absolute":

@@ -25,17 +25,29 @@ r/2``, base 10000. Scalings (factor ``s``), numerically equal to transformers'
 
 Angles and the rotation are computed in fp32; outputs have the input dtype. RoPE has no
 parameters and no per-head state, so TP needs nothing from it.
+
+Implementation (``fused_rotary``, set from ``model.position.fused_rotary``; not maths, so not
+an option of the encoding): ``"auto"`` rotates q and k in one Triton launch
+(:mod:`megafire.positional.rotary_triton`, cos/sin computed in-kernel from ``inv_freq``) for
+CUDA tensors and with the torch code below elsewhere; ``"false"`` always uses the torch code,
+the reference; ``"true"`` requires the kernel (CUDA tensors, or Triton's interpreter under
+``TRITON_INTERPRET=1``) and raises ConfigError otherwise.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 
+from megafire.config import ConfigError
+
 from .base import PositionalEncoding
 
 SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn")
+FUSED_ROTARY = ("auto", "true", "false")
+_FUSED_ROTARY_HELP = "allowed: auto (Triton on CUDA, torch elsewhere), true (Triton; CUDA tensors only), false (torch)"
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
@@ -65,6 +77,8 @@ class RoPE(PositionalEncoding):
     name = "rope"
     kind = "rotary"
     fp32_buffers = ("inv_freq",)
+    #: "auto" | "true" | "false": the Triton kernel or the torch code (module docstring)
+    fused_rotary: str = "auto"
 
     def __init__(self, num_heads: int, head_dim: int, *, tp_rank: int = 0, tp_size: int = 1,
                  base: float = 10000.0, scaling: str = "none", factor: float = 1.0,
@@ -133,9 +147,43 @@ class RoPE(PositionalEncoding):
             return rotated.to(x.dtype)
         return torch.cat((rotated.to(x.dtype), x[..., r:]), dim=-1)
 
+    def set_fused_rotary(self, mode: str) -> "RoPE":
+        if mode not in FUSED_ROTARY:
+            raise ConfigError(f"model.position.fused_rotary={mode!r} is not allowed; {_FUSED_ROTARY_HELP}")
+        self.fused_rotary = mode
+        return self
+
+    def _use_fused(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        if self.fused_rotary == "false":
+            return False
+        from . import rotary_triton  # light; Triton itself is imported on the kernel's first use
+        dtypes_ok = q.dtype in rotary_triton.SUPPORTED_DTYPES and k.dtype in rotary_triton.SUPPORTED_DTYPES
+        if self.fused_rotary == "auto":
+            if not (q.is_cuda and dtypes_ok):
+                return False
+            error = rotary_triton.triton_import_error()
+            if error is not None:
+                warnings.warn(f"model.position.fused_rotary=auto: Triton failed to import ({error}); "
+                              f"rotating q and k with the torch code", stacklevel=2)
+            return error is None
+        if not (q.is_cuda or rotary_triton.interpreting()):
+            raise ConfigError(f"model.position.fused_rotary='true' runs a Triton kernel on CUDA tensors, got "
+                              f"{q.device.type} tensors; {_FUSED_ROTARY_HELP}")
+        if not dtypes_ok:
+            raise ConfigError(f"model.position.fused_rotary='true' supports fp32, fp16 and bf16, got {q.dtype}, "
+                              f"{k.dtype}; {_FUSED_ROTARY_HELP}")
+        error = rotary_triton.triton_import_error()
+        if error is not None:
+            raise ConfigError(f"model.position.fused_rotary='true' needs Triton, which failed to import ({error}); "
+                              f"{_FUSED_ROTARY_HELP}")
+        return True
+
     def rotate(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
         # q: [B, Tq, Hq, D], k: [B, Tk, Hk, D]; q_pos: [Tq] | [B, Tq]; k_pos: [Tk] | [B, Tk]
         inv_freq = self.frequencies(q_pos, k_pos)
+        if self._use_fused(q, k):
+            from .rotary_triton import fused_rotary
+            return fused_rotary(q, k, q_pos, k_pos, inv_freq, self.attention_scaling, self.rotary_dim)
         q_out = self._apply_rotation(q, *self.cos_sin(q_pos, inv_freq))
         k_out = self._apply_rotation(k, *self.cos_sin(k_pos, inv_freq))
         return q_out, k_out
