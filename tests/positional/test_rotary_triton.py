@@ -1,7 +1,7 @@
 """Fused rotary (one Triton launch for q and k) == RoPE's torch path, outputs and gradients.
 
-CPU: Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are imported;
-``rotary_triton`` reloads them if the flag changed) on tiny shapes: every scaling, partial
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set per test by the fixture below;
+``rotary_triton`` reloads the kernels when the flag changes) on tiny shapes: every scaling, partial
 rotary, GQA, [T] / [1, T] / [B, T] positions with offsets, q_pos != k_pos (decoding),
 strided inputs (the model's fused-QKV views), fp32 and fp16. The torch path (itself tested
 against transformers' apply_rotary_pos_emb in test_positional_rope.py) is the reference.
@@ -21,14 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 triton = pytest.importorskip("triton")
 
 from megafire.config import ConfigError, load_config  # noqa: E402
 from megafire.positional import build_encoding  # noqa: E402
 from megafire.positional import rotary_triton  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter(request, monkeypatch):
+    """CPU tests run the kernel in Triton's interpreter, GPU tests compiled (the kernels module
+    is reloaded when the flag changes), on a machine with or without a GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.node.get_closest_marker("gpu") else "1")
+
 
 ORIG = 16  # the "training length" of dynamic / yarn
 SCALINGS = {
@@ -149,7 +154,7 @@ def test_module_dispatch(monkeypatch):
     real = rotary_triton.fused_rotary
     monkeypatch.setattr(rotary_triton, "fused_rotary", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, pos = randn(1, 3, 2, 16), torch.arange(3)
-    for mode, expect in (("true", 1), ("false", 0), ("auto", int(torch.cuda.is_available()))):
+    for mode, expect in (("true", 1), ("false", 0), ("auto", 0)):   # auto: the kernel for CUDA tensors only
         calls.clear()
         enc = build_encoding("rope", num_heads=2, head_dim=16).set_fused_rotary(mode)
         enc.rotate(q, q, pos, pos)
@@ -158,7 +163,6 @@ def test_module_dispatch(monkeypatch):
         enc.set_fused_rotary("yes")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_true_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     enc = build_encoding("rope", num_heads=2, head_dim=16).set_fused_rotary("true")
