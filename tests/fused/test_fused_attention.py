@@ -188,6 +188,16 @@ def test_tile_tables_other_geometry(name, monkeypatch):
     _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
 
 
+@pytest.mark.parametrize("ku", ["1", "32"])
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_light_and_heavy_tile_loops(name, ku, monkeypatch):
+    """KU = 1: most kink / boundary tiles are heavy (general second loop); KU = 32: every tile
+    takes the unrolled blocks of the pipelined loop. Both equal the reference."""
+    monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
+    _run(name, B=2, Tq=37, Tk=37, seg=True, kinks=(name == "fire"))
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
+
+
 def test_fire_tables_exact():
     """The segment tables reproduce f on a dense grid (incl. kinks outside [0, 1], w1 = 0)."""
     from megafire.attention.fused._function import _fire_tables

@@ -200,11 +200,11 @@ class _FusedBiasAttention(torch.autograd.Function):
         cfg = _config(D, st.name)
         BM, BN, warps, stages = cfg["fwd"]
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
+        tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         pres = resid and bool(cfg.get("pres", True))
         K._fwd_kernel[(nqb, B * H)](
             q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
-            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta,
+            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
@@ -255,16 +255,16 @@ class _FusedBiasAttention(torch.autograd.Function):
         tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
                 st.rowf)
         nkb = triton_cdiv(Tk, BN)
-        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
+        tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         K._bwd_dq_kernel[(nmb, B * H)](
-            q, k, v, do, dq, lse, delta, *tabs, tt, ta, part, rowc, rowx, *strides, st.tab_b,
+            q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
             H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
             PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
         BM, BN, warps, stages = cfg["dkdv"]
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-        tt, ta = _tile_tables(st, H, Tq, Tk, BM, BN)
+        tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         K._bwd_dkdv_kernel[(nkb, B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, *strides, st.tab_b,
+            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
             H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
             BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
         st.tables = {}
@@ -325,10 +325,11 @@ def _fire_grads(st, params, tot, rowc, rowx):
 
 
 def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
-    """Per-tile scalars of the BM x BN launch geometry (T5, FIRE; see ``_tile_table_kernel``),
-    built once per geometry and call (one small launch); dummies for the other encodings."""
+    """Per-tile scalars of the BM x BN launch geometry (T5, FIRE; see ``_tile_table_kernel``)
+    and the heavy-tile splits per query block (SPL) and key block (SPC), built once per
+    geometry and call (one small launch); dummies for the other encodings."""
     if not st.table:
-        return st.dummy_i, st.dummy_f
+        return st.dummy_i, st.dummy_f, st.dummy_i, st.dummy_i
     key = (BM, BN)
     if key not in st.tables:
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
@@ -336,14 +337,16 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         dev = st.qp.device
         tt = torch.empty(bt * nqb * nkb, device=dev, dtype=torch.int32)
         ta = torch.empty(bt * H * nqb * nkb * 2, device=dev, dtype=torch.float32)
+        spl = torch.full((bt * nqb,), nkb, device=dev, dtype=torch.int32)
+        spc = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
         blk = 16 if K.INTERPRET else 256
         qp_sb, kp_sb = st.strides[0], st.strides[1]
         K._tile_table_kernel[(triton_cdiv(nqb * nkb, blk), bt)](
-            st.qmin, st.qmax, st.kmin, st.kmax, st.ft, st.it, st.sc, tt, ta, qp_sb, kp_sb,
-            H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps,
+            st.qmin, st.qmax, st.kmin, st.kmax, st.ft, st.it, st.sc, tt, ta, spl, spc, qp_sb, kp_sb,
+            H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
             num_warps=4)
-        st.tables[key] = (tt, ta)
+        st.tables[key] = (tt, ta, spl, spc)
     return st.tables[key]
 
 
@@ -416,7 +419,9 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         den = den.reshape(-1, Tq)
         st.rowf = ((K.LN2 if spec.use_log else 1.0) / den.detach()).contiguous()
     st.table = spec.mode in (K.T5, K.FIRE)
-    st.ku = spec.W if spec.mode == K.FIRE else (spec.NS if spec.mode == K.T5 else 1)
+    # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
+    # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
+    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT)) if st.table else 1
     st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
     st.tab_b = 1 if st.tab_bsz > 1 else 0
     st.tables = {}

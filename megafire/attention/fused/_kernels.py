@@ -77,6 +77,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 #: FIRE: bins of [0, 1] for the tile -> segment-range lookup
 FIRE_BINS = 1024
+#: kinks (FIRE) / bucket boundaries (T5) per tile covered by the unrolled blocks of the
+#: software-pipelined loops; tiles with more (next to the diagonal) take the general loop
+KU_DEFAULT = 4
 
 
 @triton.jit
@@ -127,8 +130,8 @@ def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, S
 
 
 @triton.jit
-def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
-                       H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps,
+def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_sb, kp_sb,
+                       H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps, KU,
                        BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BLK: tl.constexpr):
     """Per-tile scalars of a launch geometry (BM x BN tiles), read by the attention kernels
@@ -138,6 +141,10 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
     hold a masked score: causal diagonal, ragged tail, segments);
     TA[bq, h, qb, kb, 0:2] = (a2, d2): FIRE's slope and offset of segment s_lo, T5's
     W[h, b_lo] (log2e units).
+    Heavy tiles hold more kinks / bucket boundaries than the KU unrolled blocks cover (tiles
+    next to the diagonal): SPL[bq, qb] (preset nkb) becomes the first heavy key block of the
+    query block, SPC[bq, kb] (preset 0) one past the last heavy query block of the key block;
+    the kernels run the tiles past / before these splits in a second, general loop.
     """
     pid = tl.program_id(0)
     bq = tl.program_id(1)
@@ -171,6 +178,12 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
     if HAS_SEG:
         need = need | (Tq >= 0)
     tl.store(TT + bq * nqb * nkb + t, s_lo | (s_hi << 12) | (need.to(tl.int32) << 24), mask=ok)
+    if BIAS == 5:
+        heavy = ok & (s_hi - s_lo > KU)
+    else:
+        heavy = ok & (s_hi - s_lo >= KU)
+    tl.atomic_min(SPL + bq * nqb + qb, kb, mask=heavy)
+    tl.atomic_max(SPC + bq * nkb + kb, qb + 1, mask=heavy)
     for h in range(H):
         if BIAS == 5:
             a2 = tl.load(FT + h * NS + s_lo, mask=ok, other=0.0)
@@ -185,7 +198,8 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, qp_sb, kp_sb,
 
 @triton.jit
 def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT,
-              CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr):
+              CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr,
+              HEAVY: tl.constexpr):
     """Scores plus the bias (log2e units) of a tile; qf, kf: float positions broadcastable to the
     tile ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
 
@@ -194,6 +208,8 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
     The bias is added to ``s`` inside the guarded blocks (never yielded as a separate tile from
     an ``if``): the tile then stays in the MMA accumulator layout instead of taking a
     shared-memory layout conversion per tile. No per-score gathers, for the same reason.
+    Kinks / bucket boundaries inside the tile: KU unrolled guarded blocks (light tiles, the
+    software-pipelined loop), or a runtime loop (HEAVY: the second loop of the caller).
     """
     rf = tl.maximum(qf - kf, 0.0)
     lg = rf
@@ -218,13 +234,19 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
         # W[h, b_lo] plus, per bucket boundary k in (b_lo, b_hi], the step W[k] - W[k-1]
         # where r >= T_k (the first distance of bucket k): exact, unrolled and guarded
         s += a2
-        if s_hi > s_lo:
-            wb = FT + H * (RT + 1) + h * NS
-            for u in tl.static_range(1, KU):
-                if s_lo + u <= s_hi:
-                    thr = tl.load(IT + RT + 1 + s_lo + u).to(tl.float32)
-                    step = (tl.load(wb + s_lo + u) - tl.load(wb + s_lo + u - 1)) * 1.4426950408889634
-                    s += tl.where(rf >= thr, step, 0.0)
+        wb = FT + H * (RT + 1) + h * NS
+        if HEAVY:
+            for kk in range(s_lo + 1, s_hi + 1):
+                thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
+                step = (tl.load(wb + kk) - tl.load(wb + kk - 1)) * 1.4426950408889634
+                s += tl.where(rf >= thr, step, 0.0)
+        else:
+            if s_hi > s_lo:
+                for u in tl.static_range(1, KU):
+                    if s_lo + u <= s_hi:
+                        thr = tl.load(IT + RT + 1 + s_lo + u).to(tl.float32)
+                        step = (tl.load(wb + s_lo + u) - tl.load(wb + s_lo + u - 1)) * 1.4426950408889634
+                        s += tl.where(rf >= thr, step, 0.0)
     elif BIAS == 5:
         if USE_LOG:
             c = tl.load(SC)
@@ -232,13 +254,19 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
         s += lg * (rowf * a2) + d2
         # kinks that may cross the tile (none on most tiles): unrolled and guarded, not a
         # loop, so that the K/V loop around this stays innermost (software-pipelined)
-        if s_hi > s_lo:
-            offk = 2 * H * NS + H * W
-            for u in tl.static_range(KU):
-                if s_lo + u < s_hi:
-                    kt = tl.load(FT + offk + s_lo + u)
-                    da = tl.load(FT + 2 * H * NS + h * W + s_lo + u)
-                    s += da * tl.maximum(lg * rowf - kt, 0.0)
+        offk = 2 * H * NS + H * W
+        if HEAVY:
+            for t in range(s_lo, s_hi):
+                kt = tl.load(FT + offk + t)
+                da = tl.load(FT + 2 * H * NS + h * W + t)
+                s += da * tl.maximum(lg * rowf - kt, 0.0)
+        else:
+            if s_hi > s_lo:
+                for u in tl.static_range(KU):
+                    if s_lo + u < s_hi:
+                        kt = tl.load(FT + offk + s_lo + u)
+                        da = tl.load(FT + 2 * H * NS + h * W + s_lo + u)
+                        s += da * tl.maximum(lg * rowf - kt, 0.0)
     return s, rf, lg
 
 
@@ -280,8 +308,53 @@ def _tile_next(TABLE: tl.constexpr, tt, ta, i):
 
 
 @triton.jit
+def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i, acc,
+              kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
+              H, W, NS, RT, Tq, Tk, scale2,
+              BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
+              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PRES: tl.constexpr,
+              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One key tile of the forward: scores, bias, mask, online softmax, P V."""
+    offs_n = start_n + tl.arange(0, BN)
+    mcol = offs_n < Tk
+    k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    s_lo = rec & 4095
+    s_hi = (rec >> 12) & 4095
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+    if BIAS != 0:
+        s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                                s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
+                                HEAVY)
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+        need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
+    if need:
+        sk = offs_n * 0
+        if HAS_SEG:
+            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                      sq[:, None], sk[None, :], Tq, Tk)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pb = p.to(v.dtype)
+    pv = tl.dot(pb, v, input_precision=DOT_PREC)
+    if PRES:
+        pv = tl.dot((p - pb.to(tl.float32)).to(v.dtype), v, pv, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
-                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                SPL, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                 H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
@@ -293,7 +366,8 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
     MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
     ``delta = dO . O`` equals ``sum_j P dP`` to fp32 rounding: the rows of dS sum to ~0 as
     they must, which the encoding-parameter gradients (sums of dS) need.
-    TABLE (T5, FIRE): tile scalars from the tile tables, loaded one tile ahead."""
+    TABLE (T5, FIRE): tile scalars from the tile tables, loaded one tile ahead; key tiles from
+    the first heavy one on (SPL) run in a second loop with runtime kink loops."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -324,44 +398,24 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
     bt = b * tab_b
     tt = TT + (bt * nqb + pid_m) * nkb
     ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
+    split = hi
+    if TABLE:
+        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
-    for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        mcol = offs_n < Tk
-        k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-        kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    for start_n in range(0, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-        s_lo = rec & 4095
-        s_hi = (rec >> 12) & 4095
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        if BIAS != 0:
-            s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                                    s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
-        if TABLE:
-            need = ((rec >> 24) != 0) | (not SKIP)
-        else:
-            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-            need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
-        if need:
-            sk = offs_n * 0
-            if HAS_SEG:
-                sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
-            valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                          sq[:, None], sk[None, :], Tq, Tk)
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pb = p.to(v.dtype)
-        pv = tl.dot(pb, v, input_precision=DOT_PREC)
-        if PRES:
-            pv = tl.dot((p - pb.to(tl.float32)).to(v.dtype), v, pv, input_precision=DOT_PREC)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
+                                  acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
+                                  H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+                                  SKIP, PRES, TABLE, KU, False, BM, BN)
+    if TABLE:
+        for start_n in range(split, hi, BN):
+            rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+            m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i,
+                                      l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
+                                      kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG,
+                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -395,8 +449,54 @@ def _bwd_delta_kernel(O, ORES, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, H, Tq
 
 
 @triton.jit
+def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+               Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh,
+               qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2,
+               BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
+               FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
+               KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One query tile of the dK/dV kernel (transposed scores [BN, BM])."""
+    offs_m = start_m + tl.arange(0, BM)
+    mrow = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
+    qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    s_lo = rec & 4095
+    s_hi = (rec >> 12) & 4095
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # [BN, BM]
+    if BIAS != 0:
+        rowf = qpos.to(tl.float32) * 0.0
+        if BIAS == 5:
+            rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+        sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
+                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
+                                 HEAVY)
+    pT = tl.math.exp2(sT - lse[None, :])
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        qlo = tl.load(QMIN + b * qp_sb + start_m)
+        need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
+    if need:
+        sq = offs_m * 0
+        if HAS_SEG:
+            sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
+                      sq[None, :], sk[:, None], Tq, Tk)
+        pT = tl.where(valid, pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
-                     P0, P1, FT, IT, SC, ROWF, TT, TA,
+                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                      H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale,
@@ -404,7 +504,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                      USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                      TABLE: tl.constexpr, KU: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """One program per (key block, batch, kv head): dK, dV summed over the GQA group."""
+    """One program per (key block, batch, kv head): dK, dV summed over the GQA group.
+    TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
+    with runtime kink loops, the rest in the software-pipelined loop."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -428,50 +530,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
         lo = tl.maximum(n0 - (Tk - Tq), 0)
         lo = (lo // BM) * BM
     bt = b * tab_b
+    split = lo
+    if TABLE:
+        split = tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         # tile tables down this key block's column: stride nkb between query blocks
         tt = TT + bt * nqb * nkb + pid_n
         ta = TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
-        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, (lo // BM) * nkb)
-        for start_m in range(lo, Tq, BM):
-            offs_m = start_m + tl.arange(0, BM)
-            mrow = offs_m < Tq
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
-                         other=0.0)
-            lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
-            delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
-            qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+        if TABLE:
+            for start_m in range(lo, split, BM):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                    Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
+                                    sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
+                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN)
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
+        for start_m in range(split, Tq, BM):
             rec, a2, d2 = rec_n, a2_n, d2_n
             rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
-            s_lo = rec & 4095
-            s_hi = (rec >> 12) & 4095
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # [BN, BM]
-            if BIAS != 0:
-                rowf = qpos.to(tl.float32) * 0.0
-                if BIAS == 5:
-                    rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
-                sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
-                                         s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG,
-                                         FAST, KU)
-            pT = tl.math.exp2(sT - lse[None, :])
-            if TABLE:
-                need = ((rec >> 24) != 0) | (not SKIP)
-            else:
-                qlo = tl.load(QMIN + b * qp_sb + start_m)
-                need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
-            if need:
-                sq = offs_m * 0
-                if HAS_SEG:
-                    sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
-                valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
-                              sq[None, :], sk[:, None], Tq, Tk)
-                pT = tl.where(valid, pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+            dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
+                                sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
+                                HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN)
     dk = dk * scale
     tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=mcol[:, None])
@@ -480,8 +561,120 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
 
 
 @triton.jit
+def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+             dq, acc1, acc2, runP, runQ, cur,
+             kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
+             H, W, NS, RT, Tq, Tk, scale2,
+             BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
+             FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
+             TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel)."""
+    offs_n = start_n + tl.arange(0, BN)
+    mcol = offs_n < Tk
+    k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    s_lo = rec & 4095
+    s_hi = (rec >> 12) & 4095
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+    s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
+                          s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
+    p = tl.math.exp2(s - lse[:, None])
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+        need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
+    if need:
+        sk = offs_n * 0
+        if HAS_SEG:
+            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                      sq[:, None], sk[None, :], Tq, Tk)
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    if PGRAD:
+        if BIAS == 2:
+            r2 = tl.load(P1 + h)
+            acc1 += tl.sum(ds * lg, 1)
+            acc2 += tl.sum(ds * (rf / (1.0 + r2 * rf)), 1)
+        elif BIAS == 3:
+            r2 = tl.load(P1 + h)
+            pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
+            dpw = ds * pw
+            acc1 += tl.sum(dpw, 1)
+            acc2 += tl.sum(dpw * lg, 1)
+        elif BIAS >= 4:
+            rowP = tl.sum(ds, 1)
+            if BIAS == 5:
+                x = lg * rowf[:, None]
+                rowQ = tl.sum(ds * x, 1)
+                a = a2 * 0.6931471805599453
+                dsd = ds
+                if USE_LOG:
+                    dsd = ds * (rf / (1.0 + c * rf))
+                    acc1 += a * tl.sum(dsd, 1)
+                acc2 += a * rowQ
+            if s_lo != cur:  # flush the running sums of the previous segment / bucket
+                tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
+                runP = runP * 0.0
+                if BIAS == 5:
+                    tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
+                    runQ = runQ * 0.0
+                cur = s_lo
+            runP += rowP
+            if BIAS == 5:
+                runQ += rowQ
+                if HEAVY:
+                    for t in range(s_lo, s_hi):
+                        acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG)
+                else:
+                    if s_hi > s_lo:
+                        for u in tl.static_range(KU):
+                            if s_lo + u < s_hi:
+                                acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
+                                                             USE_LOG)
+            else:
+                if HEAVY:
+                    for kk in range(s_lo + 1, s_hi + 1):
+                        _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT)
+                else:
+                    if s_hi > s_lo:
+                        for u in tl.static_range(1, KU):
+                            if s_lo + u <= s_hi:
+                                _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT)
+    return dq, acc1, acc2, runP, runQ, cur
+
+
+@triton.jit
+def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: tl.constexpr):
+    """Sums over the scores past kink t (x > kink_t) of a tile: dS and dS x to G[t] / GQ[t];
+    the slope jump's share of the per-row c and denominator sums."""
+    kt = tl.load(FT + 2 * H * NS + H * W + t)
+    da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
+    on = x > kt
+    dsm = tl.where(on, ds, 0.0)
+    tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
+    rq = tl.sum(dsm * x, 1)
+    tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
+    acc2 += da * rq
+    if USE_LOG:
+        acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
+    return acc1, acc2
+
+
+@triton.jit
+def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT):
+    """T5: the sum of a tile's dS with r >= T_kk (first distance of bucket kk) to G[kk]."""
+    thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
+    tl.atomic_add(part + NS + kk, tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0))
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, TT, TA, PART, ROWC, ROWX,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                    H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
@@ -497,8 +690,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     FIRE ``[0, NS)`` P, ``[NS, 2 NS)`` Q per segment, ``[2 NS, 2 NS + W)`` G,
     ``[2 NS + W, 2 NS + 2 W)`` GQ per kink. FIRE also writes per row (ROWC, ROWX [B H, Tq]):
     ``sum_j dS f'(x) r / (1 + c r)`` and ``sum_j dS f'(x) x``.
-    The per-kink / per-boundary work is unrolled (KU) and guarded, not a loop, so the K/V loop
-    stays innermost and software-pipelined.
+    Light tiles (at most KU kinks / boundaries): unrolled guarded blocks in the
+    software-pipelined loop; from the first heavy tile on (SPL): a second loop.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -540,92 +733,26 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     bt = b * tab_b
     tt = TT + (bt * nqb + pid_m) * nkb
     ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
+    split = hi
+    if TABLE:
+        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
-    for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        mcol = offs_n < Tk
-        k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-        kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    for start_n in range(0, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-        s_lo = rec & 4095
-        s_hi = (rec >> 12) & 4095
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                              s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU)
-        p = tl.math.exp2(s - lse[:, None])
-        if TABLE:
-            need = ((rec >> 24) != 0) | (not SKIP)
-        else:
-            khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-            need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
-        if need:
-            sk = offs_n * 0
-            if HAS_SEG:
-                sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
-            valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                          sq[:, None], sk[None, :], Tq, Tk)
-            p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        if PGRAD:
-            if BIAS == 2:
-                r2 = tl.load(P1 + h)
-                acc1 += tl.sum(ds * lg, 1)
-                acc2 += tl.sum(ds * (rf / (1.0 + r2 * rf)), 1)
-            elif BIAS == 3:
-                r2 = tl.load(P1 + h)
-                pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
-                dpw = ds * pw
-                acc1 += tl.sum(dpw, 1)
-                acc2 += tl.sum(dpw * lg, 1)
-            elif BIAS >= 4:
-                rowP = tl.sum(ds, 1)
-                if BIAS == 5:
-                    x = lg * rowf[:, None]
-                    dsx = ds * x
-                    rowQ = tl.sum(dsx, 1)
-                    a = a2 * 0.6931471805599453
-                    if USE_LOG:
-                        dpsi = rf / (1.0 + c * rf)
-                        dsd = ds * dpsi
-                        acc1 += a * tl.sum(dsd, 1)
-                    acc2 += a * rowQ
-                if s_lo != cur:  # flush the running sums of the previous segment / bucket
-                    tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
-                    runP = runP * 0.0
-                    if BIAS == 5:
-                        tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
-                        runQ = runQ * 0.0
-                    cur = s_lo
-                runP += rowP
-                if BIAS == 5:
-                    runQ += rowQ
-                if s_hi > s_lo:
-                    if BIAS == 5:
-                        for u in tl.static_range(KU):
-                            if s_lo + u < s_hi:
-                                t = s_lo + u
-                                kt = tl.load(FT + 2 * H * NS + H * W + t)
-                                da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
-                                on = x > kt
-                                dsm = tl.where(on, ds, 0.0)
-                                dsmx = tl.where(on, dsx, 0.0)
-                                tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
-                                rq = tl.sum(dsmx, 1)
-                                tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
-                                acc2 += da * rq
-                                if USE_LOG:
-                                    acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
-                    else:
-                        for u in tl.static_range(1, KU):
-                            if s_lo + u <= s_hi:
-                                kk = s_lo + u
-                                thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
-                                gk = tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0)
-                                tl.atomic_add(part + NS + kk, gk)
+        dq, acc1, acc2, runP, runQ, cur = _dq_step(
+            start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+            dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
+            kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
+            PGRAD, TABLE, KU, False, BM, BN)
+    if TABLE:
+        for start_n in range(split, hi, BN):
+            rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+            dq, acc1, acc2, runP, runQ, cur = _dq_step(
+                start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
+                kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
+                PGRAD, TABLE, KU, True, BM, BN)
     dq = dq * scale
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
