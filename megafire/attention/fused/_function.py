@@ -110,7 +110,7 @@ def _fire_tables(w1, b1, W2, b2, nbins):
 
     Returns ft = [A log2e (H x NS) | D log2e (H x NS) | dA log2e (H x W) | kinks (W)],
     it = [SEGLO (nbins) | SEGHI (nbins)] (SEGLO[g] = #kinks < g / nbins, SEGHI[g] = #kinks <= (g + 1) / nbins,
-    the last = W), and the sort order of the units.
+    the last = #kinks <= 1 + 1e-4), and the sort order of the units.
     """
     H, Wd = W2.shape
     nz = w1 != 0
@@ -128,7 +128,10 @@ def _fire_tables(w1, b1, W2, b2, nbins):
     edges = torch.arange(nbins + 1, device=w1.device, dtype=torch.float32) / nbins
     seglo = torch.searchsorted(ks, edges[:-1], right=False)
     seghi = torch.searchsorted(ks, edges[1:], right=True)
-    seghi[-1] = Wd
+    # x = psi(r) / den < 1 for every score (r <= q_pos, den >= psi(q_pos) + eps), up to
+    # lg2.approx's ~2e-7: kinks above 1 + 1e-4 are never crossed and must not make the tiles
+    # near x = 1 (the keys farthest back) look kinked (they would all take the general loop)
+    seghi[-1] = torch.searchsorted(ks, torch.tensor([1.0 + 1e-4], device=ks.device, dtype=ks.dtype), right=True)[0]
     it = torch.cat([seglo, seghi]).to(torch.int32)
     return ft.float().contiguous(), it.contiguous(), order
 
@@ -422,7 +425,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     st.table = spec.mode in (K.T5, K.FIRE)
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
-    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT)) if st.table else 1
+    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(spec.name, 1))) if st.table else 1
     st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
     st.tab_b = 1 if st.tab_bsz > 1 else 0
     st.tables = {}

@@ -79,9 +79,10 @@ LN2 = 0.6931471805599453
 FIRE_BINS = 1024
 #: kinks (FIRE) / bucket boundaries (T5) per tile covered by the unrolled blocks of the
 #: software-pipelined loops; tiles with more (next to the diagonal) take the general loop.
-#: 1 measured fastest (H100, N=4096, D=64, fwd: FIRE 2.00 / 2.34 / 2.96 ms at KU = 1 / 4 / 8,
-#: T5 1.06 / 1.29 / 1.31 ms; docs/kernels.md): unrolled blocks cost even where they do not run.
-KU_DEFAULT = 1
+#: Unrolled blocks cost even where they do not run (H100, N=4096, D=64 fwd: T5 1.06 / 1.29 /
+#: 1.31 ms at KU = 1 / 4 / 8); FIRE needs 2 to keep its kinked light tiles (a third to a half
+#: of all tiles, at most 2 kinks each) in the pipelined loop (docs/kernels.md).
+KU_DEFAULT = {"t5": 1, "fire": 2}
 
 
 @triton.jit
