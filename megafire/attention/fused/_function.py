@@ -14,6 +14,8 @@ from . import _kernels as K
 
 #: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
 #: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
+#: branchless: FIRE's light tiles in the fwd / dkdv kernels add KU zero-weighted kink terms
+#: instead of branching on the tile's kink count (default on).
 #: pres: with parameter gradients in half precision, P V also adds the probabilities' rounding
 #: residual (one more MMA in the forward; exact delta for the parameter gradients; default on).
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
@@ -214,7 +216,7 @@ class _FusedBiasAttention(torch.autograd.Function):
             *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
             DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
-            D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+            BRANCHLESS=bool(cfg.get("branchless", True)), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
         ctx.resid = resid
         ctx.save_for_backward(q, k, v, o, ores if resid else None, lse, *params)
         ctx.st = st
@@ -270,7 +272,8 @@ class _FusedBiasAttention(torch.autograd.Function):
         K._bwd_dkdv_kernel[(nkb, B * HKV)](
             q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
             H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-            BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
+            BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
+            **common)
         st.tables = {}
         grads = [None] * len(params)
         if pgrad:

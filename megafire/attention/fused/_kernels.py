@@ -202,7 +202,7 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_
 @triton.jit
 def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT,
               CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr,
-              HEAVY: tl.constexpr):
+              HEAVY: tl.constexpr, BRANCHLESS: tl.constexpr = False):
     """Scores plus the bias (log2e units) of a tile; qf, kf: float positions broadcastable to the
     tile ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
 
@@ -263,6 +263,14 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
                 kt = tl.load(FT + offk + t)
                 da = tl.load(FT + 2 * H * NS + h * W + t)
                 s += da * tl.maximum(lg * rowf - kt, 0.0)
+        elif BRANCHLESS:
+            # every light tile adds KU kink terms, zero-weighted past s_hi: no branch in the
+            # loop body (a branch made the compiler duplicate the body; measured slower)
+            for u in tl.static_range(KU):
+                t = tl.minimum(s_lo + u, W - 1)
+                kt = tl.load(FT + offk + t)
+                da = tl.where(s_lo + u < s_hi, tl.load(FT + 2 * H * NS + h * W + t), 0.0)
+                s += da * tl.maximum(lg * rowf - kt, 0.0)
         else:
             if s_hi > s_lo:
                 for u in tl.static_range(KU):
@@ -316,7 +324,8 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
               H, W, NS, RT, Tq, Tk, scale2,
               BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
               FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PRES: tl.constexpr,
-              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BRANCHLESS: tl.constexpr):
     """One key tile of the forward: scores, bias, mask, online softmax, P V."""
     offs_n = start_n + tl.arange(0, BN)
     mcol = offs_n < Tk
@@ -329,7 +338,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
     if BIAS != 0:
         s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
-                                HEAVY)
+                                HEAVY, BRANCHLESS)
     if TABLE:
         need = ((rec >> 24) != 0) | (not SKIP)
     else:
@@ -363,7 +372,7 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                 RESID: tl.constexpr, PRES: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True):
     """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype).
     PRES: P V with P split in two half-precision parts (``p = round(p) + residual``: one more
     MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
@@ -411,14 +420,14 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
         m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
                                   acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
                                   H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                                  SKIP, PRES, TABLE, KU, False, BM, BN)
+                                  SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS)
     if TABLE:
         for start_n in range(split, hi, BN):
             rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
             m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i,
                                       l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
                                       kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG,
-                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN)
+                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN, BRANCHLESS)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -457,7 +466,8 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
                qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2,
                BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
-               KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+               KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BRANCHLESS: tl.constexpr):
     """One query tile of the dK/dV kernel (transposed scores [BN, BM])."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
@@ -476,7 +486,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
             rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
         sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
                                  s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
-                                 HEAVY)
+                                 HEAVY, BRANCHLESS)
     pT = tl.math.exp2(sT - lse[None, :])
     if TABLE:
         need = ((rec >> 24) != 0) | (not SKIP)
@@ -506,7 +516,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                      TABLE: tl.constexpr, KU: tl.constexpr,
-                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group.
     TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
     with runtime kink loops, the rest in the software-pipelined loop."""
@@ -547,7 +557,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
                 dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
                                     Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
                                     sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN)
+                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN, BRANCHLESS)
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
         for start_m in range(split, Tq, BM):
             rec, a2, d2 = rec_n, a2_n, d2_n
@@ -555,7 +565,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX
             dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
                                 Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
                                 sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN)
+                                HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS)
     dk = dk * scale
     tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=mcol[:, None])
