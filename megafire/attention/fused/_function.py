@@ -28,7 +28,7 @@ CONFIGS = {
     64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=True),
     (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3)),
     (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False),
-    (64, "fire"): dict(fwd=(128, 64, 8, 3), skip_fwd=False),
+    (64, "fire"): dict(fwd=(64, 64, 4, 3), skip_fwd=True),
     128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=False),
     (128, "t5"): dict(fwd=(128, 128, 8, 2), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=True),
     (128, "fire"): dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True,

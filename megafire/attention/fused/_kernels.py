@@ -79,10 +79,9 @@ LN2 = 0.6931471805599453
 FIRE_BINS = 1024
 #: kinks (FIRE) / bucket boundaries (T5) per tile covered by the unrolled blocks of the
 #: software-pipelined loops; tiles with more (next to the diagonal) take the general loop.
-#: Unrolled blocks cost even where they do not run (H100, N=4096, D=64 fwd: T5 1.06 / 1.29 /
-#: 1.31 ms at KU = 1 / 4 / 8); FIRE needs 2 to keep its kinked light tiles (a third to a half
-#: of all tiles, at most 2 kinks each) in the pipelined loop (docs/kernels.md).
-KU_DEFAULT = {"t5": 1, "fire": 2}
+#: Measured fastest (H100, N=4096, D=64): T5 fwd 1.06 / 1.29 / 1.31 ms at KU = 1 / 4 / 8;
+#: FIRE (branchless, 64x64 tiles) fwd 1.74 / 1.89 / 1.96 ms at KU = 1 / 2 / 4 (docs/kernels.md).
+KU_DEFAULT = {"t5": 1, "fire": 1}
 
 
 @triton.jit
