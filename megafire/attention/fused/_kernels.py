@@ -304,6 +304,27 @@ def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo,
 
 
 @triton.jit
+def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos, sq, m0, qlo,
+                    Tq, Tk, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr):
+    """A [BM, BN] tile of the row-major kernels (fwd, dq) with its masked entries set to
+    ``fill``; tiles that cannot hold a masked score (tile record or position bounds) skip it."""
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
+        need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
+    if need:
+        sk = offs_n * 0
+        if HAS_SEG:
+            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                      sq[:, None], sk[None, :], Tq, Tk)
+        x = tl.where(valid, x, fill)
+    return x
+
+
+@triton.jit
 def _tile_next(TABLE: tl.constexpr, tt, ta, i):
     """Tile i's record and (a2, d2) from the per-row tile tables (or zeros without TABLE)."""
     if TABLE:
@@ -338,18 +359,8 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
         s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
                                 HEAVY, BRANCHLESS)
-    if TABLE:
-        need = ((rec >> 24) != 0) | (not SKIP)
-    else:
-        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-        need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
-    if need:
-        sk = offs_n * 0
-        if HAS_SEG:
-            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
-        s = tl.where(valid, s, float("-inf"))
+    s = _mask_rows_tile(s, float("-inf"), rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -592,18 +603,8 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
     s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                           s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
     p = tl.math.exp2(s - lse[:, None])
-    if TABLE:
-        need = ((rec >> 24) != 0) | (not SKIP)
-    else:
-        khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
-        need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
-    if need:
-        sk = offs_n * 0
-        if HAS_SEG:
-            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
-        p = tl.where(valid, p, 0.0)
+    p = _mask_rows_tile(p, 0.0, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
