@@ -325,6 +325,22 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
 
 
 @triton.jit
+def _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b, H, Tq, Tk, nqb, nkb,
+                 CAUSAL: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """A query-block program's key range: (end of the visible keys, end of the pipelined
+    loop's light tiles, K and V bases, this row's tile-table rows)."""
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
+    bt = b * tab_b
+    split = hi
+    if TABLE:
+        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
+    return (hi, split, K + b * skb + hk * skh, V + b * svb + hk * svh, TT + (bt * nqb + pid_m) * nkb,
+            TA + ((bt * H + h) * nqb + pid_m) * nkb * 2)
+
+
+@triton.jit
 def _tile_next(TABLE: tl.constexpr, tt, ta, i):
     """Tile i's record and (a2, d2) from the per-row tile tables (or zeros without TABLE)."""
     if TABLE:
@@ -412,17 +428,8 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
-    kbase = K + b * skb + hk * skh
-    vbase = V + b * svb + hk * svh
-    bt = b * tab_b
-    tt = TT + (bt * nqb + pid_m) * nkb
-    ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
-    split = hi
-    if TABLE:
-        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
+    hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b,
+                                                   H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
     for start_n in range(0, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
@@ -738,17 +745,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN
     c = 0.0
     if BIAS == 5:
         c = tl.load(SC)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
-    kbase = K + b * skb + hk * skh
-    vbase = V + b * svb + hk * svh
-    bt = b * tab_b
-    tt = TT + (bt * nqb + pid_m) * nkb
-    ta = TA + ((bt * H + h) * nqb + pid_m) * nkb * 2
-    split = hi
-    if TABLE:
-        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
+    hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b,
+                                                   H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
     for start_n in range(0, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
