@@ -74,33 +74,20 @@ class _GatherSeq(torch.autograd.Function):
         return _reduce_scatter_seq(grad, ctx.group), None
 
 
-class _ReduceScatterSeq(torch.autograd.Function):
-    """forward: sum of the ranks' partial outputs, this rank keeps its sequence shard;
-    backward: all-gather the shards' gradients (each partial output fed every shard)."""
+class _ToSeqShard(torch.autograd.Function):
+    """forward: this rank's sequence shard of the sum of the ranks' partial outputs (``reduce``)
+    or of a replicated tensor; backward: all-gather the shards' gradients (a partial sum fed
+    every shard; a replicated input must get the whole sequence's gradient on every rank)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, reduce):
         ctx.group = group
         _check_divisible(x, group)
-        return _reduce_scatter_seq(x, group)
+        return _reduce_scatter_seq(x, group) if reduce else _seq_slice(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    """forward: keep this rank's sequence shard of a replicated tensor; backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        _check_divisible(x, group)
-        return _seq_slice(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+        return _all_gather_seq(grad, ctx.group), None, None
 
 
 def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -114,11 +101,11 @@ def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     """Partial sums [B, T, ...] -> this rank's shard [B, T / tp, ...] of their sum (backward: all-gather)."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _ReduceScatterSeq.apply(x, group)
+    return _ToSeqShard.apply(x, group, True)
 
 
 def scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     """Replicated [B, T, ...] -> this rank's shard [B, T / tp, ...] (backward: all-gather)."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _ScatterSeq.apply(x, group)
+    return _ToSeqShard.apply(x, group, False)

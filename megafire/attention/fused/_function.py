@@ -209,7 +209,7 @@ class _FusedBiasAttention(torch.autograd.Function):
         tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         pres = resid and bool(cfg.get("pres", True))
         K._fwd_kernel[(nqb, B * H)](
-            q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax,
+            q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
             st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -258,8 +258,7 @@ class _FusedBiasAttention(torch.autograd.Function):
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
         common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
                       DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
-        tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.qmax, st.kmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc,
-                st.rowf)
+        tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
         nkb = triton_cdiv(Tk, BN)
         tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         K._bwd_dq_kernel[(nmb, B * H)](

@@ -1,4 +1,4 @@
-"""Triton kernels: FlashAttention-2 style attention with an in-kernel position bias (v2).
+"""Triton kernels: FlashAttention-2 style attention with an in-kernel position bias (v3).
 
 Scores (natural-log units) ``s_ij = scale * q_i . k_j + b_h(i, j)``; masked scores are
 -inf; ``P = softmax(s)``; ``O = P V``. Internally the kernels work in base 2
@@ -10,19 +10,22 @@ Backward (per score, recomputed): ``dP = dO V^T``, ``dS = P * (dP - delta)`` wit
 ``dL/db_h(i, j) = dS_ij``, reduced in the ``dq`` kernel into a few sums per program
 (row sums in registers, one partial row per program, no atomics per score).
 
-Tiles. Every kernel bounds a tile's distances ``r = qpos - kpos`` from four scalar loads:
-suffix-min / prefix-max arrays of the positions (``QMIN[i] = min(qpos[i:])``,
-``QMAX[i] = max(qpos[:i+1]``), same for keys), exact for monotone positions and
-conservative otherwise. The same bounds decide whether a tile needs the mask at all
-(interior tiles skip it).
+Tiles. A tile's distances ``r = qpos - kpos`` are bounded from suffix-min / prefix-max
+arrays of the positions (``QMIN[i] = min(qpos[i:])``, ``QMAX[i] = max(qpos[:i+1]``), same
+for keys), exact for monotone positions and conservative otherwise. T5 and FIRE: a small
+kernel turns the bounds into per-tile tables (segment / bucket range, may-mask flag, per
+head the tile's scalars; ``_tile_table_kernel``) that the attention kernels read one tile
+ahead. The other encodings read ``QMIN`` / ``KMAX`` to decide whether a tile needs the mask
+at all (interior tiles skip it).
 
 * ALiBi ``b = -m_h r``; Kerple-log ``-r1 log(1 + r2 r)`` = ``-r1 ln2 lg2(1 + r2 r)``;
   Kerple-power ``-r1 r^r2`` = ``-r1 exp2(r2 lg2 r)`` (``lg2.approx``/``ex2.approx``, one MUFU
   op each). Kerple grads: two row-sum accumulators per program.
-* T5 ``b = W[h, bucket(r)]``: the tile's bucket range ``[bucket(r_lo), bucket(r_hi)]``
-  (two scalar LUT loads). One bucket (every tile with ``r_lo >= max_distance`` and many
-  others): the bias is one scalar per tile. Otherwise (tiles near the diagonal): one
-  gather per score from ``TABR[h, min(r, RT)]``. Gradient: the tile's dS sum goes to
+* T5 ``b = W[h, bucket(r)]``: the tile's bucket range ``[bucket(r_lo), bucket(r_hi)]``.
+  One bucket (every tile with ``r_lo >= max_distance`` and many others): the bias is one
+  scalar per tile. Up to KU boundaries: one step ``W[k] - W[k-1]`` per boundary where
+  ``r >= T_k``. More (the tiles next to the diagonal, a second loop): one gather per score
+  from ``TABR[h, min(r, RT)]``. Gradient: the tile's dS sum goes to
   bucket ``b_lo``; for each bucket boundary ``k`` inside the tile, the sum of dS with
   ``r >= T_k`` (first distance of bucket k) goes to ``G[k]``; bucket sums are
   ``base[k] + G[k] - G[k + 1]`` (PyTorch).
@@ -33,8 +36,9 @@ conservative otherwise. The same bounds decide whether a tile needs the mask at 
   ``x`` range (bounded from ``r_lo, r_hi`` and the rows' denominators, with a small
   margin) picks, through a 1024-bin table, the segment ``s_lo`` of its smallest ``x`` and
   the kinks ``[s_lo, s_hi)`` that may fall inside. Per score: ``lg2(1 + c r)`` (one MUFU
-  op), one FMA with the row vector ``a ln2 / den_i``, plus 3 ops per crossing kink (0 on
-  most tiles). Backward: ``P = sum dS`` and ``Q = sum dS x`` of the tile go to segment
+  op), one FMA with the row vector ``a ln2 / den_i``, plus 3 ops per kink term (KU terms,
+  zero-weighted past the tile's last kink, in the pipelined loop; tiles with more kinks run
+  in a second loop with a runtime kink loop). Backward: ``P = sum dS`` and ``Q = sum dS x`` of the tile go to segment
   ``s_lo``; per crossing kink the sums over ``x > kink`` go to ``G``/``GQ``; per row,
   ``sum dS f'(x) dpsi/dc`` and ``sum dS f'(x) x`` (for ``c`` and the denominator).
   PyTorch turns these into exact gradients of every MLP weight, ``c`` and ``den``.
@@ -341,6 +345,18 @@ def _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab
 
 
 @triton.jit
+def _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d, Tk, BN: tl.constexpr):
+    """The row-major kernels' key tile at start_n: (offs_n, column mask, K, V, key positions)
+    and the tile record's segment / bucket range (s_lo, s_hi)."""
+    offs_n = start_n + tl.arange(0, BN)
+    mcol = offs_n < Tk
+    k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    return offs_n, mcol, k, v, kpos, rec & 4095, (rec >> 12) & 4095
+
+
+@triton.jit
 def _tile_next(TABLE: tl.constexpr, tt, ta, i):
     """Tile i's record and (a2, d2) from the per-row tile tables (or zeros without TABLE)."""
     if TABLE:
@@ -363,13 +379,8 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
               TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BRANCHLESS: tl.constexpr):
     """One key tile of the forward: scores, bias, mask, online softmax, P V."""
-    offs_n = start_n + tl.arange(0, BN)
-    mcol = offs_n < Tk
-    k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-    s_lo = rec & 4095
-    s_hi = (rec >> 12) & 4095
+    offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
+                                                     Tk, BN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
     if BIAS != 0:
         s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
@@ -391,7 +402,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
+def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
                 SPL, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                 H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2,
@@ -525,7 +536,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                      P0, P1, FT, IT, SC, ROWF, TT, TA, SPC,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
@@ -599,13 +610,8 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel)."""
-    offs_n = start_n + tl.arange(0, BN)
-    mcol = offs_n < Tk
-    k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-    s_lo = rec & 4095
-    s_hi = (rec >> 12) & 4095
+    offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
+                                                     Tk, BN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
     s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                           s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
@@ -693,7 +699,7 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT):
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, QMAX, KMIN, KMAX,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
