@@ -12,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    mod = sys.modules.get("megafire.attention.fused._kernels")
-    if mod is not None:
-        importlib.reload(mod)
+    for name in ("megafire.attention.fused._kernels", "megafire.attention.fused._fire_tables"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            importlib.reload(mod)

@@ -200,13 +200,13 @@ def test_light_and_heavy_tile_loops(name, ku, monkeypatch):
 
 def test_fire_tables_exact():
     """The segment tables reproduce f on a dense grid (incl. kinks outside [0, 1], w1 = 0)."""
-    from megafire.attention.fused._function import _fire_tables
+    from megafire.attention.fused._fire_tables import fire_tables
     enc = build("fire", 3, 16).double()
     with torch.no_grad():
         enc.mlp[0].weight[0] = 0.0
         enc.mlp[0].bias[0] = 0.3
     w1 = enc.mlp[0].weight.view(-1).float()
-    ft, it, order = _fire_tables(w1, enc.mlp[0].bias.float(), enc.mlp[2].weight.float(), enc.mlp[2].bias.float(), 64)
+    ft, it, _rank = fire_tables(w1, enc.mlp[0].bias.float(), enc.mlp[2].weight.float(), enc.mlp[2].bias.float(), 64)
     H, W = 3, w1.numel()
     NS = W + 1
     A = ft[:H * NS].view(H, NS).double() / 1.4426950408889634
@@ -259,3 +259,26 @@ def test_gpu_bf16(name, D):
             if p.requires_grad:
                 assert _rel(p.grad, p2.grad) < 1e-2, (n, _rel(p.grad, p2.grad))
     assert math.isfinite(out.float().sum().item())
+
+
+def test_fire_bf16_parameters_fp32_activations():
+    """DeepSpeed bf16 keeps FIRE's weights in bf16: the table and gradient kernels read them
+    without casts and autograd returns bf16 gradients. Against the reference run on the same
+    bf16 module (fp32 activations): gradients within bf16 rounding (2e-2 relative)."""
+    torch.manual_seed(5)
+    enc = kinks_inside(_encoding("fire", 2)).to(torch.bfloat16)
+    ref_enc = double_copy(enc)                                       # float64 copy of the bf16 values
+    B, T, H, D = 2, 23, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    pos = torch.arange(T)
+    out = fused_bias_attention(q, k, v, enc, pos, pos)
+    do = torch.randn_like(out)
+    out.backward(do)
+    q2, k2, v2 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference(q2, k2, v2, ref_enc, pos, pos).backward(do.double())
+    assert _rel(out, reference(q2, k2, v2, ref_enc, pos, pos)) < 1e-5
+    assert _rel(q.grad, q2.grad) < 1e-5
+    for (n, p), (_, p2) in zip(enc.named_parameters(), ref_enc.named_parameters()):
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16, n
+            assert _rel(p.grad, p2.grad) < 2e-2, (n, _rel(p.grad, p2.grad))

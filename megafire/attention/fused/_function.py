@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _kernels as K
+from ._fire_tables import fire_mlp_grads, fire_tables
 
 #: Launch configuration per head dim; "interp" is used under TRITON_INTERPRET.
 #: keys: fwd (BM, BN, warps, stages), dq (BM, BN, warps, stages), dkdv (BM, BN, warps, stages).
@@ -79,14 +80,27 @@ def supports(encoding) -> bool:
     return True
 
 
+_T5_LUTS: dict = {}
+
+
 def _t5_tables(enc, device):
-    """LUT [RT + 1] bucket of r (r clamped to RT = max_distance), THR [NB] first r of bucket k."""
+    """LUT [RT + 1] bucket of r (r clamped to RT = max_distance), THR [NB] first r of bucket k.
+    They depend on the configuration alone: built once per (buckets, max distance, device)."""
     rt = int(enc.max_distance)
+    key = (int(enc.num_buckets), rt, str(device))
+    if key not in _T5_LUTS:
+        it = _t5_luts(enc, device, rt)
+        _T5_LUTS[key] = (it, it[:rt + 1].long())
+    return _T5_LUTS[key], rt
+
+
+def _t5_luts(enc, device, rt):
+    """[LUT | THR] (int32) of ``_t5_tables``."""
     rel = torch.arange(rt + 1, device=device)
     from megafire.positional.t5 import t5_causal_bucket
     lut = t5_causal_bucket(rel, enc.num_buckets, enc.max_distance)
     thr = torch.searchsorted(lut.contiguous(), torch.arange(enc.num_buckets, device=device), right=False)
-    return torch.cat([lut, thr]).to(torch.int32).contiguous(), rt
+    return torch.cat([lut, thr]).to(torch.int32).contiguous()
 
 
 @dataclass
@@ -107,37 +121,6 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
 
-def _fire_tables(w1, b1, W2, b2, nbins):
-    """Sorted kinks and per-segment affine pieces of f_h(x) = b2 + sum_k W2 relu(w1 x + b1).
-
-    Returns ft = [A log2e (H x NS) | D log2e (H x NS) | dA log2e (H x W) | kinks (W)],
-    it = [SEGLO (nbins) | SEGHI (nbins)] (SEGLO[g] = #kinks < g / nbins, SEGHI[g] = #kinks <= (g + 1) / nbins,
-    the last = #kinks <= 1 + 1e-4), and the sort order of the units.
-    """
-    H, Wd = W2.shape
-    nz = w1 != 0
-    kink = torch.where(nz, -b1 / torch.where(nz, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
-    ks, order = torch.sort(kink)
-    w1s, b1s, W2s = w1[order], b1[order], W2[:, order]
-    dA = W2s * w1s.abs()
-    dD = W2s * (b1s * torch.sign(w1s))
-    neg = (w1 < 0).to(w1.dtype)
-    A0 = W2 @ (w1 * neg)
-    D0 = b2 + W2 @ (b1 * neg + F.relu(b1) * (~nz).to(w1.dtype))
-    A = torch.cat([A0[:, None], A0[:, None] + dA.cumsum(1)], 1)
-    D = torch.cat([D0[:, None], D0[:, None] + dD.cumsum(1)], 1)
-    ft = torch.cat([(A * K.LOG2E).reshape(-1), (D * K.LOG2E).reshape(-1), (dA * K.LOG2E).reshape(-1), ks])
-    edges = torch.arange(nbins + 1, device=w1.device, dtype=torch.float32) / nbins
-    seglo = torch.searchsorted(ks, edges[:-1], right=False)
-    seghi = torch.searchsorted(ks, edges[1:], right=True)
-    # x = psi(r) / den < 1 for every score (r <= q_pos, den >= psi(q_pos) + eps), up to
-    # lg2.approx's ~2e-7: kinks above 1 + 1e-4 are never crossed and must not make the tiles
-    # near x = 1 (the keys farthest back) look kinked (they would all take the general loop)
-    seghi[-1] = torch.searchsorted(ks, torch.tensor([1.0 + 1e-4], device=ks.device, dtype=ks.dtype), right=True)[0]
-    it = torch.cat([seglo, seghi]).to(torch.int32)
-    return ft.float().contiguous(), it.contiguous(), order
-
-
 def encoding_spec(encoding, device) -> Spec:
     """The kernel's view of an encoding: differentiable small tensors and derived tables."""
     if encoding is None:
@@ -149,19 +132,21 @@ def encoding_spec(encoding, device) -> Spec:
     if name in ("kerple_log", "kerple_power"):
         return Spec(_NAMES[name], name, params=(encoding.r1.to(**f32).contiguous(), encoding.r2.to(**f32).contiguous()))
     if name == "t5":
-        it, rt = _t5_tables(encoding, device)
+        (it, lut), rt = _t5_tables(encoding, device)
         wt = encoding.relative_attention_bias.weight.to(**f32)  # [NB, H]
         nb = int(encoding.num_buckets)
-        return Spec(K.T5, name, params=(wt,), it=it, W=1, NS=nb, RT=rt, extra=dict(lut=it[:rt + 1].long()))
+        return Spec(K.T5, name, params=(wt,), it=it, W=1, NS=nb, RT=rt, extra=dict(lut=lut))
     if name == "fire":
         if encoding.depth != 1 or not encoding.progressive:
             raise ValueError("fused FIRE needs depth=1 and progressive=True")
-        w1 = encoding.mlp[0].weight.to(**f32).reshape(-1)
-        b1 = encoding.mlp[0].bias.to(**f32)
-        W2 = encoding.mlp[-1].weight.to(**f32)
-        b2 = encoding.mlp[-1].bias.to(**f32)
-        c = encoding.c.to(**f32).reshape(())
-        L = encoding.L.to(**f32).reshape(())
+        # the weights as they are (fp32 or bf16): the table / gradient kernels read either, and
+        # autograd casts the fp32 gradients back (no cast ops per layer and step)
+        w1 = encoding.mlp[0].weight.to(device=device).reshape(-1)
+        b1 = encoding.mlp[0].bias.to(device=device)
+        W2 = encoding.mlp[-1].weight.to(device=device)
+        b2 = encoding.mlp[-1].bias.to(device=device)
+        c = encoding.c.to(device=device).reshape(())
+        L = encoding.L.to(device=device).reshape(())
         return Spec(K.FIRE, name, params=(w1, b1, W2, b2, c), W=int(w1.numel()), NS=int(w1.numel()) + 1,
                     eps=float(encoding.eps), use_log=bool(encoding.use_log), extra=dict(enc=encoding, L=L))
     raise ValueError(f"fused attention does not support encoding {name!r}")
@@ -178,6 +163,30 @@ def _pos(p: torch.Tensor, B: int, T: int, name: str) -> tuple[torch.Tensor, int]
     raise ValueError(f"{name} must be [T] or [B, T], got {tuple(p.shape)}")
 
 
+_POSITIONS: dict = {}
+_POSITIONS_SIZE = 8
+
+
+def _positions(p: torch.Tensor, B: int, T: int, name: str):
+    """(int32 positions, batch stride, suffix min, prefix max) of a position tensor. Every layer
+    of a step gets the same positions tensor: cached by identity and version counter (the
+    cache holds the tensor, so its id cannot be reused meanwhile); inference tensors, which
+    have no version counter, are not cached."""
+    key = None
+    if not p.is_inference():
+        key = (id(p), p._version, B, T)
+        hit = _POSITIONS.get(key)
+        if hit is not None and hit[0] is p:
+            return hit[1]
+    p32, sb = _pos(p, B, T, name)
+    val = (p32, sb, *_bounds(p32))
+    if key is not None:
+        if len(_POSITIONS) >= _POSITIONS_SIZE:
+            _POSITIONS.pop(next(iter(_POSITIONS)))
+        _POSITIONS[key] = (p, val)
+    return val
+
+
 def _bounds(p: torch.Tensor):
     """(suffix min, prefix max) along the last dim, int32."""
     pmax = torch.cummax(p, -1).values
@@ -185,8 +194,16 @@ def _bounds(p: torch.Tensor):
     return smin.contiguous(), pmax.contiguous()
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(device, dtype=torch.float32):
-    return torch.zeros(4, device=device, dtype=dtype)
+    """A placeholder for a pointer argument the launch's constexpr branches never touch: one
+    cached tensor per (device, dtype), so a call makes no allocation or fill for them."""
+    key = (str(device), dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(4, device=device, dtype=dtype)
+    return _DUMMIES[key]
 
 
 class _State:
@@ -297,30 +314,7 @@ def _fire_grads(st, params, tot, rowc, rowx):
     """Exact gradients of (w1, b1, W2, b2, c) and of the per-row denominators (chained to c
     and L by autograd in ``fused_bias_attention``) from the kernel's segment moments."""
     w1, b1, W2, b2, c, den = params
-    W, NS = st.W, st.NS
-    Pb, Qb = tot[:, :NS], tot[:, NS:2 * NS]
-    G, GQ = tot[:, 2 * NS:2 * NS + W], tot[:, 2 * NS + W:]
-    Pseg = Pb + F.pad(G, (1, 0)) - F.pad(G, (0, 1))  # [H, NS]
-    Qseg = Qb + F.pad(GQ, (1, 0)) - F.pad(GQ, (0, 1))
-    # above[:, s] = sum over segments >= s; a unit of sorted rank t is on above its kink
-    # (segments t + 1 ..) when w1 > 0, below it (segments .. t) when w1 < 0
-    Pab = Pseg.flip(1).cumsum(1).flip(1)[:, 1:]  # [H, W]
-    Qab = Qseg.flip(1).cumsum(1).flip(1)[:, 1:]
-    Ptot, Qtot = Pseg.sum(1, keepdim=True), Qseg.sum(1, keepdim=True)
-    order = st.order
-    w1s, b1s = w1[order], b1[order]
-    pos, negw = (w1s > 0), (w1s < 0)
-    const_on = ((w1s == 0) & (b1s > 0)).to(Ptot.dtype)
-    Ps = torch.where(pos, Pab, torch.where(negw, Ptot - Pab, Ptot * const_on))
-    Qs = torch.where(pos, Qab, torch.where(negw, Qtot - Qab, Qtot * const_on))
-    Pk = torch.empty_like(Ps)
-    Qk = torch.empty_like(Qs)
-    Pk[:, order] = Ps
-    Qk[:, order] = Qs
-    dW2 = w1[None, :] * Qk + b1[None, :] * Pk
-    dw1 = (W2 * Qk).sum(0)
-    db1 = (W2 * Pk).sum(0)
-    db2 = Ptot[:, 0]
+    dw1, db1, dW2, db2 = fire_mlp_grads(tot, w1, b1, W2, st.rank)   # one launch (_fire_tables.py)
     # den [Bq, Tq] (Bq = 1 or B)
     rc = rowc.sum(1)  # [B, Tq]
     rx = rowx.sum(1)
@@ -390,7 +384,8 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     st.causal = bool(causal)
     st.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    (st.qp, qp_sb), (st.kp, kp_sb) = _pos(q_pos, B, Tq, "q_pos"), _pos(k_pos, B, Tk, "k_pos")
+    (st.qp, qp_sb, st.qmin, st.qmax), (st.kp, kp_sb, st.kmin, st.kmax) = (_positions(q_pos, B, Tq, "q_pos"),
+                                                                         _positions(k_pos, B, Tk, "k_pos"))
     st.has_seg = segment_ids_q is not None
     if st.has_seg:
         (st.sq, sq_sb), (st.sk, sk_sb) = (_pos(segment_ids_q, B, Tq, "segment_ids_q"),
@@ -398,13 +393,10 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     else:
         st.sq, st.sk, sq_sb, sk_sb = st.qp, st.kp, 0, 0
     st.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
-    same = q_pos is k_pos and Tq == Tk
-    st.kmin, st.kmax = _bounds(st.kp)
-    st.qmin, st.qmax = (st.kmin, st.kmax) if same else _bounds(st.qp)
     d = _dummy(dev)
     st.p0 = spec.params[0] if spec.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
     st.p1 = spec.params[1] if spec.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
-    st.ft, st.it, st.sc, st.rowf = d, torch.zeros(4, device=dev, dtype=torch.int32), d, d
+    st.ft, st.it, st.sc, st.rowf = d, _dummy(dev, torch.int32), d, d
     den = None
     if spec.mode == K.T5:
         wt = spec.params[0].detach()  # [NB, H]
@@ -415,8 +407,8 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         enc = spec.extra["enc"]
         w1, b1, W2, b2, c = spec.params
         with torch.no_grad():
-            st.ft, st.it, st.order = _fire_tables(w1.detach(), b1.detach(), W2.detach(), b2.detach(), K.FIRE_BINS)
-            st.sc = torch.stack([c.detach(), spec.extra["L"].detach()]).contiguous()
+            st.ft, st.it, st.rank = fire_tables(w1.detach(), b1.detach(), W2.detach(), b2.detach(), K.FIRE_BINS)
+            st.sc = torch.stack([c.detach(), spec.extra["L"].detach()]).float()
         # per-row denominators, differentiable in c and L (ties i == L split like torch.maximum)
         qpf = st.qp.to(torch.float32)
         L = spec.extra["L"]
@@ -431,7 +423,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
     st.tab_b = 1 if st.tab_bsz > 1 else 0
     st.tables = {}
-    st.dummy_i, st.dummy_f = torch.zeros(4, device=dev, dtype=torch.int32), d
+    st.dummy_i, st.dummy_f = _dummy(dev, torch.int32), d
     params = spec.params + ((den,) if den is not None else ())
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     st.resid = torch.is_grad_enabled() and spec.mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and \

@@ -91,7 +91,7 @@ KU_DEFAULT = {"t5": 1, "fire": 1}
 @triton.jit
 def _lg2(x, FAST: tl.constexpr):
     if FAST:
-        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                       is_pure=True, pack=1)
     else:
         y = tl.math.log2(x)
