@@ -15,9 +15,14 @@ never made here), and ``allowed`` is a ``BlockMask`` from a ``mask_mod`` (causal
 * ``kerple_power``:  ``-r1_h exp(r2_h log d)`` for ``d > 0``, 0 at ``d = 0``
 * ``t5``:            ``W[bucket(min(d, M)), h]``: one ``[H, M + 1]`` table of bias per distance
   is built outside the kernel (``bucket(d) = bucket(M)`` for every ``d >= M``)
-* ``fire`` (depth 1): ``b2_h + sum_u W2[h, u] relu(W1[u] x + b1[u])`` unrolled over the hidden
-  units, ``x = psi(d) / n(i)`` with ``psi(d) = log(1 + c d)`` and the per-row normaliser
-  ``n(i) = psi(max(L, q_pos[i])) + eps`` computed outside by the module itself; the
+* ``fire`` (depth 1): the MLP ``f_h(x) = b2_h + sum_u W2[h, u] relu(w1_u x + b1_u)`` is piecewise
+  linear with kinks ``k_u = -b1_u / w1_u``; PyTorch sorts the kinks and builds, differentiably,
+  ``A[h, s]``, ``D[h, s]`` with ``f_h(x) = A[h, s] x + D[h, s]`` on segment ``s`` (= the number
+  of kinks below ``x``; the tables of :mod:`megafire.attention.fused._fire_tables`). The
+  score_mod counts the kinks below ``x`` (W compares) and reads ``A``, ``D`` once each: exact,
+  and two grad-requiring captures instead of the ~3W per-unit ones of an unrolled MLP (whose
+  compile took minutes). ``x = psi(d) / n(i)``, ``psi(d) = log(1 + c d)``, the per-row
+  normaliser ``n(i) = psi(max(L, q_pos[i])) + eps`` computed outside by the module itself; the
   ablations (``use_log``, ``use_threshold``, ``progressive``) follow the module.
 * no bias (none / absolute / rotary after rotation): no ``score_mod``.
 
@@ -25,9 +30,9 @@ Parameter gradients: FlexAttention differentiates a captured tensor only through
 *index* with the score's (b, h, i, j) (it scatter-adds one gradient per score), and its
 Triton backward refuses a grad-requiring tensor indexed more than once ("Using multiple
 indexing operations on the same tensor that requires gradients ..."). So every
-grad-requiring capture here is a separate ``[H]`` (or per-row) tensor read exactly once per
-score: scalars (FIRE's c, each hidden weight) are repeated over the heads and read at
-``[h]``; autograd outside the kernel sums them back. FIRE with ``depth > 1`` would need
+grad-requiring capture here is a separate tensor read exactly once per score: scalars
+(FIRE's c) are repeated over the heads and read at ``[h]``; autograd outside the kernel sums
+them back (and maps FIRE's ``A``, ``D`` tables back to the MLP weights). FIRE with ``depth > 1`` would need
 ``width^2`` such captures and is refused (:func:`flex_unsupported_reason`).
 
 Devices: on CUDA, ``torch.compile(flex_attention)`` (FlexAttention is only fast compiled) and
@@ -133,6 +138,21 @@ def _t5(enc: T5RelativeBias, rel, dtype, device):
     return lambda s, b, h, i, j: s + by_distance[h, rel(b, i, j).clamp_max(M)], [by_distance]
 
 
+def fire_segment_tables(w1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor):
+    """(A, D [H, W + 1], sorted kinks [W]) of a depth-1 FIRE MLP, differentiable in the weights
+    (sort + cumsum; the maths in :mod:`megafire.attention.fused._fire_tables`)."""
+    nz = w1 != 0
+    kink = torch.where(nz, -b1 / torch.where(nz, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
+    ks, order = torch.sort(kink.detach(), stable=True)
+    w1s, b1s, W2s = w1[order], b1[order], W2[:, order]
+    neg = (w1 < 0).to(w1.dtype)
+    A0 = W2 @ (w1 * neg)                                             # below every kink: the w1 < 0 units are on
+    D0 = b2 + W2 @ (b1 * neg + F.relu(b1) * (~nz).to(w1.dtype))
+    A = torch.cat([A0[:, None], A0[:, None] + (W2s * w1s.abs()).cumsum(1)], 1)
+    D = torch.cat([D0[:, None], D0[:, None] + (W2s * b1s * torch.sign(w1s)).cumsum(1)], 1)
+    return A, D, ks
+
+
 def _fire(enc: FIRE, rel, q_pos, dtype):
     H, hidden, out = enc.num_heads_local, enc.mlp[0], enc.mlp[-1]
     captured = []
@@ -142,22 +162,22 @@ def _fire(enc: FIRE, rel, q_pos, dtype):
         return t
     if enc.use_log:
         c = cap(_per_head(enc.c.to(dtype), H))
-    if enc.progressive:                                              # n(i) = psi(max(L, i)) + eps, [(B,) Tq]
+    if enc.progressive:                                              # n(i) = psi(max(L, q_pos[i])) + eps, [(B,) Tq]
         norm = _row(cap(enc.psi(torch.maximum(q_pos.to(dtype), enc.L.to(dtype))) + enc.eps))
-    w1 = [cap(_per_head(w.to(dtype), H)) for w in hidden.weight[:, 0]]   # width x [H]
-    b1 = [cap(_per_head(x.to(dtype), H)) for x in hidden.bias]
-    w2 = [cap(col.to(dtype).clone()) for col in out.weight.t()]     # width x [H]
-    b2 = cap(out.bias.to(dtype).clone())
+    A, D, ks = fire_segment_tables(hidden.weight[:, 0].to(dtype), hidden.bias.to(dtype), out.weight.to(dtype),
+                                   out.bias.to(dtype))
+    A, D = cap(A), cap(D)                                            # [H, W + 1] each
+    width = ks.numel()
 
     def score_mod(s, b, h, i, j):
         d = rel(b, i, j).to(dtype)
         x = torch.log1p(c[h] * d) if enc.use_log else d
         if enc.progressive:
             x = x / norm(b, i)
-        f = b2[h]
-        for w1u, b1u, w2u in zip(w1, b1, w2):                          # the MLP, one hidden unit at a time
-            f = f + w2u[h] * torch.relu(w1u[h] * x + b1u[h])
-        return s + f
+        seg = (x > ks[0]).to(torch.int64)                            # segment = number of kinks below x
+        for t in range(1, width):
+            seg = seg + (x > ks[t]).to(torch.int64)
+        return s + A[h, seg] * x + D[h, seg]
     return score_mod, captured
 
 
