@@ -228,23 +228,33 @@ def test_compiled_flex_forward_on_cpu_equals_reference(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled Triton flex path)")
 @pytest.mark.parametrize("name", list(ENCODINGS))
-def test_compiled_flex_on_cuda_bf16_equals_reference(name):
-    """bf16 compiled flex vs the fp32-inside reference on the same bf16 inputs: packed documents,
-    GQA, a length that is no multiple of the 128 block; relative norm error of every gradient."""
+def test_compiled_flex_on_cuda_equals_float64_reference(name):
+    """Compiled flex (float32) vs the float64 reference: packed documents, GQA, a length that is
+    no multiple of the 128 block; relative norm error of the output and every gradient <= 1e-3.
+    float32 rather than bf16 because flex, like any kernel that takes ``delta = dO . O`` from the
+    rounded output, has bf16 parameter gradients off by ~1e-2 (docs/kernels.md): that would
+    hide a wrong score_mod gradient. FIRE's output bias shifts whole rows (softmax ignores it):
+    its true gradient is 0, so it is bounded absolutely against the output weight's."""
     torch.manual_seed(0)
     dev, B, T, Hq, Hkv, D = "cuda", 2, 333, 8, 2, 64
     opts = {"init_L": 128.0} if name == "fire" else {}               # rows beyond L: the normaliser varies
     enc = build_encoding(name, num_heads=Hq, head_dim=D, **opts).to(dev)
     enc = enc if enc.kind == "bias" else None
-    q = torch.randn(B, T, Hq, D, device=dev, dtype=torch.bfloat16)
-    k, v = (torch.randn(B, T, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, T, Hq, D, device=dev)
+    k, v = (torch.randn(B, T, Hkv, D, device=dev) for _ in range(2))
     seg = (torch.arange(T, device=dev) >= 200).long().expand(B, T).contiguous()
     pos = torch.where(seg == 0, torch.arange(T, device=dev), torch.arange(T, device=dev) - 200)
     kw = dict(causal=True, segment_ids_q=seg, segment_ids_k=seg)
     got = outputs_and_grads(flex_attention_fn, q, k, v, enc, pos, pos, kw)
-    want = outputs_and_grads(reference_attention, q, k, v, enc, pos, pos, kw)
+    enc64 = None if enc is None else copy.deepcopy(enc).double()
+    want = outputs_and_grads(reference_attention, q.double(), k.double(), v.double(), enc64, pos, pos, kw)
+    errs = {}
     for key in want:
         if want[key] is None:
+            assert got[key] is None, key
             continue
-        err = ((got[key].double() - want[key].double()).norm() / want[key].double().norm()).item()
-        assert err < 3e-2, f"{name} {key}: relative error {err:.2e}"
+        diff = (got[key].double() - want[key]).norm().item()
+        scale = want["mlp.2.weight"].norm().item() if key == "mlp.2.bias" else want[key].norm().item()
+        errs[key] = diff / scale
+    print(f"flex {name} relative errors vs float64: " + " ".join(f"{k}={e:.1e}" for k, e in errs.items()))
+    assert all(e <= 1e-3 for e in errs.values()), f"{name}: relative errors {errs}"
