@@ -103,7 +103,8 @@ def outputs_and_grads(fn, q, k, v, enc, q_pos, k_pos, kw, seed=2):
     if enc is not None:
         enc.zero_grad(set_to_none=True)
     out = fn(q, k, v, enc, q_pos, k_pos, **kw)
-    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
+    # drawn in float32 whatever out's dtype, so that runs in different dtypes get the same dO
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     out.backward(do)
     params = [] if enc is None else [(n, p) for n, p in enc.named_parameters() if p.requires_grad]
     return {"out": out, "dq": q.grad, "dk": k.grad, "dv": v.grad, **{n: p.grad for n, p in params}}
