@@ -99,6 +99,17 @@ def _lg2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _rcp_ge1(x):
+    """1 / x for x >= 1 on the FMA pipe: the dq kernels already spend two MUFU ops per score
+    (ex2, lg2), and a division would add a third. Seed ``0x7EF311C7 - bits(x)`` (relative
+    error < 12%), three Newton steps ``y (2 - x y)`` (error squares each step: < 1e-7)."""
+    y = (0x7EF311C7 - x.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    y = y * (2.0 - x * y)
+    y = y * (2.0 - x * y)
+    return y * (2.0 - x * y)
+
+
+@triton.jit
 def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, SC, RT, NBINS,
                USE_LOG: tl.constexpr):
     """Head-independent tile scalars for tiles whose positions lie in [qlo, qhi] x [klo, khi]
@@ -625,7 +636,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
         if BIAS == 2:
             r2 = tl.load(P1 + h)
             acc1 += tl.sum(ds * lg, 1)
-            acc2 += tl.sum(ds * (rf / (1.0 + r2 * rf)), 1)
+            acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
         elif BIAS == 3:
             r2 = tl.load(P1 + h)
             pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
@@ -640,7 +651,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                 a = a2 * 0.6931471805599453
                 dsd = ds
                 if USE_LOG:
-                    dsd = ds * (rf / (1.0 + c * rf))
+                    dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
                     acc1 += a * tl.sum(dsd, 1)
                 acc2 += a * rowQ
             if s_lo != cur:  # flush the running sums of the previous segment / bucket
