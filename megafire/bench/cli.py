@@ -1,11 +1,11 @@
-"""``megafire bench {attention,train,rotary} ...``."""
+"""``megafire bench {attention,train,rotary,overhead} ...``."""
 from __future__ import annotations
 
 import importlib
 import sys
 
 BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train",
-           "rotary": "megafire.bench.rotary"}
+           "rotary": "megafire.bench.rotary", "overhead": "megafire.bench.overhead"}
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ per encoding: the host time to issue one fwd+bwd call (no sync), and the GPU tim
 measured with the host far ahead (the stream held by a sleep kernel while calls queue up).
 ``--profile`` adds a cProfile of the FIRE calls (where the host time goes).
 
-    python3 -m megafire.bench.overhead [--encodings fire,alibi] [--profile]
+    megafire bench overhead [--encodings fire,alibi] [--shape B,N,H,D] [--profile]
 """
 from __future__ import annotations
 
@@ -22,17 +22,20 @@ def main(argv=None) -> int:
     import torch
     from megafire.attention.fused import fused_bias_attention
     from megafire.positional import build_encoding
-    ap = argparse.ArgumentParser(prog="python3 -m megafire.bench.overhead", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="megafire bench overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--encodings", default="fire,alibi,kerple_log,t5")
     ap.add_argument("--shape", default="32,512,12,64", help="B,N,H,D")
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        B, N, H, D = (int(x) for x in args.shape.split(","))
+    except ValueError:
+        ap.error(f"--shape must be four integers B,N,H,D (e.g. 32,512,12,64), got {args.shape!r}")
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    B, N, H, D = (int(x) for x in args.shape.split(","))
     print(f"GPU: {torch.cuda.get_device_name()}  B={B} N={N} H={H} D={D} bf16, bf16 encoding weights")
     for name in args.encodings.split(","):
         torch.manual_seed(0)
