@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--shape must be four integers B,N,H,D (e.g. 32,512,12,64), got {args.shape!r}")
     if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
+        print("megafire bench overhead needs a CUDA GPU (it times the Triton kernels)", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  B={B} N={N} H={H} D={D} bf16, bf16 encoding weights")
