@@ -139,8 +139,8 @@ def _t5(enc: T5RelativeBias, rel, dtype, device):
 
 
 def fire_segment_tables(w1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor):
-    """(A, D [H, W + 1], sorted kinks [W]) of a depth-1 FIRE MLP, differentiable in the weights
-    (sort + cumsum; the maths in :mod:`megafire.attention.fused._fire_tables`)."""
+    """(A, D [H, W + 1], sorted kinks [W], sort order [W]) of a depth-1 FIRE MLP, differentiable
+    in the weights (sort + cumsum; the maths in :mod:`megafire.attention.fused._fire_tables`)."""
     nz = w1 != 0
     kink = torch.where(nz, -b1 / torch.where(nz, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
     ks, order = torch.sort(kink.detach(), stable=True)
@@ -150,7 +150,7 @@ def fire_segment_tables(w1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2
     D0 = b2 + W2 @ (b1 * neg + F.relu(b1) * (~nz).to(w1.dtype))
     A = torch.cat([A0[:, None], A0[:, None] + (W2s * w1s.abs()).cumsum(1)], 1)
     D = torch.cat([D0[:, None], D0[:, None] + (W2s * b1s * torch.sign(w1s)).cumsum(1)], 1)
-    return A, D, ks
+    return A, D, ks, order
 
 
 def _fire(enc: FIRE, rel, q_pos, dtype):
@@ -164,8 +164,8 @@ def _fire(enc: FIRE, rel, q_pos, dtype):
         c = cap(_per_head(enc.c.to(dtype), H))
     if enc.progressive:                                              # n(i) = psi(max(L, q_pos[i])) + eps, [(B,) Tq]
         norm = _row(cap(enc.psi(torch.maximum(q_pos.to(dtype), enc.L.to(dtype))) + enc.eps))
-    A, D, ks = fire_segment_tables(hidden.weight[:, 0].to(dtype), hidden.bias.to(dtype), out.weight.to(dtype),
-                                   out.bias.to(dtype))
+    A, D, ks, _ = fire_segment_tables(hidden.weight[:, 0].to(dtype), hidden.bias.to(dtype), out.weight.to(dtype),
+                                      out.bias.to(dtype))
     A, D = cap(A), cap(D)                                            # [H, W + 1] each
     width = ks.numel()
 

@@ -1,9 +1,10 @@
 """FIRE's piecewise-linear tables and MLP gradients (the single-program Triton kernels of
 ``megafire.attention.fused._fire_tables``) against literal PyTorch formulas.
 
-The references below are written independently of the kernels' masked-sum formulation:
-they sort the kinks with ``torch.sort`` and use cumulative sums, as the maths in the module
-docstring reads. The gradient reference goes further: it differentiates the MLP itself with
+The table reference is the flex backend's differentiable one, written independently of the
+kernels' masked-sum formulation: it sorts the kinks with ``torch.sort`` and uses cumulative
+sums, as the maths in the module docstring reads; the tables are also checked against the MLP
+itself at sample points. The gradient reference goes further: it differentiates the MLP itself with
 autograd on sampled x values whose segment moments are fed to the kernel.
 """
 from __future__ import annotations
@@ -12,24 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megafire.attention.flex import fire_segment_tables
 from megafire.attention.fused._fire_tables import fire_mlp_grads, fire_tables
 
 LOG2E = 1.4426950408889634
 
 
 def reference_tables(w1, b1, W2, b2, nbins):
-    """(A, D [H, W + 1], dA [H, W] by rank, sorted kinks, SEGLO, SEGHI) by sort + cumsum."""
-    nz = w1 != 0
-    kink = torch.where(nz, -b1 / torch.where(nz, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
-    ks, order = torch.sort(kink, stable=True)
-    w1s, b1s, W2s = w1[order], b1[order], W2[:, order]
-    dA = W2s * w1s.abs()
-    dD = W2s * (b1s * torch.sign(w1s))
-    neg = (w1 < 0).to(w1.dtype)
-    A0 = W2 @ (w1 * neg)
-    D0 = b2 + W2 @ (b1 * neg + F.relu(b1) * (~nz).to(w1.dtype))
-    A = torch.cat([A0[:, None], A0[:, None] + dA.cumsum(1)], 1)
-    D = torch.cat([D0[:, None], D0[:, None] + dD.cumsum(1)], 1)
+    """(A, D [H, W + 1], dA [H, W] by rank, sorted kinks, SEGLO, SEGHI, sort order): the flex
+    backend's sort + cumsum tables (an implementation independent of the kernel's masked sums),
+    the bins by searchsorted."""
+    A, D, ks, order = fire_segment_tables(w1, b1, W2, b2)
+    dA = W2[:, order] * w1[order].abs()            # the slope step at each sorted kink
     edges = torch.arange(nbins + 1, dtype=torch.float32) / nbins
     seglo = torch.searchsorted(ks, edges[:-1], right=False)
     seghi = torch.searchsorted(ks, edges[1:], right=True)
@@ -97,8 +92,7 @@ def test_mlp_grads_equal_autograd_of_the_mlp(W, H):
     (mlp(x.reshape(-1), *params) * dS.reshape(-1, H)).sum().backward()
     want = [p.grad for p in params]
 
-    kink = torch.where(w1 != 0, -b1 / torch.where(w1 != 0, w1, torch.ones_like(w1)), torch.full_like(w1, float("inf")))
-    ks, _ = torch.sort(kink, stable=True)
+    ks = fire_segment_tables(w1, b1, W2, b2)[2]
     NS = W + 1
     tot = torch.zeros(H, 2 * NS + 2 * W, dtype=torch.float64)
     for t in range(n_tiles):                        # what the dq kernel reduces, tile by tile
