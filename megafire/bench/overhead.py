@@ -21,7 +21,7 @@ import time
 def main(argv=None) -> int:
     import torch
     from megafire.attention.fused import fused_bias_attention
-    from megafire.positional import build_encoding
+    from megafire.bench.attention import _build
     ap = argparse.ArgumentParser(prog="megafire bench overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--encodings", default="fire,alibi,kerple_log,t5")
     ap.add_argument("--shape", default="32,512,12,64", help="B,N,H,D")
@@ -38,9 +38,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  B={B} N={N} H={H} D={D} bf16, bf16 encoding weights")
     for name in args.encodings.split(","):
-        torch.manual_seed(0)
-        opts = {"init_L": 512.0} if name == "fire" else {}
-        enc = build_encoding(name, num_heads=H, head_dim=D, **opts).to(dev).to(torch.bfloat16)
+        enc = _build(name, H, D, dev)                 # the attention bench's fixed-seed encoding
+        enc = None if enc is None else enc.to(torch.bfloat16)
         q, k, v = (torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         pos = torch.arange(N, device=dev)
         do = torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16)
