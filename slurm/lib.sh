@@ -19,7 +19,7 @@
 #   1. resume: if $RUN_DIR/checkpoints/latest exists, add --train.resume=true
 #   2. start the training step with srun in the background and wait for it
 #   3. SIGUSR1 to this script (sbatch --signal=B:USR1@SECONDS, before the time limit): forward
-#      SIGUSR1 to every process of the job's steps (scancel --signal=USR1 JOBID); the trainer
+#      SIGUSR1 to srun, which passes it to every process of the training step; the trainer
 #      checkpoints at the next step boundary and exits 124
 #   4. step exit 0 (no SIGUSR1 seen): done. Exit 124, or any exit after our SIGUSR1: `scontrol requeue` the job
 #      (it restarts under the same job id and resumes from latest). SIGTERM from Slurm
@@ -29,6 +29,18 @@
 EXIT_PREEMPTED=124
 
 _mf_log() { echo "[megafire-slurm $(date +%H:%M:%S)] $*"; }
+
+# SIGUSR1 to the training step: srun passes it to its step on every node by talking to the
+# nodes' slurmd directly, and slurmstepd signals the whole process tree of each task (torchrun's
+# workers included). `scancel --signal=USR1 JOBID` goes through slurmctld instead; once in CI
+# (Slurm 22.05) that request reached slurmctld (REQUEST_KILL_JOB in its log) but the trainer
+# never stopped and trained to the end. scancel stays as the fallback for when srun is gone.
+_mf_forward_usr1() {
+  if [ -n "${_MF_STEP_PID:-}" ] && kill -USR1 "$_MF_STEP_PID" 2>/dev/null; then
+    return 0
+  fi
+  scancel --signal=USR1 "$SLURM_JOB_ID" || _mf_log "warning: could not forward SIGUSR1 to the training step"
+}
 
 megafire_slurm_train() {
   set -uo pipefail
@@ -77,9 +89,9 @@ megafire_slurm_train() {
     _mf_log "restart count $restarts > MAX_REQUEUES=$max_requeues: giving up"; return 3
   fi
 
-  _MF_SIGNAL=""
+  _MF_SIGNAL="" _MF_STEP_PID=""
   trap '_MF_SIGNAL=USR1; _mf_log "SIGUSR1 (time limit near): asking the trainer to checkpoint and exit";
-        scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+        _mf_forward_usr1' USR1
   trap '_MF_SIGNAL=TERM; _mf_log "SIGTERM from Slurm: waiting for the trainer to checkpoint"' TERM
 
   _mf_log "srun ${srun_opts[*]} ${launch[*]} ${cmd[*]} ${args[*]}"
@@ -89,6 +101,7 @@ megafire_slurm_train() {
   # rank does not leave the rest hanging in a collective until the NCCL timeout).
   srun --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-60}" "${srun_opts[@]}" "${launch[@]}" "${cmd[@]}" "${args[@]}" &
   local pid=$! rc
+  _MF_STEP_PID=$pid
   while :; do
     wait "$pid"; rc=$?
     kill -0 "$pid" 2>/dev/null || break       # wait returned because a trap ran: keep waiting

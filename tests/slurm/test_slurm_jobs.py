@@ -108,6 +108,7 @@ def test_requeue_and_time_limit_signal_resume(jobs, trainer, tmp_path):
     jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "2",
               240, "COMPLETED after two restarts")
     text = log()
+    print(text)  # pytest shows it, line by line, under "Captured stdout" when an assert fails
     resumed = [int(k) for k in RESUMED.findall(text)]
     assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < steps, (resumed, text)
     assert "SIGUSR1 (time limit near)" in text and "scontrol requeue" in text, text
@@ -139,3 +140,25 @@ def test_torchrun_launcher_one_task_per_node(jobs, tmp_path):
     assert "[launch/torchrun] node 0/1 x 2 procs" in log and "world_size=2" in log, log
     assert f"master=localhost:{slurm_env.master_port_for_job(job)}" in log, log
     assert_metrics_complete(run_dir, 4)
+
+
+def test_torchrun_workers_stop_on_usr1_and_resume(jobs, tmp_path):
+    """LAUNCHER=torchrun: the agent ignores SIGUSR1 (launch/torchrun.sh), so the batch shell's
+    forward must reach the workers, its grandchildren: they checkpoint and stop, the job is
+    requeued and the next run resumes from that checkpoint and completes."""
+    toy = Trainer("toy", str(ROOT / "tests/slurm/_toy_train.py"), extra=["--toy.step_seconds=0.05"])
+    run_dir, name, steps = tmp_path / "run", "mf-torchrun-usr1", 400  # 20 s of steps: not outrun
+    job = jobs.submit("train-cpu.sbatch", name, run_dir, toy, toy.args(steps, 0),
+                      sbatch_opts=["--ntasks-per-node=1", "--cpus-per-task=2"],
+                      env_extra={"LAUNCHER": "torchrun", "NPROC_PER_NODE": "2",
+                                 "MEGAFIRE_PYTHON": sys.executable})
+    _wait_for(lambda: len(read_metrics(run_dir)) >= 3, 120, "training", jobs, job, name)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
+              180, "COMPLETED after one restart")
+    text = jobs.log(job, name)
+    print(text)
+    resumed = [int(k) for k in RESUMED.findall(text)]
+    assert len(resumed) == 1 and 3 <= resumed[0] < steps, resumed
+    assert "SIGUSR1 (time limit near)" in text and "restart 1" in text
+    assert_metrics_complete(run_dir, steps)
