@@ -246,7 +246,10 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads bare yes/no/on/off as booleans
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r} (YAML reads a bare "
+                              f"yes/no/on/off/true/false as a boolean: quote the value)")
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
         return str(value)
     return value

@@ -94,6 +94,7 @@ def test_vocab_mismatch_fails_before_training(tmp_path):
     (["--train.tokens_per_step=100"], "tokens_per_step"),
     (["--parallel.zero_stage=5"], "allowed: 0, 1, 2, 3"),
     (["--ds-config", "/nonexistent.json"], "does not exist"),
+    (["--attention.backend=on"], "'attention.backend' must be a string, got True (YAML reads a bare"),
 ])
 def test_cli_bad_config(tmp_path, capsys, argv, msg):
     import yaml
