@@ -125,16 +125,21 @@ def test_requeue_and_time_limit_signal_resume(jobs, trainer, tmp_path):
     print("sacct -D:", rows)
 
 
+def _submit_torchrun_toy(jobs, name: str, run_dir: Path, steps: int, step_seconds: float) -> str:
+    """The stand-in trainer under LAUNCHER=torchrun: one srun task on the node, 2 workers."""
+    toy = Trainer("toy", str(ROOT / "tests/slurm/_toy_train.py"), extra=[f"--toy.step_seconds={step_seconds}"])
+    return jobs.submit("train-cpu.sbatch", name, run_dir, toy, toy.args(steps, 0),
+                       sbatch_opts=["--ntasks-per-node=1", "--cpus-per-task=2"],
+                       env_extra={"LAUNCHER": "torchrun", "NPROC_PER_NODE": "2",
+                                  "MEGAFIRE_PYTHON": sys.executable})
+
+
 def test_torchrun_launcher_one_task_per_node(jobs, tmp_path):
     """LAUNCHER=torchrun: one srun task per node runs launch/torchrun.sh, which spawns 2
     processes with the master address/port derived from Slurm (stand-in trainer: fast)."""
     import slurm_env
-    toy = Trainer("toy", str(ROOT / "tests/slurm/_toy_train.py"), extra=["--toy.step_seconds=0.01"])
     run_dir, name = tmp_path / "run", "mf-torchrun"
-    job = jobs.submit("train-cpu.sbatch", name, run_dir, toy, toy.args(4, 0),
-                      sbatch_opts=["--ntasks-per-node=1", "--cpus-per-task=2"],
-                      env_extra={"LAUNCHER": "torchrun", "NPROC_PER_NODE": "2",
-                                 "MEGAFIRE_PYTHON": sys.executable})
+    job = _submit_torchrun_toy(jobs, name, run_dir, steps=4, step_seconds=0.01)
     jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED", 120, "COMPLETED")
     log = jobs.log(job, name)
     assert "[launch/torchrun] node 0/1 x 2 procs" in log and "world_size=2" in log, log
@@ -146,12 +151,8 @@ def test_torchrun_workers_stop_on_usr1_and_resume(jobs, tmp_path):
     """LAUNCHER=torchrun: the agent ignores SIGUSR1 (launch/torchrun.sh), so the batch shell's
     forward must reach the workers, its grandchildren: they checkpoint and stop, the job is
     requeued and the next run resumes from that checkpoint and completes."""
-    toy = Trainer("toy", str(ROOT / "tests/slurm/_toy_train.py"), extra=["--toy.step_seconds=0.05"])
     run_dir, name, steps = tmp_path / "run", "mf-torchrun-usr1", 400  # 20 s of steps: not outrun
-    job = jobs.submit("train-cpu.sbatch", name, run_dir, toy, toy.args(steps, 0),
-                      sbatch_opts=["--ntasks-per-node=1", "--cpus-per-task=2"],
-                      env_extra={"LAUNCHER": "torchrun", "NPROC_PER_NODE": "2",
-                                 "MEGAFIRE_PYTHON": sys.executable})
+    job = _submit_torchrun_toy(jobs, name, run_dir, steps=steps, step_seconds=0.05)
     _wait_for(lambda: len(read_metrics(run_dir)) >= 3, 120, "training", jobs, job, name)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     jobs.wait(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1",
