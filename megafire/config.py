@@ -25,7 +25,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A bad configuration: the message names the key and what is allowed."""
+    """A bad configuration or input: the message names the key (or file) and what is allowed.
+
+    The base class of every expected error: ``megafire`` prints one ``error:`` line and exits
+    2 (megafire.cli); any other exception is a bug and keeps its traceback.
+    """
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A file or directory named in the config or on the command line does not exist."""
 
 
 def choice(default, *allowed, doc: str = ""):
@@ -114,6 +122,7 @@ class TrainConfig:
     tokens_per_step: int = 8192             # global: micro_batch * seq_len * grad_accum * dp
     micro_batch_tokens: int = 0             # 0: = tokens_per_step / dp (no accumulation)
     lr: float = 3e-4
+    encoding_lr_scale: float = 1.0          # the position encodings' own parameters train at lr * this
     min_lr_ratio: float = 0.1
     warmup_tokens: int = 0
     weight_decay: float = 0.1
@@ -125,6 +134,15 @@ class TrainConfig:
     checkpoint_every_steps: int = 0         # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # resume when `latest` names a damaged checkpoint: false refuses; true moves it aside
+    # (step_X.damaged-<time>) and resumes from the newest sound one (megafire.train.checkpoint)
+    resume_fallback: bool = False
+    # a step with a NaN/inf loss or gradient norm: its update is skipped (and counted), or training
+    # stops; skip mode stops too after max_skipped_consecutive such steps in a row or more than
+    # max(max_skipped_consecutive, max_skipped_fraction * steps done) in all (megafire.train.faults)
+    nonfinite: str = choice("skip", "skip", "stop")
+    max_skipped_consecutive: int = 5
+    max_skipped_fraction: float = 0.05
     log_every_steps: int = 1
     progress: bool = True
 
@@ -137,6 +155,23 @@ class ParallelConfig:
     zero_stage: int = choice(0, 0, 1, 2, 3)
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
+
+
+@dataclass
+class PerfConfig:
+    """Speed of the training step; every switch changes how, never what, is computed.
+
+    ``auto`` turns an optimization on where it is known to help and to be safe: a CUDA
+    device, tp = 1 without sequence parallelism, ZeRO 0-2 (the compiled regions trace
+    through module hooks, which ZeRO-3 uses to gather parameters).
+    """
+    # torch.compile of each block's dense parts (norms, projections, SwiGLU, residuals, RoPE);
+    # the attention kernels stay outside the compiled graphs
+    compile: str = choice("auto", "auto", "true", "false")
+    # cross entropy from bf16 logits in one compiled reduction (no fp32 [tokens, vocab] copies)
+    fused_loss: str = choice("auto", "auto", "true", "false")
+    # tp = 1: call the projections as plain F.linear instead of megatron's autograd Functions
+    direct_linear: bool = True
 
 
 @dataclass
@@ -164,6 +199,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -325,11 +361,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise MissingFileError(f"config file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+            raise ConfigError(f"config file {where}: invalid YAML: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         base = data.pop("base", None)
@@ -343,8 +382,65 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
+#: (key, lowest allowed, whether the lowest is excluded); None values (= automatic) are skipped
+_RANGES = (
+    ("model.vocab_size", 1, False), ("model.hidden_size", 1, False), ("model.num_layers", 1, False),
+    ("model.num_heads", 1, False), ("model.num_kv_heads", 1, False), ("model.ffn_hidden_size", 0, False),
+    ("model.norm_eps", 0, True), ("model.init_std", 0, False), ("model.max_positions", 1, False),
+    ("data.seq_len", 1, False), ("data.num_workers", 0, False),
+    ("train.max_steps", 1, False), ("train.tokens_per_step", 1, False), ("train.micro_batch_tokens", 0, False),
+    ("train.lr", 0, True), ("train.min_lr_ratio", 0, False), ("train.warmup_tokens", 0, False),
+    ("train.weight_decay", 0, False), ("train.beta1", 0, False), ("train.beta2", 0, False),
+    ("train.grad_clip", 0, False), ("train.checkpoint_every_steps", 0, False),
+    ("train.keep_checkpoints", 0, False), ("train.log_every_steps", 0, False),
+    ("eval.max_windows", 1, False), ("eval.batch_size", 1, False),
+)
+#: keys with an upper bound too: (key, highest allowed, whether it is excluded)
+_UPPER = (("train.min_lr_ratio", 1, False), ("train.beta1", 1, True), ("train.beta2", 1, True))
+
+
+def _check_ranges(cfg: Config) -> None:
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+    for key, low, open_ in _RANGES:
+        value = get(key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (open_ and value == low):
+            need = f"> {low}" if open_ else (">= 1" if low == 1 else f">= {low}")
+            raise ConfigError(f"{key} must be {need}, got {value}")
+    for key, high, open_ in _UPPER:
+        value = get(key)
+        if value > high or (open_ and value == high):
+            raise ConfigError(f"{key} must be {'<' if open_ else '<='} {high}, got {value}")
+    for i, multiple in enumerate(cfg.eval.length_multiples):
+        if multiple <= 0:
+            raise ConfigError(f"eval.length_multiples[{i}] must be >= 1, got {multiple}")
+
+
+def _check_position(position: PositionConfig) -> None:
+    """The encoding name and its option names against the registry (megafire.positional)."""
+    import inspect
+
+    from megafire.positional.registry import encoding_class   # imports torch: only when validating
+    try:
+        cls = encoding_class(position.name)
+    except ValueError as e:
+        raise ConfigError(f"model.position.name: {e}") from None
+    params = inspect.signature(cls.__init__).parameters   # what build_encoding accepts
+    accepted = sorted(n for n, p in params.items() if n not in ("self", "num_heads", "head_dim")
+                      and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    unknown = sorted(set(position.options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(f'model.position.options.{u}' for u in unknown)} for "
+                          f"position encoding {position.name!r}; allowed: {', '.join(accepted) or '(none)'}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each error names the keys involved."""
+    _check_ranges(cfg)
+    _check_position(cfg.model.position)
     m = cfg.model
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
@@ -362,6 +458,12 @@ def validate(cfg: Config) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.pp={p.pp} works with parallel.zero_stage 0 or 1 only "
                           f"(DeepSpeed pipelines do not support ZeRO-2/3), got {p.zero_stage}")
+    t = cfg.train
+    if t.max_skipped_consecutive < 1:
+        raise ConfigError(f"train.max_skipped_consecutive must be >= 1, got {t.max_skipped_consecutive} "
+                          f"(to stop at the first non-finite step set train.nonfinite=stop)")
+    if not 0.0 <= t.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
     for i, s in enumerate(cfg.curriculum.stages):
         if s.seq_len <= 0 or s.tokens <= 0:
             raise ConfigError(f"curriculum.stages[{i}] needs seq_len > 0 and tokens > 0, got {s}")
@@ -373,3 +475,5 @@ def validate(cfg: Config) -> None:
                           f"data.seq_len={cfg.data.seq_len}")
     if cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
+    if not cfg.train.encoding_lr_scale > 0:
+        raise ConfigError(f"train.encoding_lr_scale must be positive, got {cfg.train.encoding_lr_scale}")

@@ -1,7 +1,8 @@
 """``megafire bench train``: training throughput of a config, against a peer encoding.
 
     megafire bench train --config configs/arms/125m-fire.yaml [--steps 20] [--warmup 5]
-                         [--peer rope] [--rope-variants] [--out bench.json] [--section.key=value ...]
+                         [--peer rope|compact|none|a,b] [--rope-variants] [--profile DIR]
+                         [--out bench.json] [--section.key=value ...]
 
 Runs the real trainer (DeepSpeed engine, curriculum, same micro-batching) for ``--steps``
 steps on synthetic data (``data.corpus=synthetic``, so the loader is not what is measured;
@@ -10,7 +11,13 @@ directory. Reports the median over the steps after ``--warmup`` of tokens/s, ste
 MFU (GPU, bf16: megafire.flops counts attention and the encoding's own FLOPs), per
 sequence length of the curriculum. ``--peer NAME`` runs the same config again with
 ``model.position.name=NAME`` (default options) and prints the throughput ratio, e.g. FIRE's
-cost against RoPE on flash attention on the same shapes. ``--peer none`` skips it.
+cost against RoPE on flash attention on the same shapes. ``--peer compact`` runs the
+reference arm of :mod:`megafire.bench.compact` instead: a compact ``torch.compile`` GPT of
+the same shape and micro-batch (SDPA causal, fused AdamW, bf16 autocast), the speed a
+researcher gets outside megafire. Several peers: ``--peer compact,rope``. ``--peer none`` skips it.
+``--profile DIR`` traces one optimizer step of the main arm after the warm-up with
+torch.profiler: ``DIR/trace.json.gz`` (chrome trace) and ``DIR/profile.json`` + a printed
+table (GPU kernel time by category, GPU busy time against the step's wall time).
 ``--rope-variants`` runs the RoPE arm (the config's own or the peer) twice, with
 ``model.position.fused_rotary=false`` (torch rotation) and ``=true`` (the Triton kernel),
 prints both rows and the fused / torch throughput ratio.
@@ -33,13 +40,16 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--peer", default="rope", help="encoding to compare against ('none' to skip)")
     p.add_argument("--rope-variants", action="store_true",
                    help="time the rope arm with model.position.fused_rotary=false and =true")
+    p.add_argument("--profile", help="trace one step of the main arm into this directory")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_known_args(argv)
 
 
-def bench_config(config: str, overrides: list[str], steps: int, warmup: int, position: str | None = None) -> dict:
+def bench_config(config: str, overrides: list[str], steps: int, warmup: int, position: str | None = None,
+                 profile_dir: str | None = None) -> dict:
     """Train ``steps`` steps of ``config`` and summarize the per-step records after ``warmup``;
-    ``position`` replaces the encoding (with its default options)."""
+    ``position`` replaces the encoding (with its default options); ``profile_dir`` traces
+    step ``warmup + 1``."""
     from megafire.config import load_config
     from megafire.train.loop import train
     records: list[dict] = []
@@ -50,7 +60,11 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
         cfg = load_config(config, base + overrides + [f"--train.max_steps={steps}"])
         if position is not None:   # set, not merged: the arm's options belong to its own encoding
             cfg.model.position.name, cfg.model.position.options = position, {}
-        train(cfg, callbacks=[lambda trainer, record: records.append(record)], save_final=False)
+        callbacks = [lambda trainer, record: records.append(record)]
+        profiler = _StepProfiler(profile_dir, warmup) if profile_dir else None
+        if profiler is not None:
+            callbacks.append(profiler)
+        train(cfg, callbacks=callbacks, save_final=False)
     kept = records[warmup:] or records
     by_len: dict[int, list[dict]] = {}
     for r in kept:
@@ -62,9 +76,94 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
         summary["by_seq_len"][seq_len] = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
             "step_time_s": statistics.median(r["step_time_s"] for r in rs),
-            "mfu": statistics.median(mfus) if mfus else None, "num_steps": len(rs)}
+            "mfu": statistics.median(mfus) if mfus else None, "num_steps": len(rs),
+            "max_memory_gib": max((r.get("max_memory_gib") or 0.0) for r in rs) or None}
     summary["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in kept)
+    if profiler is not None and profiler.summary is not None:
+        summary["profile"] = profiler.summary
     return summary
+
+
+#: kernel-name fragments -> category, first match wins (cuBLAS / CUTLASS GEMMs, attention
+#: kernels, inductor's generated Triton, the rest by what torch's eager kernels are called)
+CATEGORIES = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas")),
+              ("attention", ("flash", "fmha", "attn", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_fwd", "_dq", "_dkdv",
+                             "_delta", "_tables", "_fire", "_t5")),
+              ("compiled (inductor)", ("triton_",)),
+              ("optimizer", ("adam", "multi_tensor", "foreach")),
+              ("cross entropy", ("log_softmax", "nll_loss", "softmax", "cross_entropy")),
+              ("copy / cast", ("copy", "memcpy", "memset", "cast", "to_copy", "fill")),
+              ("communication", ("nccl",)),
+              ("reduction", ("reduce",)),
+              ("elementwise", ("elementwise", "vectorized", "unrolled")))
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+class _StepProfiler:
+    """A trainer callback: starts torch.profiler after step ``warmup`` and stops after the next."""
+
+    def __init__(self, out_dir: str, warmup: int):
+        self.out_dir, self.start_after, self.prof, self.summary, self.t0 = Path(out_dir), max(warmup, 1), None, None, 0.0
+
+    def __call__(self, trainer, record) -> None:
+        import time
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        if record["step"] == self.start_after:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.prof is not None and record["step"] == self.start_after + 1:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.summary = summarize_profile(self.prof, wall)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            trace = self.out_dir / "trace.json"
+            self.prof.export_chrome_trace(str(trace))
+            import gzip
+            import shutil
+            with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            trace.unlink()
+            (self.out_dir / "profile.json").write_text(json.dumps(self.summary, indent=2))
+            _print_profile(self.summary)
+            self.prof = None
+
+
+def summarize_profile(prof, wall_s: float) -> dict:
+    """GPU kernel time by category and the top kernels, from a finished torch.profiler run."""
+    by_cat: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    count = 0
+    for evt in prof.events():
+        if evt.device_type.name != "CUDA":
+            continue
+        us = evt.device_time
+        count += 1
+        by_cat[categorize(evt.name)] = by_cat.get(categorize(evt.name), 0.0) + us
+        kernels[evt.name] = kernels.get(evt.name, 0.0) + us
+    busy = sum(by_cat.values()) / 1e6
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_busy_fraction": busy / wall_s if wall_s else None,
+            "kernel_launches": count,
+            "by_category_ms": {k: v / 1e3 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:90], us / 1e3] for name, us in top]}
+
+
+def _print_profile(p: dict) -> None:
+    print(f"profile: wall {1000 * p['wall_s']:.1f} ms, GPU busy {1000 * p['gpu_busy_s']:.1f} ms "
+          f"({100 * (p['gpu_busy_fraction'] or 0):.0f}%), {p['kernel_launches']} kernels")
+    for cat, ms in p["by_category_ms"].items():
+        print(f"  {cat:<22} {ms:>9.1f} ms")
+    for name, ms in p["top_kernels_ms"][:8]:
+        print(f"    {ms:>8.1f} ms  {name}")
 
 
 # --rope-variants: (label suffix, extra overrides) per run of the rope arm
@@ -74,16 +173,27 @@ ROPE_VARIANTS = (("torch", ["--model.position.fused_rotary=false"]), ("fused", [
 def _print(summary: dict) -> None:
     for seq_len, s in summary["by_seq_len"].items():
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"
+        mem = f"{s['max_memory_gib']:.1f} GiB" if s.get("max_memory_gib") else "n/a"
         print(f"{summary['label']:<15} seq_len {seq_len:>6}: {s['tokens_per_s']:>12,.0f} tokens/s  "
-              f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  ({s['num_steps']} steps)")
+              f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  peak {mem}  ({s['num_steps']} steps)")
 
 
 def _run_arm(args, overrides: list[str], encoding: str, position: str | None) -> dict[str, dict]:
     """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants."""
+    if encoding == "compact":
+        from megafire.config import load_config
+
+        from .compact import bench_compact
+        summary = bench_compact(load_config(args.config, overrides), args.steps, args.warmup)
+        summary["label"] = "compact"
+        _print(summary)
+        return {"": summary}
     variants = ROPE_VARIANTS if args.rope_variants and encoding == "rope" else (("", []),)
     runs = {}
     for suffix, extra in variants:
-        summary = bench_config(args.config, overrides + extra, args.steps, args.warmup, position=position)
+        profile = args.profile if position is None and not suffix else None
+        summary = bench_config(args.config, overrides + extra, args.steps, args.warmup, position=position,
+                               profile_dir=profile)
         summary["label"] = f"{encoding} ({suffix})" if suffix else encoding
         _print(summary)
         runs[suffix] = summary
@@ -105,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     for suffix, summary in _run_arm(args, overrides, encoding, None).items():
         result["main" + (f"_{suffix}" if suffix else "")] = summary
     mains = {k: v for k, v in result.items() if k.startswith("main")}
-    if args.peer != "none" and args.peer != encoding:
-        peers = _run_arm(args, overrides, args.peer, args.peer)
+    names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
+    for name in names:
+        peers = _run_arm(args, overrides, name, None if name == "compact" else name)
         for suffix, peer in peers.items():
-            key = "peer" + (f"_{suffix}" if suffix else "")
+            key = "peer" + (f"_{suffix}" if suffix else "") + (f"_{name}" if len(names) > 1 else "")
             result[key] = peer
             for main_key, main in mains.items():
                 ratio = main["tokens_per_s"] / peer["tokens_per_s"]

@@ -27,7 +27,8 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from megafire.attention import check_backend, get_attention_fn
+from megafire.attention import check_backend, get_attention_fn, sdpa_attention
+from megafire.attention.dispatch import sdpa_or_fused_attention
 from megafire.config import ModelConfig
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
@@ -72,6 +73,9 @@ class Attention(nn.Module):
         if parallel.sp and self.out.bias is not None:
             self.out.bias.megafire_tp_replicated = True                  # added to each sequence shard
         self.parallel = parallel
+        #: set by megafire.model.perf.apply when the block is compiled
+        self.outside_compile = False
+        self._bound = None              # (device type, attention function) once bound
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden]) -> q [B, T, Hq_local, D], k and v
@@ -88,6 +92,26 @@ class Attention(nn.Module):
         q = q.view(B, T, G * R, D)                                       # [B, T, Hq_local, D]
         kv = kv.view(B, T, G, 2, D)                                      # [B, T, G, 2, D]
         return q, kv[:, :, :, 0], kv[:, :, :, 1]
+
+    def bind(self, device_type: str) -> None:
+        """Resolve the attention backend for ``device_type`` now, eagerly (megafire.model.perf:
+        a compiled block then reads the function instead of tracing the dispatch)."""
+        self._bound = (device_type, get_attention_fn(self.backend, self.encoding, device_type))
+
+    def _attend(self, q, k, v, q_pos, k_pos, segment_ids_q, segment_ids_k) -> torch.Tensor:
+        """The attention backend's call. With ``outside_compile`` (set by megafire.model.perf on
+        compiled blocks) backends other than SDPA run eagerly between the block's two graphs:
+        the Triton autograd Functions keep host-side tables and caches that are not traced."""
+        bound = self._bound
+        if bound is not None and bound[0] == q.device.type:
+            attend = bound[1]
+        else:
+            attend = get_attention_fn(self.backend, self.encoding, q.device.type)
+        if self.outside_compile and attend not in TRACEABLE:
+            return _eager_attention(attend, q, k, v, self.encoding, q_pos, k_pos, segment_ids_q, segment_ids_k,
+                                    self.softmax_scale)
+        return attend(q, k, v, self.encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
+                      segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 cache=None) -> torch.Tensor:
@@ -108,7 +132,17 @@ class Attention(nn.Module):
         k_pos, segment_ids_k = positions, segment_ids
         if cache is not None:
             k, v, k_pos, segment_ids_k = cache.update(self.layer_index, k, v)
-        attend = get_attention_fn(self.backend, self.encoding, q.device.type)
-        o = attend(q, k, v, self.encoding, positions, k_pos, causal=True, segment_ids_q=segment_ids,
-                   segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)   # [B, T, Hq_local, D]
+        o = self._attend(q, k, v, positions, k_pos, segment_ids, segment_ids_k)   # [B, T, Hq_local, D]
         return row_parallel(self.out, o.flatten(2), self.parallel)      # [B, T, hidden] (SP: [B, T / tp, hidden])
+
+
+#: backends torch.compile traces (SDPA; the fused branch of sdpa_or_fused breaks the graph itself)
+TRACEABLE = (sdpa_attention, sdpa_or_fused_attention)
+
+
+@torch.compiler.disable
+def _eager_attention(attend, q, k, v, encoding, q_pos, k_pos, segment_ids_q, segment_ids_k, softmax_scale):
+    """A graph break: the attention kernels (Triton autograd Functions with host-side tables
+    and caches) run as they do without compile, between the block's two compiled graphs."""
+    return attend(q, k, v, encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
+                  segment_ids_k=segment_ids_k, softmax_scale=softmax_scale)

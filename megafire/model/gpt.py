@@ -31,6 +31,7 @@ from megafire.positional import PositionalEncoding
 from .block import Block
 from .cache import KVCache
 from .layers import RMSNorm, build_encodings, column_parallel, init_methods
+from .perf import fused_cross_entropy
 
 
 class Embedding(nn.Module):
@@ -98,6 +99,8 @@ class GPT(nn.Module):
                 Block(model, attention.backend, parallel, mp_config, layer_encodings[i], i, fused_qkv=fused_qkv)
                 for i in range(model.num_layers))
             self.head = Head(model, parallel, mp_config)
+        #: lm_loss through megafire.model.perf.fused_cross_entropy (set by perf.apply; tp = 1 only)
+        self.fused_loss = False
         unique = {id(e): e for e in [embed_encoding, *layer_encodings] if e is not None}
         self.encodings: list[PositionalEncoding] = list(unique.values())   # plain list: not re-registered
 
@@ -136,11 +139,11 @@ class GPT(nn.Module):
 
     def loss(self, input_ids, positions, labels, segment_ids=None, loss_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy (see :func:`lm_loss`)."""
-        return lm_loss(self(input_ids, positions, segment_ids), labels, loss_mask)
+        return lm_loss(self(input_ids, positions, segment_ids), labels, loss_mask, fused=self.fused_loss)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None, *,
-            reduction: str = "mean") -> torch.Tensor:
+            reduction: str = "mean", fused: bool = False) -> torch.Tensor:
     """Cross entropy of vocab-parallel logits [B, T, V / tp] against labels [B, T].
 
     ``loss_t = logsumexp_v(logits_t) - logits_t[labels_t]`` via megatron's
@@ -149,15 +152,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torc
     ``reduction="mean"``: ``sum_t m_t loss_t / sum_t m_t``; ``"none"``: masked per-token [B, T].
     The input is not modified (megatron works in place on fp32 logits, so they are cloned;
     bf16 logits are converted to a fp32 copy by megatron anyway).
+    ``fused=True`` (full-vocabulary logits, tp = 1): the same per-token loss from one compiled
+    reduction over the logits in their own dtype (:func:`megafire.model.perf.fused_cross_entropy`).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     mask = (labels >= 0).float()
     if loss_mask is not None:
         mask = mask * loss_mask.float()
-    if logits.dtype == torch.float32:
-        logits = logits.clone()
-    per_token = vocab_parallel_cross_entropy(logits, labels.clamp_min(0)) * mask   # [B, T]
+    if fused:
+        per_token = fused_cross_entropy(logits, labels.clamp_min(0)) * mask          # [B, T]
+    else:
+        if logits.dtype == torch.float32:
+            logits = logits.clone()
+        per_token = vocab_parallel_cross_entropy(logits, labels.clamp_min(0)) * mask   # [B, T]
     if reduction == "none":
         return per_token
     return per_token.sum() / mask.sum().clamp_min(1.0)

@@ -16,6 +16,8 @@ from megafire.parallel.comm import gather_seq, reduce_scatter_seq
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding, build_encoding, encoding_class
 
+from . import perf
+
 
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * w``, computed in fp32, returned in x's dtype."""
@@ -52,6 +54,8 @@ def column_parallel(layer: ColumnParallelLinear, x: torch.Tensor, parallel: Para
     along T and multiplied here (megatron's own call would all-reduce the input gradient, which
     the gather's reduce-scatter already does).
     """
+    if perf.direct(layer):   # tp = 1: the same product without megatron's autograd Function
+        return perf.linear(layer, x, weight)
     if not parallel.sp:
         return layer(x, weight=weight)[0]
     return F.linear(gather_seq(x, parallel.tp_group), layer.weight if weight is None else weight, layer.bias)
@@ -63,6 +67,8 @@ def row_parallel(layer: RowParallelLinear, x: torch.Tensor, parallel: ParallelCo
     Sequence parallel: the sum is reduce-scattered along T, so each rank gets its sequence
     shard [B, T / tp, h]; the (replicated) bias is added to the shard.
     """
+    if perf.direct(layer):
+        return perf.linear(layer, x)
     if not parallel.sp:
         return layer(x)[0]
     y = reduce_scatter_seq(F.linear(x, layer.weight), parallel.tp_group)

@@ -192,8 +192,9 @@ def build_pipeline(gpt, ctx, *, activation_checkpointing: bool = False, dynamic_
                                        forward_fn=_tied_logits, tied_weight_attr=["inner.weight"]))
         else:
             specs.append(LayerSpec(_HeadPipe, module))
-    pipe = _Pipeline(layers=specs, topology=topo, loss_fn=lambda logits, labels: lm_loss(logits, labels),
-                          partition_method="type:_BlockPipe", dynamic_shape=dynamic_shape)
+    pipe = _Pipeline(layers=specs, topology=topo,
+                     loss_fn=lambda logits, labels: lm_loss(logits, labels, fused=gpt.fused_loss),
+                     partition_method="type:_BlockPipe", dynamic_shape=dynamic_shape)
     pipe.set_shared_encoding(shared, ctx)
     grid = pipe._grid
     got = (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank())

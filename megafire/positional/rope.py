@@ -159,6 +159,8 @@ class RoPE(PositionalEncoding):
         from . import rotary_triton  # light; Triton itself is imported on the kernel's first use
         dtypes_ok = q.dtype in rotary_triton.SUPPORTED_DTYPES and k.dtype in rotary_triton.SUPPORTED_DTYPES
         if self.fused_rotary == "auto":
+            if torch.compiler.is_compiling():   # inside a compiled block the rotation fuses with its neighbours
+                return False
             if not (q.is_cuda and dtypes_ok):
                 return False
             error = rotary_triton.triton_import_error()

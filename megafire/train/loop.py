@@ -11,6 +11,7 @@ and the rate are pure functions of the step.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ import yaml
 from megafire.config import Config, ConfigError
 
 from . import checkpoint as ckpt
+from . import faults
 from .components import (DataBundle, LanguageModelLoss, build_data, build_model, check_vocab, encoding_log_values,
                          encodings_of, peak_flops_per_device, train_flops_per_token)
 from .curriculum import Curriculum
@@ -42,6 +44,7 @@ class TrainResult:
     tokens: int
     final_loss: float
     stopped_by_signal: bool
+    skipped_steps: int = 0     # steps whose update was skipped for a non-finite loss / grad norm (faults)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -90,8 +93,11 @@ class Trainer:
         check_vocab(cfg, self.data)
         torch.manual_seed(cfg.train.seed)
         self.model = model_factory(cfg, ctx)
+        self.perf = self._apply_perf()
         self.ds_config = build_ds_config(cfg, self.curriculum, ds_config_override)
         self.engine = initialize_engine(self._engine_module(), cfg, self.ds_config, ctx)
+        faults.install_step_guard(self.engine)
+        self.faults = faults.SkipPolicy(cfg.train)
         self.encodings = self._stage_encodings()
         self.start_step = self._resume(resume_from) if resume_from else 0
         self.stop_requested = False
@@ -101,6 +107,18 @@ class Trainer:
     def _check_parallel_support(self) -> None:
         from megafire.parallel import check_layout
         check_layout(self.cfg, self.world)
+
+    def _apply_perf(self):
+        """The ``perf`` switches (megafire.model.perf), resolved for this run and applied to the
+        model before DeepSpeed wraps it."""
+        from megafire.model import perf
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        flags = perf.resolve(self.cfg.perf, device_type=device_type, tp=self.ctx.tp_size,
+                             sequence_parallel=self.cfg.parallel.sequence_parallel,
+                             zero_stage=self.cfg.parallel.zero_stage)
+        perf.apply(self.model, flags, device_type)
+        log(flags.describe(), self.rank)
+        return flags
 
     @property
     def pipeline(self) -> bool:
@@ -131,28 +149,62 @@ class Trainer:
         return {k: e for k, e in found.items() if any(id(p) in mine for p in e.parameters())}
 
     def _resume_target(self) -> Optional[Path]:
-        """The checkpoint to resume from; refuses to overwrite an existing run by accident."""
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        """The checkpoint to resume from; refuses to overwrite an existing run by accident, to resume
+        from a damaged checkpoint (unless train.resume_fallback) or from one of another model or
+        layout. Rank 0 decides (and moves damaged checkpoints aside); every rank gets its answer."""
         if not self.cfg.train.resume:
-            if latest is not None or (self.run_dir / "metrics.jsonl").exists():
+            if ckpt.latest_checkpoint(self.ckpt_root) is not None or (self.run_dir / "metrics.jsonl").exists():
                 raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a run; pass --train.resume=true "
                                   "to continue it or choose another run.dir")
             return None
-        if latest is None:
+        decision: list = [None]
+        if self.rank == 0:
+            try:
+                found = ckpt.find_checkpoint(
+                    self.ckpt_root, fallback=self.cfg.train.resume_fallback, move_damaged=True, warn=log,
+                    fallback_hint="pass --train.resume_fallback=true to move it aside and resume from the newest "
+                                  "complete checkpoint")
+                if found is not None:
+                    self._check_fits(found)
+                decision = [("ok", found)]
+            except ConfigError as e:
+                decision = [("error", str(e))]
+        if self.world > 1:
+            dist.broadcast_object_list(decision, src=0)
+        kind, value = decision[0]
+        if kind == "error":
+            raise ckpt.CheckpointError(value)
+        if value is None:
             log(f"train.resume=true but {self.ckpt_root} has no checkpoint: starting from step 0", self.rank)
-        return latest
+        return value
 
-    def _resume(self, path: Path) -> int:
-        meta, state = ckpt.load_checkpoint(self.engine, path, rank=self.rank)
+    #: model keys that do not change the function or the weights' shapes (initialization, kernel choice)
+    RESUME_FREE_MODEL_KEYS = ("model.init_std", "model.position.fused_rotary")
+
+    def _check_fits(self, path: Path) -> None:
+        """Before DeepSpeed loads anything: same model (config keys) and layout as the checkpoint."""
+        meta = json.loads((path / "meta.json").read_text())
         expected = {"world_size": self.world, "tp": self.ctx.tp_size, "pp": self.ctx.pp_size,
                     "tokens_per_step": self.cfg.train.tokens_per_step}
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ConfigError(f"cannot resume {path}: it was written with {key}={meta.get(key)}, this run has "
                                   f"{key}={value}")
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        theirs, ours = _flat(saved.get("model") or {}, "model"), _flat(self.cfg.to_dict()["model"], "model")
+        differ = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ours
+                  if k in theirs and theirs[k] != ours[k] and k not in self.RESUME_FREE_MODEL_KEYS]
+        if differ:
+            raise ConfigError(f"cannot resume {path}: its model differs from this run's: {'; '.join(differ)} (resume "
+                              f"with the checkpoint's model settings, see its config.yaml, or start a new run.dir)")
+
+    def _resume(self, path: Path) -> int:
+        meta = json.loads((path / "meta.json").read_text())   # verified and checked by _resume_target
         if self.data.tokenizer_sha256 and meta.get("tokenizer_sha256") not in (None, self.data.tokenizer_sha256):
             raise ConfigError(f"cannot resume {path}: it was trained with tokenizer sha256 "
                               f"{meta['tokenizer_sha256'][:12]}, this run's tokenizer is {self.data.tokenizer_sha256[:12]}")
+        meta, state = ckpt.load_checkpoint(self.engine, path, rank=self.rank, verify=False)
+        self.faults = faults.SkipPolicy(self.cfg.train, **state.get("faults", {}))
         self.data.source.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         log(f"resumed from {path} at step {meta['step']} ({meta['tokens']:,} tokens)", self.rank)
@@ -169,12 +221,14 @@ class Trainer:
             batch = self.data.source.next_batch(stage.micro_batch_size, stage.seq_len)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch)
-            engine.backward(loss)   # TP-replicated gradients are summed by hooks inside backward
-            if engine.is_gradient_accumulation_boundary():
-                if manual_clipping(self.cfg):
-                    grad_norm = clip_gradients(engine, self.cfg.train.grad_clip, self.ctx.tp_group)
-            engine.step()
             losses.append(loss.detach().float())
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and faults.any_nonfinite(losses, engine.device):
+                loss = loss * float("nan")   # NaN gradients on every rank: the optimizer skips the update (faults)
+            engine.backward(loss)   # TP-replicated gradients are summed by hooks inside backward
+            if boundary and manual_clipping(self.cfg):
+                grad_norm = clip_gradients(engine, self.cfg.train.grad_clip, self.ctx.tp_group)
+            engine.step()
         mean = torch.stack(losses).mean()
         if self.ctx.dp_size > 1:
             dist.all_reduce(mean, group=self.ctx.dp_group)
@@ -224,6 +278,7 @@ class Trainer:
                 metrics.write(record)
                 if (step + 1) % max(cfg.train.log_every_steps, 1) == 0:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+                self.faults.check(step + 1, loss, record["grad_norm"], self.last_checkpoint)
                 progress.update(step, loss, record["tokens_per_s"])
                 for callback in self.callbacks:
                     callback(self, record)
@@ -247,7 +302,7 @@ class Trainer:
                 tracker.log_artifact(self.run_dir / "metrics.jsonl")
             tracker.end(status)
         return TrainResult(self.run_dir, step + 1, (step + 1) * cfg.train.tokens_per_step, loss,
-                           self.stop_requested)
+                           self.stop_requested, self.faults.skipped_steps)
 
     def _step(self, step: int) -> dict:
         """Train step ``step`` (0-based) and return its metrics record."""
@@ -259,7 +314,16 @@ class Trainer:
         lr = lr_at_step(step, cfg)
         set_lr(self.engine, lr)
         t0 = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
         loss, grad_norm = self.train_step(stage)
+        skipped = self.engine.skipped_steps > skipped_before   # the optimizer did not apply the update
+        if cfg.train.precision == "fp16":   # a loss-scale overflow is the scaler's business, not a fault
+            bad = not math.isfinite(loss)
+        else:
+            bad = skipped or faults.SkipPolicy.nonfinite(loss, grad_norm)
+        if bad:
+            log(f"step {step + 1}: loss {loss:.4g}, grad norm {grad_norm} not finite: update "
+                f"{'skipped' if skipped else 'APPLIED (the optimizer did not skip it)'}", self.rank)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -271,11 +335,15 @@ class Trainer:
                 "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size, "stage": stage.index,
                 "tokens_per_s": tokens_per_s, "step_time_s": dt, "grad_norm": grad_norm, "mfu": mfu,
                 "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-                **encoding_log_values(self.encodings)}
+                "skipped": skipped, "skipped_steps": self.faults.record(bad), **encoding_log_values(self.encodings)}
 
     # --- checkpoints and signals -------------------------------------------------------
     def save(self, steps_done: int, before_commit=None) -> Path:
-        """Checkpoint after ``steps_done`` optimizer steps (all ranks call this)."""
+        """Checkpoint after ``steps_done`` optimizer steps (all ranks call this); never one with a
+        non-finite weight: that raises faults.TrainingDiverged before anything is written."""
+        bad_weight = faults.first_nonfinite_parameter(self.engine.module, self.engine.device)
+        if bad_weight is not None:
+            raise faults.diverged_weights(steps_done, bad_weight, self.last_checkpoint)
         stage = self.curriculum.stage_at(steps_done - 1)
         meta = {"tokens": self.curriculum.tokens_before(steps_done), "stage": stage.index, "seq_len": stage.seq_len,
                 "world_size": self.world, "tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
@@ -284,7 +352,8 @@ class Trainer:
         if self.pipeline:   # layer index -> GPT sub-module, for megafire.train.universal
             from megafire.parallel.pipeline import layer_prefixes
             meta["pipeline_layers"] = layer_prefixes(self.model)
-        rank_state = {"step": steps_done, "loader": self.data.source.state_dict(), "rng": ckpt.rng_state()}
+        rank_state = {"step": steps_done, "loader": self.data.source.state_dict(), "rng": ckpt.rng_state(),
+                      "faults": self.faults.state_dict()}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.engine, self.ckpt_root, step=steps_done, meta=meta, rank_state=rank_state,
             config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), keep=self.cfg.train.keep_checkpoints,
@@ -309,3 +378,13 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_requested = bool(flag.item())
         return self.stop_requested
+
+
+def _flat(value, prefix: str) -> dict:
+    """Nested config dict -> {"model.position.options.init_L": 16, ...}."""
+    if isinstance(value, dict) and value:
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}

@@ -1,0 +1,132 @@
+"""Speed switches of the training step (``perf`` config section): what each changes and where.
+
+None of them changes the function computed, only how:
+
+* ``direct_linear`` (tp = 1, no sequence parallelism): ``column_parallel`` / ``row_parallel``
+  call ``F.linear(x, W, b)``. At tp = 1 megatron's layers compute exactly ``x W^T + b``
+  through their own autograd Function (copy / reduce regions that are identities, an
+  async-all-reduce code path); the plain call is the same product without that host work,
+  and it is what ``torch.compile`` traces best.
+* ``compile``: each :class:`~megafire.model.block.Block` is compiled in place
+  (``nn.Module.compile``, regional compilation: the blocks share one code object, so one
+  compile serves every layer of the same shapes). The attention kernels (fused Triton, flex)
+  stay outside the graph through ``torch.compiler.disable``; the norms, projections, RoPE
+  rotation, SwiGLU and residual adds around them become a few fused kernels per block.
+  SDPA is traced natively. Shapes are static (``dynamic=False``): a length curriculum
+  recompiles once per stage.
+* ``fused_loss`` (tp = 1): ``lm_loss`` computes ``logsumexp(z) - z[y]`` from the bf16 logits in
+  one compiled reduction; backward ``softmax(z) - onehot(y)`` is one more. Megatron's
+  vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
+  logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
+
+``resolve(perf, ...)`` turns ``auto`` into on/off with the reason; ``apply(gpt, flags)``
+switches a built model. Both are called by the trainer before DeepSpeed wraps the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megafire.config import ConfigError
+
+
+@dataclass(frozen=True)
+class PerfFlags:
+    compile: bool = False
+    fused_loss: bool = False
+    direct_linear: bool = False
+    why: str = ""                 # why an ``auto`` switch resolved off, for the run log
+
+    def describe(self) -> str:
+        on = [k for k in ("compile", "fused_loss", "direct_linear") if getattr(self, k)]
+        return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
+
+
+def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_stage: int) -> PerfFlags:
+    """``perf`` (a PerfConfig) -> concrete flags for this run; impossible ``true`` choices raise."""
+    reasons = []
+    blockers = []
+    if device_type != "cuda":
+        blockers.append("not on CUDA")
+    if tp > 1 or sequence_parallel:
+        blockers.append("tp > 1")
+    if zero_stage >= 3:
+        blockers.append("ZeRO-3 gathers parameters in module hooks")
+
+    def pick(name: str, value: str, needs_tp1: bool) -> bool:
+        if value == "true":
+            if needs_tp1 and (tp > 1 or sequence_parallel):
+                raise ConfigError(f"perf.{name}=true needs parallel.tp=1 (vocab-parallel logits at tp > 1 use "
+                                  f"megatron's cross entropy); allowed here: auto, false")
+            return True
+        if value == "false":
+            return False
+        if blockers:
+            reasons.append(f"{name} off: {', '.join(blockers)}")
+            return False
+        return True
+
+    return PerfFlags(compile=pick("compile", perf.compile, False),
+                     fused_loss=pick("fused_loss", perf.fused_loss, True),
+                     direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel,
+                     why="; ".join(reasons))
+
+
+def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
+    """Switch a built GPT (and the blocks it shares with a pipeline) to ``flags`` for a run on
+    ``device_type``; returns it."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from .attention import Attention
+    from .block import Block
+    for module in gpt.modules():
+        if isinstance(module, Attention):
+            module.bind(device_type)
+    for module in gpt.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.megafire_direct = flags.direct_linear
+    gpt.fused_loss = flags.fused_loss
+    if flags.compile:
+        for module in gpt.modules():
+            if isinstance(module, Block):
+                module.attn.outside_compile = True
+                module.compile(dynamic=False)
+    return gpt
+
+
+def direct(layer: nn.Module) -> bool:
+    """True when ``layer`` (a megatron parallel linear) should run as a plain F.linear."""
+    return getattr(layer, "megafire_direct", False)
+
+
+def linear(layer: nn.Module, x: torch.Tensor, weight=None) -> torch.Tensor:
+    """``x W^T + b`` with the layer's (or the given, tied) weight."""
+    return F.linear(x, layer.weight if weight is None else weight, layer.bias)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] (any float dtype), labels [N] in [0, V) -> fp32 per-token loss [N]."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+_compiled_ce = None
+
+
+def fused_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``logsumexp_v(z) - z[y]`` per token in fp32 from logits [..., V] and labels [...] (>= 0).
+
+    Compiled on first use: the fp32 upcast, the max, the exp-sum and the gather fuse into
+    one pass over the logits; backward reads them once more. Eager ``F.cross_entropy`` on
+    CPU (no compiler needed there; same formula).
+    """
+    global _compiled_ce
+    shape = labels.shape
+    flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not logits.is_cuda:
+        return _cross_entropy(flat, flat_labels).view(shape)
+    if _compiled_ce is None:
+        _compiled_ce = torch.compile(_cross_entropy, dynamic=False)
+    return _compiled_ce(flat, flat_labels).view(shape)
