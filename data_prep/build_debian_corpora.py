@@ -125,7 +125,8 @@ def src_kjv():
                          check=True).stdout
     book, lines = None, []
     for line in out.splitlines():
-        m = re.match(r"^([1-3]?\s?[A-Z][A-Za-z ]+?) \d+:\d+", line)
+        # bible-kjv 4.x prints "Ge1:1 ...", "1Sm1:1 ..." (abbreviation glued to the chapter)
+        m = re.match(r"^([1-3]?\s?[A-Z][A-Za-z ]*?)\s?\d+:\d+", line)
         name = m.group(1) if m else book
         if name != book and lines:
             yield book, book, "\n".join(lines)
