@@ -135,14 +135,30 @@ def read_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {e}") from None
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, encoding_lr_scale: float = 1.0) -> list[dict]:
     """Decay matrices only: norm gains, biases and scalar parameters (FIRE's c and L) are not
-    shrunk towards 0, which for them would be a prior with no meaning."""
-    decay, no_decay = [], []
+    shrunk towards 0, which for them would be a prior with no meaning.
+
+    With ``encoding_lr_scale != 1`` the position encodings' own parameters (FIRE's MLP, c, L;
+    Kerple's r1, r2; T5's table) form two more groups (decay / no decay) whose ``lr_scale``
+    key :func:`set_lr` multiplies the schedule's rate by. At 1.0 the groups are the two
+    above, so existing optimizer checkpoints keep their layout.
+    """
+    from .components import encodings_of
+    scaled = {id(p) for enc in encodings_of(model).values() for p in enc.parameters()} \
+        if encoding_lr_scale != 1.0 else set()
+    decay, no_decay, enc_decay, enc_no_decay = [], [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if id(p) in scaled:
+                (enc_decay if p.dim() >= 2 else enc_no_decay).append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scaled:
+        groups += [{"params": enc_decay, "weight_decay": weight_decay, "lr_scale": encoding_lr_scale},
+                   {"params": enc_no_decay, "weight_decay": 0.0, "lr_scale": encoding_lr_scale}]
+    return [g for g in groups if g["params"] or "lr_scale" not in g]
 
 
 def _skip_shm_build() -> None:
@@ -184,7 +200,8 @@ def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
     _broadcast_0d_params()
     patch_zero3_0d_params()
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay, t.encoding_lr_scale), lr=t.lr,
+                                  betas=(t.beta1, t.beta2),
                                   eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                            mpu=None if isinstance(module, PipelineModule) else DeepSpeedMPU(ctx),
@@ -193,9 +210,10 @@ def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
 
 
 def set_lr(engine, lr: float) -> None:
-    """The rate of every param group (ZeRO wrappers expose their base optimizer's groups)."""
+    """The rate of every param group (ZeRO wrappers expose their base optimizer's groups),
+    times the group's ``lr_scale`` where it has one (param_groups: encoding_lr_scale)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_gradients(engine, max_norm: float, tp_group=None) -> float:
