@@ -90,14 +90,14 @@ def summarize(out: Path, report: dict, times: dict, wall: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.time()
-    from megafire.config import load_config
+    from megafire.config import ConfigError, load_config
     out = Path(args.out).resolve()
     args.out = str(out)
     arms = [a.strip() for a in args.encodings.split(",") if a.strip()]
     from megafire.positional import ENCODINGS
     bad = [a for a in arms if a not in ENCODINGS]
     if bad:
-        raise SystemExit(f"megafire demo: unknown encoding(s) {bad}; allowed: {', '.join(ENCODINGS)}")
+        raise ConfigError(f"megafire demo: unknown encoding(s) {bad}; allowed: {', '.join(ENCODINGS)}")
     base = load_config(args.config, args.overrides)
     train_length = base.train_length
     tok_dir, shard_dir = prepare_data(base, out / "data")

@@ -270,8 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-table", action="store_true", help="only --check (and --tune)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("megafire bench attention needs a CUDA GPU", file=sys.stderr)
-        return 2
+        from megafire.config import ConfigError
+        raise ConfigError("megafire bench attention needs a CUDA GPU")
     dev = torch.device("cuda")
     rows, checks = [], []
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--shape must be four integers B,N,H,D (e.g. 32,512,12,64), got {args.shape!r}")
     if not torch.cuda.is_available():
-        print("megafire bench overhead needs a CUDA GPU (it times the Triton kernels)", file=sys.stderr)
-        return 2
+        from megafire.config import ConfigError
+        raise ConfigError("megafire bench overhead needs a CUDA GPU (it times the Triton kernels)")
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  B={B} N={N} H={H} D={D} bf16, bf16 encoding weights")
     for name in args.encodings.split(","):

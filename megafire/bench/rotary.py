@@ -92,7 +92,8 @@ def run(args) -> list[dict]:
     elif interpreting():   # a smoke run of this script on tiny shapes, not a measurement
         device = "cpu"
     else:
-        raise SystemExit("megafire bench rotary: needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")
+        from megafire.config import ConfigError
+        raise ConfigError("megafire bench rotary needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")
     time_ms = _timer(device)
     dtype = getattr(torch, DTYPES[args.dtype])
     B, hkv = args.batch, args.kv_heads or args.heads

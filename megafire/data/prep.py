@@ -35,6 +35,7 @@ def prep_shards(corpus: str | os.PathLike = "default", tokenizer_path: str | os.
     Defaults to one shard per ~64 documents (at least 2 shards so two DataLoader workers or
     two pool processes have work) when neither ``num_shards`` nor ``docs_per_shard`` is given.
     """
+    Tokenizer(tokenizer_path)   # a missing tokenizer fails before the corpus is read
     docs = load_corpus(corpus, split)
     if num_shards is None and docs_per_shard is None:
         num_shards = max(2, -(-len(docs) // 64))

@@ -28,13 +28,15 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megafire.config import ConfigError, MissingFileError
+
 from .corpus import Document, file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "megafire-shards/1"
 
 
-class ShardError(ValueError):
+class ShardError(ConfigError):
     """A shard is missing, corrupt, or does not match its manifest."""
 
 
@@ -228,7 +230,7 @@ def verify_shards(shard_dir: str | os.PathLike, manifest: dict | None = None) ->
 def read_manifest(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path}; build shards with `megafire prep shards`")
+        raise MissingFileError(f"no shard manifest at {path}; build shards with `megafire prep shards`")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")

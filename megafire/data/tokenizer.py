@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from megafire.config import MissingFileError
+
 from .corpus import Document, corpus_info, file_sha256, load_corpus
 
 MODEL_FILE = "tokenizer.model"
@@ -39,7 +41,8 @@ class Tokenizer:
         if path.is_dir():
             path = path / MODEL_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {path}")
+            raise MissingFileError(f"tokenizer model {path} does not exist (data.tokenizer_dir / --tokenizer: "
+                                   f"a tokenizer.model or its directory; build one with `megafire prep tokenizer`)")
         self.path = path
         self.checksum = file_sha256(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(path))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from megafire.config import ConfigError
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megafire eval", description=__doc__.split("\n\n")[0])
@@ -45,9 +47,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"megafire eval: {flag} must be comma-separated integers, got {text!r}")
+        raise ConfigError(f"megafire eval: {flag} must be comma-separated integers, got {text!r}") from None
     if not values or min(values) <= 0:
-        raise SystemExit(f"megafire eval: {flag} needs positive integers, got {text!r}")
+        raise ConfigError(f"megafire eval: {flag} needs positive integers, got {text!r}")
     return values
 
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = _int_list(args.lengths, "--lengths") if args.lengths else None
     multiples = _int_list(args.multiples, "--multiples") if args.multiples else None
     if args.name and len(args.name) != len(args.checkpoint):
-        raise SystemExit("megafire eval: give one --name per --checkpoint")
+        raise ConfigError("megafire eval: give one --name per --checkpoint")
     results, details = {}, {}
     for i, path in enumerate(args.checkpoint):
         res = evaluate_run(path, lengths, multiples, args)

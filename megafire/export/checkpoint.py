@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from megafire.config import ConfigError
+
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 DS_DIR = "ds"
@@ -36,7 +38,7 @@ WRAPPER_PREFIX = "model."
 EXTRA_STATE_SUFFIX = "._extra_state"
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(ConfigError, FileNotFoundError):
     """A checkpoint that is missing, half-written or in a layout this reader cannot consolidate."""
 
 

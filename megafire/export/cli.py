@@ -23,13 +23,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .checkpoint import CheckpointError
+    from megafire.config import ConfigError
+
     from .export import export_checkpoint
-    try:
+    try:   # a bad checkpoint, tokenizer or --out: one `error:` line from megafire.cli
         export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"megafire export: error: {e}", file=sys.stderr)
-        return 2
+    except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"megafire export: {e}") from None
     print(args.out)
     return 0
 

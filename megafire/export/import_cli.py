@@ -21,12 +21,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from megafire.config import ConfigError
+
     from .importer import import_export
-    try:
+    try:   # an unusable export or --out: one `error:` line from megafire.cli
         path = import_export(args.hf_dir, args.out, overwrite=args.overwrite)
     except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"megafire import: error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"megafire import: {e}") from None
     print(path)
     return 0
 

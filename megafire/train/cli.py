@@ -16,24 +16,105 @@ was written; resume with --train.resume=true; slurm/README.md); 2 on a bad confi
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
+import typing
 
-USAGE = __doc__
+OVERRIDES = """\
+Configuration: every key has a default, so a YAML file (--config FILE) states only what
+differs; a YAML file may name another one as `base: other.yaml` (relative to itself) and
+state what differs from it. Then `--section.key=value` (or `--section.key value`) overrides
+any key below; values are read as YAML (`--train.lr=3e-4`, `--train.resume=true`,
+`--eval.length_multiples=[1,2,4]`, `--model.position.options.init_L=64`). Unknown keys and
+values outside a key's choices are errors. The resolved config is saved as config.yaml in
+the run directory and in every checkpoint."""
 #: stopped by SIGUSR1/SIGTERM after a checkpoint: the Slurm scripts requeue on it (slurm/README.md)
 EXIT_STOPPED = 124
 
 
+def _field_docs(cls) -> dict[str, str]:
+    """Field name -> its one-line doc: ``choice(doc=...)``, else the comment after the field,
+    else the comment lines just above it (how megafire.config documents its fields)."""
+    docs = {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return docs
+    comments: dict[int, tuple[str, bool]] = {}   # line -> (comment text, whole-line comment)
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.start[0] not in code_lines)
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.add(tok.start[0])
+    lines = source.splitlines()
+    for no, line in enumerate(lines, 1):
+        name = line.strip().split(":", 1)[0]
+        if name not in docs or docs[name] or not line.strip().startswith(name + ":"):
+            continue
+        if no in comments and not comments[no][1]:
+            docs[name] = comments[no][0]
+            continue
+        above, k = [], no - 1
+        while k in comments and comments[k][1]:
+            above.insert(0, comments[k][0])
+            k -= 1
+        docs[name] = " ".join(above)
+    return docs
+
+
+def _fields_help(cls, prefix: str) -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}.{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _fields_help(tp, key)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        doc = docs[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):
+            doc = (doc + "; " if doc else "") + "a list of {" + ", ".join(x.name for x in dataclasses.fields(item)) + "}"
+        if f.metadata.get("choices"):
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, f.metadata["choices"]))
+        import yaml   # values as an override or a YAML file spells them
+        value = yaml.safe_dump(default, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+        left = f"    {key}={value}"
+        if len(left) > 43:
+            out.append(left)
+            left = ""
+        out += textwrap.wrap(doc, 110, initial_indent=f"{left:<44}", subsequent_indent=" " * 44) or [left]
+    return out
+
+
+def config_help() -> str:
+    """The config sections and their keys with defaults and docs, from megafire.config."""
+    from megafire import config
+    lines = ["config sections (--section.key=value; default shown):"]
+    for f in dataclasses.fields(config.Config):
+        cls = typing.get_type_hints(config.Config)[f.name]
+        lines += ["", f"  {f.name}: {(inspect.getdoc(cls) or '').splitlines()[0]}"]
+        lines += _fields_help(cls, f.name)
+    return "\n".join(lines)
+
+
+def usage() -> str:
+    head = "usage: megafire train --config FILE [--ds-config FILE] [--init-from PATH] [--section.key=value ...]"
+    return "\n\n".join([head, __doc__.strip().split("\n\n", 1)[1], OVERRIDES, config_help()])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if not argv or "-h" in argv or "--help" in argv:
+        print(usage())
         return 0
-    import warnings
-    # megatron-core warns at import that optional CUDA packages are absent, and per layer that
-    # tp_group will be mandatory; neither is actionable here and they bury the progress lines.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*tp_group is None.*")
     from megafire.config import ConfigError, load_config
     config_path = ds_config_path = init_from = None
     rest: list[str] = []
@@ -44,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if arg == flag or arg.startswith(flag + "="):
                 value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
                 if value is None:
-                    print(f"megafire train: {flag} needs a file", file=sys.stderr)
-                    return 2
+                    raise ConfigError(f"megafire train: {flag} needs a file")
                 i += 0 if "=" in arg else 1
                 if flag == "--config":
                     config_path = value
@@ -57,19 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(arg)
         i += 1
-    try:
-        cfg = load_config(config_path, rest)
-        from .engine import read_ds_config
-        override = read_ds_config(ds_config_path) if ds_config_path else None
-        from .loop import train
-        extra = {}
-        if init_from:
-            from .universal import init_from_factory
-            extra["model_factory"] = init_from_factory(init_from)
-        result = train(cfg, ds_config_override=override, **extra)
-    except ConfigError as e:
-        print(f"megafire train: error: {e}", file=sys.stderr)
-        return 2
+    # a ConfigError (bad key, value or file) becomes one `error:` line and exit 2 in megafire.cli
+    cfg = load_config(config_path, rest)
+    from .engine import read_ds_config
+    override = read_ds_config(ds_config_path) if ds_config_path else None
+    from .loop import train
+    extra = {}
+    if init_from:
+        from .universal import init_from_factory
+        extra["model_factory"] = init_from_factory(init_from)
+    result = train(cfg, ds_config_override=override, **extra)
     if os.environ.get("RANK", "0") == "0":   # one summary line, not one per rank
         print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
               f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megafire.config import Config, load_config
+from megafire.config import Config, MissingFileError, load_config
 
 from . import checkpoint as ckpt
 
@@ -26,9 +26,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
+    if not path.exists():
+        raise MissingFileError(f"checkpoint {path} does not exist")
     found = ckpt.latest_checkpoint(path / "checkpoints")
     if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
+        raise MissingFileError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
     return found
 
 

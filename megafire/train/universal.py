@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from megafire.config import Config, load_config
+from megafire.config import Config, MissingFileError, load_config
 
 from . import checkpoint as ckpt
 
@@ -71,10 +71,12 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if is_universal(path) or (path / "meta.json").is_file():
         return path
+    if not path.exists():
+        raise MissingFileError(f"checkpoint {path} does not exist")
     found = ckpt.latest_checkpoint(path / "checkpoints")
     if found is None:
-        raise FileNotFoundError(f"{path} is neither a universal checkpoint, a checkpoint, nor a run directory "
-                                f"with a complete checkpoint")
+        raise MissingFileError(f"{path} is neither a universal checkpoint, a checkpoint, nor a run directory "
+                               f"with a complete checkpoint")
     return found
 
 
