@@ -5,8 +5,7 @@ Every backend has the signature of :func:`megafire.attention.reference.reference
     fn(q, k, v, encoding, q_pos, k_pos, *, causal, segment_ids_q, segment_ids_k, softmax_scale)
 
 ``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
-otherwise ``reference``; encodings without a bias use ``sdpa``, and on CUDA with document
-masks (segment ids) the fused kernels without a bias (:func:`sdpa_or_fused_attention`). ``flex`` (torch FlexAttention,
+otherwise ``reference``; encodings without a bias use ``sdpa``. ``flex`` (torch FlexAttention,
 :mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
 forward only (torch has no CPU FlexAttention backward; a gradient there is a ConfigError at
 the call). Explicit choices that cannot work raise :class:`~megafire.config.ConfigError`
@@ -17,8 +16,6 @@ from __future__ import annotations
 
 import logging
 from typing import Callable, Optional
-
-import torch
 
 from megafire.config import ConfigError
 from megafire.positional.base import PositionalEncoding
@@ -106,38 +103,12 @@ def _flex_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
 _FUNCTIONS: dict[str, Callable] = {"reference": reference_attention, "sdpa": sdpa_attention,
                                    "fused": _fused_attention, "flex": _flex_attention}
 
-#: head dims and dtypes the fused kernels take without a bias (the ``auto`` document-mask path)
-_FUSED_PLAIN_DIMS = (16, 32, 64, 128)
-_FUSED_PLAIN_DTYPES = ("torch.bfloat16", "torch.float16")
-
-
-@torch.compiler.disable
-def _fused_plain(q, k, v, q_pos, k_pos, **kwargs):
-    # a graph break under torch.compile: the Triton autograd Function runs eagerly
-    return _fused_attention(q, k, v, None, q_pos, k_pos, **kwargs)
-
-
-def sdpa_or_fused_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True, segment_ids_q=None,
-                            segment_ids_k=None, softmax_scale=None):
-    """``auto`` for encodings without a bias on CUDA: SDPA (flash) when no document mask is
-    needed; with segment ids, SDPA could only take a dense boolean mask and leave the flash
-    path (memory-efficient kernel, an O(T^2) mask per batch), so the fused kernels run them
-    with no bias instead (same masking convention, O(T) memory, flash speed)."""
-    if (segment_ids_q is not None and q.shape[1] == k.shape[1] and q.shape[-1] in _FUSED_PLAIN_DIMS
-            and str(q.dtype) in _FUSED_PLAIN_DTYPES):
-        return _fused_plain(q, k, v, q_pos, k_pos, causal=causal, segment_ids_q=segment_ids_q,
-                            segment_ids_k=segment_ids_k, softmax_scale=softmax_scale)
-    return sdpa_attention(q, k, v, encoding, q_pos, k_pos, causal=causal, segment_ids_q=segment_ids_q,
-                          segment_ids_k=segment_ids_k, softmax_scale=softmax_scale)
-
 
 def get_attention_fn(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> Callable:
     """Resolve and return the attention function; logs the choice once."""
     name = resolve_backend(backend, encoding, device_type)
-    if backend == "auto" and name == "sdpa" and device_type == "cuda" and _fused_module() is not None:
-        name = "sdpa_or_fused"
     key = (backend, getattr(encoding, "name", "none"), device_type, name)
     if key not in _logged:
         _logged.add(key)
         log.info("attention.backend=%s with encoding %s on %s -> %s", backend, key[1], device_type, name)
-    return sdpa_or_fused_attention if name == "sdpa_or_fused" else _FUNCTIONS[name]
+    return _FUNCTIONS[name]

@@ -28,7 +28,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megafire.attention import check_backend, get_attention_fn, sdpa_attention
-from megafire.attention.dispatch import sdpa_or_fused_attention
 from megafire.config import ModelConfig
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
@@ -136,8 +135,9 @@ class Attention(nn.Module):
         return row_parallel(self.out, o.flatten(2), self.parallel)      # [B, T, hidden] (SP: [B, T / tp, hidden])
 
 
-#: backends torch.compile traces (SDPA; the fused branch of sdpa_or_fused breaks the graph itself)
-TRACEABLE = (sdpa_attention, sdpa_or_fused_attention)
+#: backends torch.compile traces: SDPA (with a document mask it takes a boolean mask, which
+#: cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md, the v4 profile)
+TRACEABLE = (sdpa_attention,)
 
 
 @torch.compiler.disable

@@ -158,7 +158,27 @@ def param_groups(model: nn.Module, weight_decay: float, encoding_lr_scale: float
     if scaled:
         groups += [{"params": enc_decay, "weight_decay": weight_decay, "lr_scale": encoding_lr_scale},
                    {"params": enc_no_decay, "weight_decay": 0.0, "lr_scale": encoding_lr_scale}]
+    for g in groups:
+        g["params"] = aligned_order(g["params"])
     return [g for g in groups if g["params"] or "lr_scale" not in g]
+
+
+#: elements per 16 bytes at 2 bytes each (bf16 / fp16): the vector width compiled kernels assume
+ALIGN_ELEMENTS = 8
+
+
+def aligned_order(params: list) -> list:
+    """Parameters whose size is a multiple of 16 bytes first, the odd-sized ones (FIRE's c, L
+    and MLP biases, Kerple's per-head r1, r2) last, each part in model order.
+
+    ZeRO 1/2 flatten a group into one buffer and give each parameter a view at its running
+    offset; one odd-sized parameter early in the group would put every later weight at an
+    address that is not 16-byte aligned, and compiled (inductor) kernels that load 16 bytes
+    at a time fault on such a view ("misaligned address"). The order changes no update: AdamW
+    is per parameter and the gradient norm sums the same squares.
+    """
+    return ([p for p in params if p.numel() % ALIGN_ELEMENTS == 0]
+            + [p for p in params if p.numel() % ALIGN_ELEMENTS != 0])
 
 
 def _skip_shm_build() -> None:
