@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-position", action="store_true", help="also store the mean NLL at every position")
     p.add_argument("--no-tracking", action="store_true", help="do not log to the runs' MLflow stores")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="evaluate weights holding NaN or inf (a diverged run; for forensics) instead of refusing")
     return p
 
 
@@ -69,7 +71,7 @@ def evaluate_run(path: str, lengths: list[int] | None, multiples: list[int] | No
     from megafire.train import load_model
 
     from .length import perplexity_by_length
-    model, cfg = load_model(path, device=args.device, with_config=True)
+    model, cfg = load_model(path, device=args.device, with_config=True, allow_nonfinite=args.allow_nonfinite)
     train_length = cfg.train_length
     if lengths is None:
         lengths = [m * train_length for m in (multiples or cfg.eval.length_multiples)]

@@ -218,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="attention.backend override (auto, reference, sdpa, fused)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="evaluate weights holding NaN or inf (a diverged run; for forensics) instead of refusing")
     return p
 
 
@@ -245,7 +247,8 @@ def _lengths(args, cfg) -> list[int]:
 def run(args) -> int:
     import megafire
     checkpoint = Path(args.checkpoint)
-    model = megafire.load_checkpoint(checkpoint, device=args.device, backend=args.backend)
+    model = megafire.load_checkpoint(checkpoint, device=args.device, backend=args.backend,
+                                     allow_nonfinite=getattr(args, "allow_nonfinite", False))
     if model.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer found for {checkpoint}")
     cfg = model.config

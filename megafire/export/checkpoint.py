@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from megafire.train import checkpoint as _train_ckpt
+
 from megafire.config import ConfigError
 
 META_FILE = "meta.json"
@@ -38,8 +40,9 @@ WRAPPER_PREFIX = "model."
 EXTRA_STATE_SUFFIX = "._extra_state"
 
 
-class CheckpointError(ConfigError, FileNotFoundError):
-    """A checkpoint that is missing, half-written or in a layout this reader cannot consolidate."""
+#: a checkpoint that is missing, half-written, damaged or in a layout this reader cannot consolidate
+#: (one class for every reader: megafire.train.checkpoint.verify_checkpoint raises it too)
+CheckpointError = _train_ckpt.CheckpointError
 
 
 @dataclass
@@ -48,6 +51,10 @@ class CheckpointInfo:
     path: Path                  # the step directory
     run_dir: Optional[Path]     # its run directory, when it sits in RUN_DIR/checkpoints/
     meta: dict
+
+
+#: what export reads of a checkpoint: the model files (sharded layouts: megafire.train.universal checks its own)
+_NEEDS = {"trainer_state": False, "optimizer": False}
 
 
 def _checkpoints_root(path: Path) -> Optional[Path]:
@@ -59,16 +66,11 @@ def _checkpoints_root(path: Path) -> Optional[Path]:
 
 
 def _latest_complete(root: Path) -> Path:
-    """The checkpoint ``latest`` names if complete, else the newest complete one; error if none."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / META_FILE).is_file():
-            return target
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                      and (p / META_FILE).is_file())
-    if complete:
-        return complete[-1]
+    """The checkpoint ``latest`` names if sound, else (with a warning naming the skipped one and
+    why) the newest sound one: megafire.train.checkpoint.find_checkpoint; error if none."""
+    found = _train_ckpt.find_checkpoint(root, fallback=True, warn=_train_ckpt.warn, **_NEEDS)
+    if found is not None:
+        return found
     partial = sorted(p.name for p in root.iterdir() if p.is_dir())
     found = f"; found only incomplete entries: {', '.join(partial)}" if partial else ""
     raise CheckpointError(f"no complete checkpoint under {root} (a checkpoint is complete once its "
@@ -98,10 +100,7 @@ def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
             raise CheckpointError(f"{path} is neither a megafire run directory (no checkpoints/) nor a "
                                   f"checkpoint (no {META_FILE})")
         path = _latest_complete(root)
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {META_FILE}: {e}") from None
+    meta = _train_ckpt.verify_checkpoint(path, **_NEEDS)   # what we read is present and readable, or an error naming it
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return CheckpointInfo(path=path, run_dir=run_dir, meta=meta)
 

@@ -18,6 +18,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (Hugging Face format)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (or its directory) if not the run's own")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights holding NaN or inf (a diverged run; for forensics) instead of refusing")
     return p
 
 
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .export import export_checkpoint
     try:   # a bad checkpoint, tokenizer or --out: one `error:` line from megafire.cli
-        export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+        export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                          allow_nonfinite=args.allow_nonfinite)
     except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
         raise ConfigError(f"megafire export: {e}") from None
     print(args.out)

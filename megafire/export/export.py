@@ -94,17 +94,20 @@ def _provenance(info: CheckpointInfo, state: dict, tokenizer: Optional[Path], fu
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
     """Export ``checkpoint`` (run dir or step dir) to ``out_dir``; returns ``out_dir``.
 
     ``tokenizer``: a tokenizer.model (or its directory) to use instead of the run's own; without
-    one found, the export has no tokenizer files (a warning says so).
+    one found, the export has no tokenizer files (a warning says so). Weights holding a NaN or
+    inf (a diverged run) are refused unless ``allow_nonfinite``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"export directory {out_dir} exists and is not empty (use --overwrite)")
     info = resolve_checkpoint(checkpoint)
     cfg, state = consolidated_state_dict(info.path)
+    from megafire.train.checkpoint import check_finite
+    check_finite(state, info.path, allow_nonfinite)
     tok = Path(tokenizer) if tokenizer else find_tokenizer(info, cfg)
     if tok is not None and tok.is_dir():
         tok = tok / "tokenizer.model"

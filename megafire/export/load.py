@@ -81,14 +81,17 @@ def _read_source(path: Path):
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-                    backend: Optional[str] = None) -> LoadedModel:
+                    backend: Optional[str] = None, allow_nonfinite: bool = False) -> LoadedModel:
     """Load ``path`` (run dir, step dir or HF export) as a :class:`LoadedModel` in eval mode.
 
     ``dtype``: the weights' dtype (default: as stored); ``backend``: override
-    ``attention.backend`` (e.g. "reference" for the oracle).
+    ``attention.backend`` (e.g. "reference" for the oracle). Weights holding a NaN or inf are
+    refused (CheckpointError naming the tensor) unless ``allow_nonfinite``.
     """
+    from megafire.train.checkpoint import check_finite
     path = Path(path)
     cfg, state, tok_path = _read_source(path)
+    check_finite(state, path, allow_nonfinite)
     if backend is not None:
         cfg.attention.backend = backend
     gpt = build_gpt(cfg, state, dtype=dtype).to(device)

@@ -16,6 +16,14 @@ renames it to ``<name>`` (one atomic rename on a POSIX file system), then replac
 any point leaves ``latest`` naming a complete checkpoint; a leftover temp directory is
 ignored by readers and removed by the next writer. ``run.dir`` must be on a file system
 that every rank sees (the usual cluster set-up).
+
+Every reader (resume, ``--init-from``, eval, export, megafire.train.universal) checks a
+checkpoint with :func:`verify_checkpoint` before it loads anything: a missing, empty or
+truncated file raises :class:`CheckpointError` naming the checkpoint and the file. When
+``latest`` names a damaged checkpoint, :func:`find_checkpoint` refuses (resume, by default)
+or skips it with a warning saying which and why (``fallback=True``: readers, and resume with
+``train.resume_fallback=true``, which also moves it aside as ``step_X.damaged-<time>`` so that
+the resumed run never overwrites its files; pruning ignores such directories).
 """
 from __future__ import annotations
 
@@ -31,10 +39,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from megafire.config import ConfigError
+
 LATEST = "latest"
 DS_TAG = "ds"
 TMP_PREFIX = ".tmp-"
+DAMAGED_INFIX = ".damaged-"
+UNIVERSAL_FORMAT = "megafire-universal"   # megafire.train.universal's directories (model.pt, meta.json, config.yaml)
 _NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ConfigError, FileNotFoundError):
+    """A checkpoint that is missing, incomplete, damaged or does not fit this run: the message names
+    the checkpoint and the file (``megafire`` commands print it as one ``error:`` line, exit 2)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,7 +88,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names; if that is missing, the newest complete one; else None."""
+    """The checkpoint ``latest`` names; if that is missing, the newest complete one; else None.
+
+    Only looks for meta.json (the commit marker); readers use :func:`find_checkpoint`."""
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
@@ -80,6 +99,153 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
             return target
     complete = [p for p in list_checkpoints(root) if (p / "meta.json").is_file()]
     return complete[-1] if complete else None
+
+
+def _check_torch_file(ckpt_dir: Path, path: Path, what: str = "") -> None:
+    """Present, non-empty, and a complete torch zip archive (its central directory, at the end of the
+    file, is read: a truncated file has none; the data itself is read only by the loader)."""
+    import zipfile
+    label = f"{path.relative_to(ckpt_dir)}{what}"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {path} is missing ({label})")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: the file is empty")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+            return
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: {e}") from None
+    try:   # not a zip archive: a legacy torch file, or a truncated one
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _expected_ds_files(ds: Path, meta: dict, optimizer: bool) -> list[tuple[str, str]]:
+    """(file name, why) of the DeepSpeed files a checkpoint of ``meta``'s layout must hold (the
+    optimizer shards only with ``optimizer``)."""
+    tp, pp, dp = int(meta.get("tp", 1)), int(meta.get("pp", 1)), int(meta.get("dp", 1))
+    zero = int(meta.get("zero_stage", 0))
+    files = []
+    if pp > 1:   # per-layer files (a tied layer's second use has none: megafire.train.universal)
+        layers = meta.get("pipeline_layers") or []
+        for idx, prefix in enumerate(layers):
+            if layers.index(prefix) == idx:
+                files += [(f"layer_{idx:02d}-model_{t:02d}-model_states.pt", f"layer {idx}, tp rank {t}")
+                          for t in range(tp)]
+        return files
+    for t in range(tp):
+        if zero == 3:
+            files += [(f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt", f"dp rank {d}, tp rank {t}")
+                      for d in range(dp)]
+        else:
+            files.append((f"mp_rank_{t:02d}_model_states.pt", f"model weights, tp rank {t}"))
+        if zero >= 1 and optimizer:
+            for d in range(dp):
+                name = f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt"
+                found = sorted(ds.glob(f"*{name}"))   # bf16 optimizers prefix "bf16_"
+                files.append((found[0].name if found else name, f"optimizer shard, dp rank {d}, tp rank {t}"))
+    return files
+
+
+def verify_checkpoint(path: str | Path, *, trainer_state: bool = True, optimizer: bool = True) -> dict:
+    """Check that checkpoint directory ``path`` is complete and readable; return its meta.json.
+
+    Checks: the directory exists; meta.json parses; config.yaml is present; DeepSpeed's model
+    files for every model-parallel (ZeRO-3: and data-parallel) rank, with ``optimizer`` the ZeRO
+    optimizer shards, with ``trainer_state`` every rank's trainer-state file, are present,
+    non-empty and complete torch archives; so is every other ``.pt`` file present under ``ds/``.
+    A reader requires what it reads (resume: everything; export: the model files). Raises
+    :class:`CheckpointError` naming the checkpoint and the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is missing: the directory does not exist")
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no meta.json (the write was interrupted "
+                              f"before it was committed)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {meta_file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"checkpoint {path} is damaged: {meta_file} has no 'step'")
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"checkpoint {path} is damaged: {path / 'config.yaml'} is missing")
+    if meta.get("format") == UNIVERSAL_FORMAT:
+        _check_torch_file(path, path / "model.pt", ", the consolidated weights")
+        return meta
+    ds = path / DS_TAG
+    if not ds.is_dir():
+        raise CheckpointError(f"checkpoint {path} is damaged: {ds} (DeepSpeed's files) is missing")
+    checked = set()
+    for name, why in _expected_ds_files(ds, meta, optimizer):
+        _check_torch_file(path, ds / name, f", {why}")
+        checked.add(name)
+    for f in sorted(ds.glob("*.pt")):
+        if f.name not in checked:
+            _check_torch_file(path, f)
+    world = int(meta.get("world_size", 1))
+    for rank in range(world):
+        f = path / rank_state_file(rank)
+        if trainer_state or f.exists():
+            _check_torch_file(path, f, f", trainer state of rank {rank} of {world}")
+    return meta
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``<name>.damaged-<UTC time>`` (kept for inspection, never pruned)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}{DAMAGED_INFIX}{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{DAMAGED_INFIX}{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def find_checkpoint(root: str | Path, *, fallback: bool, move_damaged: bool = False,
+                    warn: Callable[[str], None] = lambda msg: None, fallback_hint: str = "",
+                    **verify) -> Optional[Path]:
+    """The checkpoint to read under ``root``: the one ``latest`` names (else the newest), verified.
+
+    When that one is damaged (missing, incomplete, unreadable: :func:`verify_checkpoint`), with
+    ``fallback=False`` raise :class:`CheckpointError` naming it, what is wrong and
+    ``fallback_hint``; with ``fallback=True`` ``warn`` which checkpoint is skipped and why (and
+    with ``move_damaged`` rename it aside: :func:`set_aside`), then try the next older one.
+    None when ``root`` holds no checkpoint at all. ``verify``: :func:`verify_checkpoint`'s options.
+    """
+    root = Path(root)
+    candidates = list(reversed(list_checkpoints(root)))
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    damaged: list[str] = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate, **verify)
+        except CheckpointError as e:
+            if not fallback:
+                older = next((c.name for c in candidates if c != candidate and (c / "meta.json").is_file()), None)
+                hint = f"; {fallback_hint}" if fallback_hint else ""
+                hint += f" (the next older checkpoint is {older})" if hint and older else ""
+                raise CheckpointError(f"{e}{hint}") from None
+            moved = ""
+            if move_damaged and candidate.exists():
+                moved = f"; moved aside to {set_aside(candidate).name}"
+            warn(f"skipping damaged checkpoint {candidate.name}: {e}{moved}")
+            damaged.append(str(e))
+            continue
+        return candidate
+    if damaged:
+        raise CheckpointError(f"no complete checkpoint under {root}: " + "; ".join(damaged))
+    return None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -143,16 +309,36 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, *, rank: int) -> tuple[dict, dict]:
-    """Restore DeepSpeed's state into ``engine``; return (meta, this rank's trainer state)."""
+def load_checkpoint(engine, ckpt_dir: str | Path, *, rank: int, verify: bool = True) -> tuple[dict, dict]:
+    """Restore DeepSpeed's state into ``engine``; return (meta, this rank's trainer state).
+
+    ``verify=False`` when the caller has verified the checkpoint already (the trainer: rank 0 does
+    it once for the world)."""
     ckpt_dir = Path(ckpt_dir)
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta = verify_checkpoint(ckpt_dir) if verify else json.loads((ckpt_dir / "meta.json").read_text())
     state_path = ckpt_dir / rank_state_file(rank)
     if not state_path.is_file():
-        raise RuntimeError(f"checkpoint {ckpt_dir} has no state for rank {rank}: it was written by "
-                           f"{meta.get('world_size')} ranks; resume with the same world size")
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no state for rank {rank}: it was written by "
+                              f"{meta.get('world_size')} ranks; resume with the same world size")
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=False, load_module_strict=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir / DS_TAG}")
     return meta, torch.load(state_path, map_location="cpu", weights_only=False)
+
+
+def check_finite(state: dict, where, allow_nonfinite: bool = False) -> None:
+    """Refuse weights holding a NaN or inf (a diverged run): :class:`CheckpointError` naming the
+    checkpoint and the first such tensor, unless ``allow_nonfinite`` (``--allow-nonfinite``: forensics)."""
+    from .faults import first_nonfinite
+    found = None if allow_nonfinite else first_nonfinite(state.items())
+    if found is not None:
+        name, bad, size = found
+        raise CheckpointError(f"checkpoint {where} has non-finite weights: {name} ({bad} of {size} values NaN or "
+                              f"inf; the run diverged); pass --allow-nonfinite to read it anyway (forensics)")
+
+
+def warn(msg: str) -> None:
+    """A reader's warning (stderr), e.g. that a damaged checkpoint was skipped."""
+    import sys
+    print(f"[megafire] warning: {msg}", file=sys.stderr, flush=True)

@@ -12,7 +12,9 @@ run (step 0, fresh optimizer) from the weights of another run or checkpoint in a
 (tp / pp / ZeRO; megafire.train.universal), e.g. to continue a TP=2 x PP=2 run at TP=1.
 
 Exit status: 0 when max_steps is reached; 124 after a stop on SIGUSR1 / SIGTERM (a checkpoint
-was written; resume with --train.resume=true; slurm/README.md); 2 on a bad config.
+was written; resume with --train.resume=true; slurm/README.md); 2 on a bad config or a damaged
+checkpoint; 3 when training diverged (a non-finite loss, gradient norm or weight: the message
+names the step; no checkpoint was written for it; megafire.train.faults).
 """
 from __future__ import annotations
 
@@ -146,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     if init_from:
         from .universal import init_from_factory
         extra["model_factory"] = init_from_factory(init_from)
-    result = train(cfg, ds_config_override=override, **extra)
+    from .faults import EXIT_DIVERGED, TrainingDiverged
+    try:
+        result = train(cfg, ds_config_override=override, **extra)
+    except TrainingDiverged as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megafire train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     if os.environ.get("RANK", "0") == "0":   # one summary line, not one per rank
         print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "
               f"{result.final_loss:.4f}; run directory {result.run_dir}", file=sys.stderr)

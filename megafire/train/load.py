@@ -24,11 +24,12 @@ MODULE_PREFIX = "model."   # LanguageModelLoss wraps the GPT as `.model`
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory or checkpoint directory -> the checkpoint directory."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / "meta.json").is_file() or (path / ckpt.DS_TAG).is_dir():
+        ckpt.verify_checkpoint(path, trainer_state=False)   # what we read is present and readable, or an error naming it
         return path
     if not path.exists():
         raise MissingFileError(f"checkpoint {path} does not exist")
-    found = ckpt.latest_checkpoint(path / "checkpoints")
+    found = ckpt.find_checkpoint(path / "checkpoints", fallback=True, warn=ckpt.warn, trainer_state=False)
     if found is None:
         raise MissingFileError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
     return found
@@ -51,15 +52,17 @@ def load_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", with_config: bool = False,
-               parallel=None):
+               parallel=None, allow_nonfinite: bool = False):
     """A GPT in eval mode with the checkpoint's fp32 weights (``model(input_ids, positions)``).
 
     Builds on ``parallel`` (a ParallelContext), else on a single-process world that is
     initialized here if none exists (megatron's layers want process groups even at tp=1).
-    Returns the model, or ``(model, config)`` with ``with_config=True``.
+    Returns the model, or ``(model, config)`` with ``with_config=True``. Weights holding a NaN or
+    inf (a diverged run) are refused, naming the tensor, unless ``allow_nonfinite``.
     """
     from megafire.model import GPT
     cfg, state = load_state_dict(path)
+    ckpt.check_finite(state, path, allow_nonfinite)
     if parallel is None:
         from megafire.parallel import init_parallel
         parallel = init_parallel(1, 1)

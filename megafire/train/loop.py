@@ -45,6 +45,7 @@ class TrainResult:
     final_loss: float
     stopped_by_signal: bool
     skipped_steps: int = 0     # steps whose update was skipped for a non-finite loss / grad norm (faults)
+    skipped_steps: int = 0     # steps whose update was skipped for a non-finite loss / grad norm (faults)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -279,6 +280,7 @@ class Trainer:
                 if (step + 1) % max(cfg.train.log_every_steps, 1) == 0:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
                 self.faults.check(step + 1, loss, record["grad_norm"], self.last_checkpoint)
+                self.faults.check(step + 1, loss, record["grad_norm"], self.last_checkpoint)
                 progress.update(step, loss, record["tokens_per_s"])
                 for callback in self.callbacks:
                     callback(self, record)
@@ -317,6 +319,8 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         loss, grad_norm = self.train_step(stage)
         skipped = self.engine.skipped_steps > skipped_before   # the optimizer did not apply the update
+        if skipped:
+            faults.after_skipped_step(self.engine)
         if cfg.train.precision == "fp16":   # a loss-scale overflow is the scaler's business, not a fault
             bad = not math.isfinite(loss)
         else:
@@ -378,6 +382,16 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_requested = bool(flag.item())
         return self.stop_requested
+
+
+def _flat(value, prefix: str) -> dict:
+    """Nested config dict -> {"model.position.options.init_L": 16, ...}."""
+    if isinstance(value, dict) and value:
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
 
 
 def _flat(value, prefix: str) -> dict:

@@ -69,11 +69,12 @@ def resolve(path: str | Path) -> Path:
     """A universal directory, a checkpoint directory, or a run directory -> that directory /
     its newest complete checkpoint."""
     path = Path(path)
-    if is_universal(path) or (path / "meta.json").is_file():
+    if (path / "meta.json").is_file() or (path / ckpt.DS_TAG).is_dir():
+        ckpt.verify_checkpoint(path, trainer_state=False)   # what we read is present and readable, or an error naming it
         return path
     if not path.exists():
         raise MissingFileError(f"checkpoint {path} does not exist")
-    found = ckpt.latest_checkpoint(path / "checkpoints")
+    found = ckpt.find_checkpoint(path / "checkpoints", fallback=True, warn=ckpt.warn, trainer_state=False)
     if found is None:
         raise MissingFileError(f"{path} is neither a universal checkpoint, a checkpoint, nor a run directory "
                                f"with a complete checkpoint")
@@ -241,8 +242,10 @@ def load_into(model, state: dict[str, torch.Tensor], cfg: Config) -> None:
 
 def init_from_factory(path: str | Path):
     """A trainer ``model_factory`` that builds the GPT of the run's config and loads the weights
-    of ``path`` (any layout) into it: training continues in a new layout from those weights."""
+    of ``path`` (any layout) into it: training continues in a new layout from those weights
+    (never from non-finite ones: CheckpointError)."""
     _, state = consolidated_state_dict(path)
+    ckpt.check_finite(state, path)
 
     def factory(cfg: Config, ctx):
         from megafire.model import GPT
@@ -252,10 +255,12 @@ def init_from_factory(path: str | Path):
     return factory
 
 
-def save_universal(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the universal form of a checkpoint (see the module docstring); returns ``out_dir``."""
+def save_universal(path: str | Path, out_dir: str | Path, *, allow_nonfinite: bool = False) -> Path:
+    """Write the universal form of a checkpoint (see the module docstring); returns ``out_dir``.
+    Weights holding a NaN or inf are refused unless ``allow_nonfinite``."""
     src = resolve(path)
     cfg, state = consolidated_state_dict(src)
+    ckpt.check_finite(state, src, allow_nonfinite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_src = json.loads((src / "meta.json").read_text())
@@ -270,10 +275,18 @@ def save_universal(path: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    allow_nonfinite = "--allow-nonfinite" in argv
+    argv = [a for a in argv if a != "--allow-nonfinite"]
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m megafire.train.universal RUN_OR_CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
+        print("usage: python -m megafire.train.universal RUN_OR_CHECKPOINT_DIR OUT_DIR [--allow-nonfinite]",
+              file=sys.stderr)
         return 2
-    out = save_universal(argv[0], argv[1])
+    from megafire.config import ConfigError
+    try:
+        out = save_universal(argv[0], argv[1], allow_nonfinite=allow_nonfinite)
+    except ConfigError as e:   # a damaged checkpoint, non-finite weights: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n = len(torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True))
     print(f"wrote {out} ({n} tensors, TP=1 fp32)", file=sys.stderr)
     return 0
