@@ -464,12 +464,6 @@ def validate(cfg: Config) -> None:
                           f"(to stop at the first non-finite step set train.nonfinite=stop)")
     if not 0.0 <= t.max_skipped_fraction <= 1.0:
         raise ConfigError(f"train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
-    t = cfg.train
-    if t.max_skipped_consecutive < 1:
-        raise ConfigError(f"train.max_skipped_consecutive must be >= 1, got {t.max_skipped_consecutive} "
-                          f"(to stop at the first non-finite step set train.nonfinite=stop)")
-    if not 0.0 <= t.max_skipped_fraction <= 1.0:
-        raise ConfigError(f"train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
     for i, s in enumerate(cfg.curriculum.stages):
         if s.seq_len <= 0 or s.tokens <= 0:
             raise ConfigError(f"curriculum.stages[{i}] needs seq_len > 0 and tokens > 0, got {s}")

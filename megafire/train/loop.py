@@ -45,7 +45,6 @@ class TrainResult:
     final_loss: float
     stopped_by_signal: bool
     skipped_steps: int = 0     # steps whose update was skipped for a non-finite loss / grad norm (faults)
-    skipped_steps: int = 0     # steps whose update was skipped for a non-finite loss / grad norm (faults)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -280,7 +279,6 @@ class Trainer:
                 if (step + 1) % max(cfg.train.log_every_steps, 1) == 0:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
                 self.faults.check(step + 1, loss, record["grad_norm"], self.last_checkpoint)
-                self.faults.check(step + 1, loss, record["grad_norm"], self.last_checkpoint)
                 progress.update(step, loss, record["tokens_per_s"])
                 for callback in self.callbacks:
                     callback(self, record)
@@ -382,16 +380,6 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_requested = bool(flag.item())
         return self.stop_requested
-
-
-def _flat(value, prefix: str) -> dict:
-    """Nested config dict -> {"model.position.options.init_L": 16, ...}."""
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
 
 
 def _flat(value, prefix: str) -> dict:
