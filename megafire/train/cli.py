@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     from .faults import EXIT_DIVERGED, TrainingDiverged
     try:
         result = train(cfg, ds_config_override=override, **extra)
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:   # every rank stops at the same step: one line, from rank 0
         if os.environ.get("RANK", "0") == "0":
-            print(f"megafire train: error: {e}", file=sys.stderr, flush=True)
+            from megafire.cli import error_line
+            print(error_line(e), file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     if os.environ.get("RANK", "0") == "0":   # one summary line, not one per rank
         print(f"[megafire.train] done: {result.steps} steps, {result.tokens:,} tokens, final loss "

@@ -177,7 +177,7 @@ def test_cli_divergence_exit_code(tmp_path, capsys):
                  "--train.checkpoint_every_steps=2"])
     err = capsys.readouterr().err
     assert code == 3, err[-2000:]
-    line = [x for x in err.splitlines() if x.startswith("megafire train: error:")]
+    line = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "training diverged at step" in line[0] and "train.lr" in line[0]
     latest = ckpt.find_checkpoint(tmp_path / "run" / "checkpoints", fallback=False)
     assert all(torch.isfinite(v).all() for v in weights(latest).values())
