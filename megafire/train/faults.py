@@ -12,7 +12,8 @@ gradient norm, is NaN or inf. Its optimizer update is then not applied, on every
   wrapped by :func:`install_step_guard`, which checks its gradients, all-reduces the flag and
   skips ``step()``. Either way DeepSpeed counts the step in ``engine.skipped_steps``.
 
-A skipped step leaves the weights and the optimizer state (moments, step count) as they were;
+Pipelines (DeepSpeed's schedule computes the loss inside ``train_batch``) rely on the
+gradient norm alone. A skipped step leaves the weights and the optimizer state (moments, step count) as they were;
 the LR schedule and the data position advance as on any step: the step's batches are consumed.
 ``train.nonfinite=stop`` stops at the first such step; ``skip`` (default, as Megatron/NeMo and
 the PaLM/OPT runs do) stops after ``train.max_skipped_consecutive`` of them in a row, or once
@@ -93,13 +94,17 @@ def _local_tensor(p: torch.Tensor) -> torch.Tensor:
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> Optional[tuple[str, int, int]]:
-    """(name, non-finite count, size) of the first tensor holding a NaN or inf, else None."""
-    for name, t in named:
-        if torch.is_tensor(t) and torch.is_floating_point(t) and t.numel():
-            bad = int((~torch.isfinite(t.detach())).sum())
-            if bad:
-                return name, bad, t.numel()
-    return None
+    """(name, non-finite count, size) of the first tensor holding a NaN or inf, else None (one
+    device sync when all are finite)."""
+    tensors = [(name, t.detach()) for name, t in named
+               if torch.is_tensor(t) and torch.is_floating_point(t) and t.numel()]
+    if not tensors:
+        return None
+    flags = torch.stack([(~torch.isfinite(t)).any().to(tensors[0][1].device) for _, t in tensors])
+    if not bool(flags.any()):
+        return None
+    name, t = tensors[int(flags.nonzero()[0, 0])]
+    return name, int((~torch.isfinite(t)).sum()), t.numel()
 
 
 def first_nonfinite_parameter(module, device) -> Optional[str]:

@@ -6,7 +6,9 @@ DeepSpeed step at the rate ``lr((step + 1) * T)`` (megafire.train.schedule). The
 loss is the mean over micro-steps and data-parallel ranks of each micro-batch's mean token
 loss. Everything a resumed run needs to continue the same trace is in the checkpoint:
 weights and optimizer state (DeepSpeed), loader position and RNG states (ours); the stage
-and the rate are pure functions of the step.
+and the rate are pure functions of the step. A step with a non-finite loss or gradient norm
+has its update skipped on every rank (its data is consumed, the rate moves on) or stops the
+run, and no checkpoint is written with a non-finite weight (megafire.train.faults).
 """
 from __future__ import annotations
 

@@ -330,3 +330,16 @@ def test_two_ranks_agree_on_a_skip(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result == {"skipped": [False, True, False], "skipped_steps": 1, "same_after_1_and_2": True,
                       "changed_by_3": True, "finite": True}
+
+
+def test_export_cli_refuses_nonfinite_weights_unless_allowed(run_copy, tmp_path, capsys):
+    from megafire.cli import main
+    states = run_copy / "checkpoints" / "step_00000004" / "ds" / "mp_rank_00_model_states.pt"
+    blob = torch.load(states, map_location="cpu", weights_only=False)
+    next(v for k, v in sorted(blob["module"].items()) if torch.is_tensor(v) and v.dim() == 2)[0, 0] = float("inf")
+    torch.save(blob, states)
+    assert main(["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "has non-finite weights" in err[0] and not (tmp_path / "hf").exists()
+    assert main(["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf"), "--allow-nonfinite"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
