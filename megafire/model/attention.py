@@ -131,6 +131,11 @@ class Attention(nn.Module):
         k_pos, segment_ids_k = positions, segment_ids
         if cache is not None:
             k, v, k_pos, segment_ids_k = cache.update(self.layer_index, k, v)
+        if self.outside_compile and self._bound is not None and self._bound[1] not in TRACEABLE:
+            # the compiled graph ends here: q, k, v leave it as fresh tensors, not as views of the
+            # QKV product (AOT autograd's replay of several outputs aliasing one intermediate gave
+            # garbage view sizes, torch 2.13 on CPU); the copies cost one pass over q, k, v
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = self._attend(q, k, v, positions, k_pos, segment_ids, segment_ids_k)   # [B, T, Hq_local, D]
         return row_parallel(self.out, o.flatten(2), self.parallel)      # [B, T, hidden] (SP: [B, T / tp, hidden])
 
