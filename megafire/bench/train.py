@@ -84,11 +84,11 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     return summary
 
 
-#: kernel-name fragments -> category, first match wins (cuBLAS / CUTLASS GEMMs, attention
-#: kernels, inductor's generated Triton, the rest by what torch's eager kernels are called)
-CATEGORIES = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas")),
-              ("attention", ("flash", "fmha", "attn", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_fwd", "_dq", "_dkdv",
-                             "_delta", "_tables", "_fire", "_t5")),
+#: kernel-name fragments -> category, first match wins (attention kernels before GEMMs: cuDNN's
+#: flash kernels carry 'wgmma' in their names; cuBLAS / CUTLASS GEMMs, inductor's generated Triton, the rest by what torch's eager kernels are called)
+CATEGORIES = (("attention", ("flash", "fmha", "attn", "sdpa", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_delta",
+                             "_tables", "_fire", "_t5")),
+              ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas")),
               ("compiled (inductor)", ("triton_",)),
               ("optimizer", ("adam", "multi_tensor", "foreach")),
               ("cross entropy", ("log_softmax", "nll_loss", "softmax", "cross_entropy")),
