@@ -105,9 +105,8 @@ def _check_torch_file(ckpt_dir: Path, path: Path, what: str = "") -> None:
     """Present, non-empty, and a complete torch zip archive (its central directory, at the end of the
     file, is read: a truncated file has none; the data itself is read only by the loader)."""
     import zipfile
-    label = f"{path.relative_to(ckpt_dir)}{what}"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {path} is missing ({label})")
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {path} is missing{f' ({what})' if what else ''}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: the file is empty")
     if zipfile.is_zipfile(path):
@@ -120,8 +119,8 @@ def _check_torch_file(ckpt_dir: Path, path: Path, what: str = "") -> None:
     try:   # not a zip archive: a legacy torch file, or a truncated one
         torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: truncated or corrupt "
-                              f"({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {path}: truncated or corrupt (not a "
+                              f"complete torch archive: {type(e).__name__})") from None
 
 
 def _expected_ds_files(ds: Path, meta: dict, optimizer: bool) -> list[tuple[str, str]]:
@@ -177,14 +176,14 @@ def verify_checkpoint(path: str | Path, *, trainer_state: bool = True, optimizer
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint {path} is damaged: {path / 'config.yaml'} is missing")
     if meta.get("format") == UNIVERSAL_FORMAT:
-        _check_torch_file(path, path / "model.pt", ", the consolidated weights")
+        _check_torch_file(path, path / "model.pt", "the consolidated weights")
         return meta
     ds = path / DS_TAG
     if not ds.is_dir():
         raise CheckpointError(f"checkpoint {path} is damaged: {ds} (DeepSpeed's files) is missing")
     checked = set()
     for name, why in _expected_ds_files(ds, meta, optimizer):
-        _check_torch_file(path, ds / name, f", {why}")
+        _check_torch_file(path, ds / name, why)
         checked.add(name)
     for f in sorted(ds.glob("*.pt")):
         if f.name not in checked:
@@ -193,7 +192,7 @@ def verify_checkpoint(path: str | Path, *, trainer_state: bool = True, optimizer
     for rank in range(world):
         f = path / rank_state_file(rank)
         if trainer_state or f.exists():
-            _check_torch_file(path, f, f", trainer state of rank {rank} of {world}")
+            _check_torch_file(path, f, f"the trainer state of rank {rank} of {world}")
     return meta
 
 

@@ -245,7 +245,7 @@ def damage(run: Path, how: str) -> Path:
 
 
 DAMAGE = {"truncated": "is damaged: cannot read {f}", "deleted": "is damaged: {f} is missing",
-          "state": "is damaged: {f} is missing (trainer_state_rank00000.pt, trainer state of rank 0 of 1)"}
+          "state": "is damaged: {f} is missing (the trainer state of rank 0 of 1)"}
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
