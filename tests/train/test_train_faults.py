@@ -316,7 +316,7 @@ def test_export_and_eval_refuse_nonfinite_weights(run_copy, tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_two_ranks_agree_on_a_skip(tmp_path):
-    """DP=2 ZeRO-1: a NaN loss on one rank only; both ranks skip the update (gloo, torchrun)."""
+    """DP=2 ZeRO-1, PP=2 ZeRO-1, TP=2 ZeRO-0: a NaN loss on one rank only; both ranks skip the update."""
     import os
     here = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
@@ -328,8 +328,9 @@ def test_two_ranks_agree_on_a_skip(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result == {"skipped": [False, True, False], "skipped_steps": 1, "same_after_1_and_2": True,
-                      "changed_by_3": True, "finite": True}
+    expected = {"skipped": [False, True, False], "skipped_steps": 1, "same_after_1_and_2": True,
+                "changed_by_3": True, "finite": True}
+    assert result == {"dp2-z1": expected, "pp2-z1": expected, "tp2-z0": expected}
 
 
 def test_export_cli_refuses_nonfinite_weights_unless_allowed(run_copy, tmp_path, capsys):
