@@ -101,9 +101,9 @@ def cfg(tmp_path, name, *sections):
 
 
 # --- 1. non-finite steps -------------------------------------------------------------------
-@pytest.mark.parametrize("zero", [0, 1])
-def test_skip_mode_skips_exactly_the_poisoned_step(tmp_path, zero):
-    z = {"parallel": {"zero_stage": zero}}
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (1, "bf16")])
+def test_skip_mode_skips_exactly_the_poisoned_step(tmp_path, zero, precision):
+    z = {"parallel": {"zero_stage": zero}, "train": {"precision": precision}}
     result = train(cfg(tmp_path, "poisoned", z), model_factory=nan_loss_at({2}))
     records = read_metrics(tmp_path / "poisoned")
     assert [r["skipped"] for r in records] == [False, True, False, False]
