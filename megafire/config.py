@@ -141,8 +141,8 @@ class TrainConfig:
     # stops; skip mode stops too after max_skipped_consecutive such steps in a row or more than
     # max(max_skipped_consecutive, max_skipped_fraction * steps done) in all (megafire.train.faults)
     nonfinite: str = choice("skip", "skip", "stop")
-    max_skipped_consecutive: int = 5
-    max_skipped_fraction: float = 0.05
+    max_skipped_consecutive: int = 5        # skip mode: stop after this many non-finite steps in a row
+    max_skipped_fraction: float = 0.05      # skip mode: stop past max(max_skipped_consecutive, this * steps)
     log_every_steps: int = 1
     progress: bool = True
 
