@@ -344,3 +344,14 @@ def test_export_cli_refuses_nonfinite_weights_unless_allowed(run_copy, tmp_path,
     assert len(err) == 1 and "has non-finite weights" in err[0] and not (tmp_path / "hf").exists()
     assert main(["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf"), "--allow-nonfinite"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train_keys,msg", [
+    ({"nonfinite": "ignore"}, "'train.nonfinite' = 'ignore' is not allowed; allowed: skip, stop"),
+    ({"max_skipped_consecutive": 0}, "train.max_skipped_consecutive must be >= 1"),
+    ({"max_skipped_fraction": 1.5}, "train.max_skipped_fraction must be in [0, 1]"),
+])
+def test_fault_keys_are_validated(tmp_path, train_keys, msg):
+    with pytest.raises(ConfigError) as e:
+        tiny_config(tmp_path / "run", {"train": train_keys})
+    assert msg in str(e.value)
