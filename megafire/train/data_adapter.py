@@ -48,6 +48,8 @@ def _prepare(cfg: Config, tok_dir: Path, shard_dir: Path, may_build: bool) -> No
     has_tok = (tok_dir / MODEL_FILE).is_file()
     has_shards = (shard_dir / "manifest.json").is_file()
     if has_tok and has_shards:
+        if may_build:
+            _check_built_from(cfg, shard_dir)
         return
     if not may_build:
         missing = str(tok_dir / MODEL_FILE) if not has_tok else str(shard_dir / "manifest.json")
@@ -59,14 +61,35 @@ def _prepare(cfg: Config, tok_dir: Path, shard_dir: Path, may_build: bool) -> No
         prep_shards(cfg.data.corpus, tok_dir, shard_dir, progress=False)
 
 
+def _check_built_from(cfg: Config, shard_dir: Path) -> None:
+    """Data built on demand next to run.dir serves only the corpus it was built from: another
+    data.corpus (or a typo in it) must not train on it silently."""
+    from megafire.data.corpus import file_sha256, resolve_corpus_path
+    from megafire.data.shards import read_manifest
+    built = read_manifest(shard_dir).get("corpus") or {}
+    corpus = resolve_corpus_path(cfg.data.corpus)   # a missing corpus is an error even when data exists
+    if not built.get("path") or Path(built["path"]).resolve() == corpus.resolve() or \
+            file_sha256(corpus) == built.get("sha256"):
+        return
+    raise ConfigError(f"data.corpus={cfg.data.corpus!r}, but the data in {shard_dir.parent.parent} (built on demand "
+                      f"next to run.dir) comes from {built['path']}; put run.dir elsewhere or set "
+                      f"data.tokenizer_dir and data.shards_dir")
+
+
 def build_loader(cfg: Config, ctx) -> DataBundle:
     from megafire.data.loader import PackedLoader
     from megafire.data.shards import read_manifest
     from megafire.data.tokenizer import Tokenizer
     tok_dir, shard_dir, may_build = data_paths(cfg)
+    failed = [None]
     if dist.get_rank() == 0:
-        _prepare(cfg, tok_dir, shard_dir, may_build)
-    dist.barrier()
+        try:
+            _prepare(cfg, tok_dir, shard_dir, may_build)
+        except ConfigError as e:   # every rank raises it (one line each), none waits for data forever
+            failed = [str(e)]
+    dist.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        raise ConfigError(failed[0])
     _prepare(cfg, tok_dir, shard_dir, may_build=False)   # raises on ranks that cannot see the data
     tokenizer = Tokenizer(tok_dir)
     shard_tok = read_manifest(shard_dir)["tokenizer"]
