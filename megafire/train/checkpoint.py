@@ -319,11 +319,21 @@ def load_checkpoint(engine, ckpt_dir: str | Path, *, rank: int, verify: bool = T
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no state for rank {rank}: it was written by "
                               f"{meta.get('world_size')} ranks; resume with the same world size")
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False, load_module_strict=True)
+    import pickle
+    unreadable = (RuntimeError, OSError, EOFError, KeyError, ValueError, AssertionError, pickle.UnpicklingError)
+    try:   # verified files that still fail to load (corrupt inside): name the checkpoint, keep DeepSpeed's reason
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+    except unreadable as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: DeepSpeed cannot load {ckpt_dir / DS_TAG}: "
+                              f"{type(e).__name__}: {e}") from e
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir / DS_TAG}")
-    return meta, torch.load(state_path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: DeepSpeed could not load {ckpt_dir / DS_TAG}")
+    try:
+        return meta, torch.load(state_path, map_location="cpu", weights_only=False)
+    except unreadable as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: cannot read {state_path}: {type(e).__name__}: "
+                              f"{e}") from e
 
 
 def check_finite(state: dict, where, allow_nonfinite: bool = False) -> None:

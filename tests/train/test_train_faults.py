@@ -355,3 +355,14 @@ def test_fault_keys_are_validated(tmp_path, train_keys, msg):
     with pytest.raises(ConfigError) as e:
         tiny_config(tmp_path / "run", {"train": train_keys})
     assert msg in str(e.value)
+
+
+def test_a_file_corrupt_inside_is_named_on_resume(run_copy):
+    """A complete archive whose contents do not load (here: the trainer state replaced by a zip
+    archive that is not a torch file) still gives the error that names the checkpoint."""
+    import zipfile
+    state = run_copy / "checkpoints" / "step_00000004" / ckpt.rank_state_file(0)
+    with zipfile.ZipFile(state, "w") as zf:      # a valid zip, not a torch file
+        zf.writestr("junk", b"not a pickle")
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint .*step_00000004 is damaged: cannot read {state}"):
+        train(resume_config(run_copy))
