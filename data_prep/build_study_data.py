@@ -19,7 +19,7 @@ Steps (each idempotent; a second run reuses what is there and checks it):
    shards of the training documents in ``OUT/shards/train`` (uint16 tokens in webdataset tars),
    packed as ``OUT/gpu/shards.tar.xz`` for the trip to the GPU machine.
 5. Held-out documents shorter than ``--min-eval-tokens`` (8192 = 16 x 512) after
-   tokenization are dropped from the eval corpora; ``OUT/study_data.json`` records the sizes.
+   tokenization are dropped from the eval corpora; ``OUT/gpu/study_data.json`` records the sizes.
 
 What the GPU machine needs is ``OUT/gpu`` (one carry path: ``tokenizer/``, ``shards.tar.xz``,
 ``eval/``; ~16 MiB); ``megafire study run`` unpacks the shards to ``OUT/shards/train`` there
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                              "mib": round(_dir_mib(gpu / "tokenizer"), 2)},
                "eval": sizes, "eval_mib": round(_dir_mib(gpu / "eval"), 2),
                "carry_mib": round(_dir_mib(gpu), 2)}
-    (out / "study_data.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (gpu / "study_data.json").write_text(json.dumps(summary, indent=1) + "\n")   # travels with the data
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=1))
     for name, s in sizes.items():
         print(f"eval {name}: {s['num_docs']} documents >= {args.min_eval_tokens} tokens "

@@ -132,10 +132,11 @@ def detach_and_follow(args, out: Path) -> int:
     if not runner_active(out):
         cmd = [sys.executable, "-m", "megafire.cli", *_rebuild_argv(args)]
         with open(out / "runner.log", "a") as f:
-            subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-        print(f"[study] runner started: {' '.join(cmd)}", flush=True)
-        time.sleep(3)
+            child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        print(f"[study] runner started (pid {child.pid}; log {out / 'runner.log'}): {' '.join(cmd)}", flush=True)
+        while child.poll() is None and not runner_active(out):      # until it holds the lock
+            time.sleep(0.5)
     else:
         print(f"[study] a runner is already working on {out}: following it", flush=True)
     deadline = time.time() + args.wait

@@ -124,22 +124,26 @@ def evaluate_run(run_dir: str | Path, plan: Plan, scalings: list[str], device: s
     empty = [n for n, d in sets.items() if not d]
     if empty:
         raise ValueError(f"held-out set(s) {empty} have no document of {max(lengths)} tokens")
-    ppl, passkey = {}, {}
+    ppl, passkey, errors = {}, {}, {}
     pk_lengths = [m * train_length for m in plan.eval.passkey_multiples]
     for scaling in scalings:                  # "none" first: the scaled variants copy its 1x numbers
         base = None if scaling == "none" else ppl["none"]
         ppl[scaling] = {name: _perplexities(models, scaling, docs, lengths, train_length, tokenizer.eos_id,
                                             plan.eval.batch_size, base and base[name])
                         for name, docs in sets.items()}
-        if pk_lengths:
+    for scaling in scalings if pk_lengths else []:
+        try:           # a passkey failure must not cost the perplexities: record it and go on
             passkey[scaling] = _passkey(models, scaling, tokenizer, pk_lengths, train_length, plan,
-                                        None if scaling == "none" else passkey["none"])
+                                        None if scaling == "none" else passkey.get("none"))
+        except Exception as e:  # noqa: BLE001
+            errors[f"passkey/{scaling}"] = f"{type(e).__name__}: {e}"
+            print(f"[study] passkey {scaling} failed: {errors[f'passkey/{scaling}']}", flush=True)
     result = {"run": run_dir.name, "encoding": cfg.model.position.name, "train_length": train_length,
               "lengths": lengths, "device": str(device), "dtype": str(models.dtype).replace("torch.", ""),
               "settings": plan.eval.settings(), "perplexity": ppl,
               "num_windows": {n: len(d) for n, d in sets.items()},
               "doc_tokens": {n: [int(len(x)) for x in d] for n, d in sets.items()},
-              "passkey": passkey, "seconds": round(time.time() - t0, 2)}
+              "passkey": passkey, "errors": errors, "seconds": round(time.time() - t0, 2)}
     out = run_dir / "eval" / RESULT
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -13,6 +13,8 @@ from typing import Optional
 
 import yaml
 
+from megafire.config import ConfigError
+
 SCALINGS = ("none", "linear", "yarn")
 #: row names of the inference-time variants in the report ("rope" + "_pi" / "_yarn")
 VARIANT_SUFFIX = {"none": "", "linear": "_pi", "yarn": "_yarn"}
@@ -76,8 +78,8 @@ class Job:
         return f"{self.arm.name}-s{self.seed}"
 
 
-class PlanError(ValueError):
-    """A plan that names an unknown key, arm, scaling or a missing file."""
+class PlanError(ConfigError):
+    """A plan that names an unknown key, arm, scaling or a missing file (the CLI prints one line)."""
 
 
 def _path(value, root: Path) -> Path:

@@ -75,6 +75,18 @@ def _train_summary(r: dict) -> dict:
     return summary
 
 
+def _gpu_seconds(runs: list[dict]) -> dict:
+    """Per arm: wall seconds of training and evaluation summed over its seeds (each process
+    shared the GPU with up to concurrency - 1 others, so this is an upper bound of its share)."""
+    out: dict = {}
+    for r in runs:
+        a = out.setdefault(r["arm"], {"train": 0.0, "eval": 0.0, "runs": 0})
+        a["train"] += (r["train"] or {}).get("seconds") or 0.0
+        a["eval"] += (r["eval"] or {}).get("seconds") or 0.0
+        a["runs"] += 1
+    return out
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
@@ -119,6 +131,8 @@ def build_numbers(out: Path, plan_arms: Optional[dict] = None) -> dict:
               "per_seed": per_seed, "spread": spread, "passkey": passkey, "passkey_per_seed": passkey_per_seed,
               "runs": {r["name"]: _train_summary(r) for r in runs},
               "incomplete": [r["name"] for r in runs if not r["eval"]],
+              "eval_errors": {r["name"]: r["eval"]["errors"] for r in done if r["eval"].get("errors")},
+              "gpu_seconds": _gpu_seconds(runs),
               "eval_settings": done[0]["eval"]["settings"],
               "eval_docs": {s: {"num_docs": done[0]["eval"]["num_windows"][s],
                                 "min_tokens": min(done[0]["eval"]["doc_tokens"][s]),

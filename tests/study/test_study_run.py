@@ -61,13 +61,16 @@ def test_json_has_the_demo_format_and_every_row(study):
 
 
 def test_second_run_skips_everything(study):
+    """Repeated as the GPU machine repeats it: detached, followed, exported; nothing redone."""
     root, plan, _ = study
     before = {p: p.stat().st_mtime for p in (root / "out" / "runs").rglob("study_eval.json")}
-    res = _study(["run", "--plan", str(plan), "--out", "out", "--device", "cpu"], root)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _study(["run", "--plan", str(plan), "--out", "out", "--device", "cpu", "--detach", "--wait", "200",
+                  "--export-dir", "export2"], root)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "run: all done" in res.stdout and (root / "export2" / "study_results.tar.gz").is_file()
     assert res.stdout.count("train: done before, skipped") == 3
     assert res.stdout.count("eval: done before, skipped") == 3
-    assert " start" not in res.stdout.replace("run: ", "")
+    assert "train: start" not in res.stdout and "eval: start" not in res.stdout
     assert before == {p: p.stat().st_mtime for p in before}
 
 
