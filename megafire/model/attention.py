@@ -72,9 +72,7 @@ class Attention(nn.Module):
         if parallel.sp and self.out.bias is not None:
             self.out.bias.megafire_tp_replicated = True                  # added to each sequence shard
         self.parallel = parallel
-        #: set by megafire.model.perf.apply when the block is compiled
-        self.outside_compile = False
-        self._bound = None              # (device type, attention function) once bound
+        self._bound = None              # (device type, attention function) once bound (perf.apply)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden]) -> q [B, T, Hq_local, D], k and v
@@ -97,20 +95,32 @@ class Attention(nn.Module):
         a compiled block then reads the function instead of tracing the dispatch)."""
         self._bound = (device_type, get_attention_fn(self.backend, self.encoding, device_type))
 
-    def _attend(self, q, k, v, q_pos, k_pos, segment_ids_q, segment_ids_k) -> torch.Tensor:
-        """The attention backend's call. With ``outside_compile`` (set by megafire.model.perf on
-        compiled blocks) backends other than SDPA run eagerly between the block's two graphs:
-        the Triton autograd Functions keep host-side tables and caches that are not traced."""
+    @property
+    def traceable(self) -> bool:
+        """The bound backend can run inside a compiled graph (SDPA); the others (Triton
+        autograd Functions with host-side tables and caches, flex) run eagerly between graphs."""
+        return self._bound is not None and self._bound[1] in TRACEABLE
+
+    def qkv_heads(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B, T, hidden] -> q [B, T, Hq_local, D], k, v [B, T, Hkv_local, D] (rotated for RoPE)."""
+        q, k, v = self.project(x)
+        if self.encoding is not None and self.encoding.kind == "rotary":
+            q, k = self.encoding.rotate(q, k, positions, positions)
+        return q, k, v
+
+    def attend(self, q, k, v, q_pos, k_pos, segment_ids_q=None, segment_ids_k=None) -> torch.Tensor:
+        """The attention backend's call: q [B, Tq, Hq_local, D], k, v [B, Tk, Hkv_local, D] -> [B, Tq, Hq_local, D]."""
         bound = self._bound
         if bound is not None and bound[0] == q.device.type:
             attend = bound[1]
         else:
             attend = get_attention_fn(self.backend, self.encoding, q.device.type)
-        if self.outside_compile and attend not in TRACEABLE:
-            return _eager_attention(attend, q, k, v, self.encoding, q_pos, k_pos, segment_ids_q, segment_ids_k,
-                                    self.softmax_scale)
         return attend(q, k, v, self.encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
                       segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, T, Hq_local, D] -> [B, T, hidden] (SP: [B, T / tp, hidden])."""
+        return row_parallel(self.out, o.flatten(2), self.parallel)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 cache=None) -> torch.Tensor:
@@ -125,29 +135,15 @@ class Attention(nn.Module):
         if cache is not None and self.parallel.sp:
             raise ValueError("KV-cache decoding is not supported with sequence parallelism; build the model "
                              "without parallel.sequence_parallel for inference")
-        q, k, v = self.project(x)
-        if self.encoding is not None and self.encoding.kind == "rotary":
-            q, k = self.encoding.rotate(q, k, positions, positions)
+        q, k, v = self.qkv_heads(x, positions)
         k_pos, segment_ids_k = positions, segment_ids
         if cache is not None:
             k, v, k_pos, segment_ids_k = cache.update(self.layer_index, k, v)
-        if self.outside_compile and self._bound is not None and self._bound[1] not in TRACEABLE:
-            # the compiled graph ends here: q, k, v leave it as fresh tensors, not as views of the
-            # QKV product (AOT autograd's replay of several outputs aliasing one intermediate gave
-            # garbage view sizes, torch 2.13 on CPU); the copies cost one pass over q, k, v
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = self._attend(q, k, v, positions, k_pos, segment_ids, segment_ids_k)   # [B, T, Hq_local, D]
-        return row_parallel(self.out, o.flatten(2), self.parallel)      # [B, T, hidden] (SP: [B, T / tp, hidden])
+        o = self.attend(q, k, v, positions, k_pos, segment_ids, segment_ids_k)   # [B, T, Hq_local, D]
+        return self.project_out(o)
 
 
 #: backends torch.compile traces: SDPA (with a document mask it takes a boolean mask, which
-#: cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md, the v4 profile)
+#: cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md)
 TRACEABLE = (sdpa_attention,)
 
-
-@torch.compiler.disable
-def _eager_attention(attend, q, k, v, encoding, q_pos, k_pos, segment_ids_q, segment_ids_k, softmax_scale):
-    """A graph break: the attention kernels (Triton autograd Functions with host-side tables
-    and caches) run as they do without compile, between the block's two compiled graphs."""
-    return attend(q, k, v, encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
-                  segment_ids_k=segment_ids_k, softmax_scale=softmax_scale)

@@ -7,12 +7,12 @@ None of them changes the function computed, only how:
   through their own autograd Function (copy / reduce regions that are identities, an
   async-all-reduce code path); the plain call is the same product without that host work,
   and it is what ``torch.compile`` traces best.
-* ``compile``: each :class:`~megafire.model.block.Block` is compiled in place
-  (``nn.Module.compile``, regional compilation: the blocks share one code object, so one
-  compile serves every layer of the same shapes). The attention kernels (fused Triton, flex)
-  stay outside the graph through ``torch.compiler.disable``; the norms, projections, RoPE
-  rotation, SwiGLU and residual adds around them become a few fused kernels per block.
-  SDPA is traced natively. Shapes are static (``dynamic=False``): a length curriculum
+* ``compile``: each :class:`~megafire.model.block.Block` is compiled (regional compilation:
+  the blocks share their code objects, so one compile serves every layer of the same shapes).
+  With SDPA the whole block is one graph; the other attention kernels (fused Triton, flex)
+  run eagerly between the block's two compiled halves (norm + QKV, then output projection +
+  residual + norm + SwiGLU + residual), so the norms, projections, RoPE rotation, SwiGLU and
+  residual adds around them become a few fused kernels per block. Shapes are static (``dynamic=False``): a length curriculum
   recompiles once per stage.
 * ``fused_loss`` (tp = 1): ``lm_loss`` computes ``logsumexp(z) - z[y]`` from the bf16 logits in
   one compiled reduction; backward ``softmax(z) - onehot(y)`` is one more. Megatron's
@@ -92,9 +92,20 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
     if flags.compile:
         for module in gpt.modules():
             if isinstance(module, Block):
-                module.attn.outside_compile = True
-                module.compile(dynamic=False)
+                compile_block(module)
     return gpt
+
+
+def compile_block(block) -> None:
+    """Compile one Block for training: whole (one graph forward, one backward) when its attention
+    is traceable (SDPA); otherwise its two halves around the eager attention call, compiled
+    explicitly (letting dynamo break the graph at the call nests a resumed frame per call level,
+    five compiled regions per block, each with its guards and runtime wrappers)."""
+    if block.attn.traceable:
+        block.compile(dynamic=False)
+    else:
+        block.split_compiled = (torch.compile(block.pre_attention, dynamic=False),
+                                torch.compile(block.post_attention, dynamic=False))
 
 
 def direct(layer: nn.Module) -> bool:
