@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tracking-uri", default="", help="MLflow store (default: sqlite:///OUT/mlflow.db)")
     rep.add_argument("--experiment", default="megafire-study")
     rep.add_argument("--no-tracking", action="store_true")
+    rep.add_argument("--publish", help="also copy study.json/md/png into this directory (e.g. docs)")
     st = sub.add_parser("status", help="progress of a study: jobs done, the log's last lines")
     st.add_argument("--out", default="study_out")
     ev = sub.add_parser("eval-run", help="(internal) evaluate one finished run of the plan")
@@ -229,6 +230,12 @@ def cmd_report(args) -> int:
         arms = plan_arms_summary(load_plan(args.plan))
     report = write_report(out, arms)
     print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(report['runs'])} runs)")
+    if args.publish:
+        import shutil
+        Path(args.publish).mkdir(parents=True, exist_ok=True)
+        for name in ("study.json", "study.md", "study.png"):
+            shutil.copy2(out / name, Path(args.publish) / name)
+        print(f"copied study.json/md/png into {args.publish}")
     if not args.no_tracking:
         from .tracking import log_study
         uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
