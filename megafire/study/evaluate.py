@@ -56,7 +56,8 @@ class RunModels:
             from megafire.export.load import build_gpt
             cfg = copy.deepcopy(self.cfg)
             cfg.model.position.options = {**cfg.model.position.options, **options}
-            self._cache.clear()      # one model at a time: lengths are evaluated in order
+            if len(self._cache) >= 12:   # RoPE: 1 + 2 scalings x 4 factors; others: 1
+                self._cache.clear()
             self._cache[key] = build_gpt(cfg, self.state, dtype=self.dtype).to(self.device).eval()
         return self._cache[key]
 
