@@ -48,7 +48,8 @@ def test_numbers_table_and_rows(tmp_path):
     assert on_disk["gpu_seconds"]["fire"] == {"train": 20.0, "eval": 3.0, "runs": 2}
     assert on_disk["runs"]["fire-s1"]["final_loss"] == 3.0 and on_disk["runs"]["fire-s1"]["tokens"] == 128
     md = (out / "study.md").read_text()
-    main, ablations = md.split("## Ablations")
+    main, rest = md.split("## Passkey")
+    ablations = rest.split("## Ablations")[1]
     assert "| fire | 2 | 11.00 ± 1.00 | 12.00 ± 1.00 | 15.00 ± 3.00 | 1.36 |" in main
     assert "| rope_yarn | 1 | 9.00 | 14.00 | 20.00 | 2.22 |" in main
     assert "fire_L32" not in main and "| fire_L32 | 1 |" in ablations and "(c) init_L = 32" in ablations
