@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arms", help="comma-separated subset of the plan's arms")
     run.add_argument("--seeds", help="comma-separated seeds for every selected arm (default: the plan's)")
     run.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
+    run.add_argument("--shards-dir", default=None,
+                     help="where the training shards are (unpacked from the plan's archive when missing); "
+                          "default: the plan's data.shards_dir. Put it outside a directory that is re-synced "
+                          "while the runner works (a lent GPU machine's copy of the checkout)")
     run.add_argument("--skip-eval", action="store_true", help="train only")
     run.add_argument("--export-dir", help="write study_results.tar.gz (+ study.json/md/png) here")
     run.add_argument("--detach", action="store_true", help="run in the background; follow it for --wait s")
@@ -94,6 +98,8 @@ def cmd_run(args) -> int:
     from .report import write_report
     from .runner import RunnerLock, export_results, log_progress, run_jobs
     plan = load_plan(args.plan, args.data_root)
+    if args.shards_dir:
+        plan.data.shards_dir = Path(args.shards_dir).resolve()
     out = Path(args.out).resolve()
     if args.detach:
         return detach_and_follow(args, out)
@@ -166,7 +172,7 @@ def detach_and_follow(args, out: Path) -> int:
 
 def _rebuild_argv(args) -> list[str]:
     argv = ["study", "run", "--plan", args.plan, "--out", args.out, "--data-root", args.data_root]
-    for flag in ("tokens", "concurrency", "arms", "seeds", "device", "export_dir"):
+    for flag in ("tokens", "concurrency", "arms", "seeds", "device", "export_dir", "shards_dir"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
