@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--experiment", default="megafire-study")
     rep.add_argument("--no-tracking", action="store_true")
     rep.add_argument("--publish", help="also copy study.json/md/png into this directory (e.g. docs)")
+    rep.add_argument("--reading", help="a Markdown file with the reading of the numbers, put under study.md's "
+                                       "'Reading' (e.g. docs/study_reading.md)")
     st = sub.add_parser("status", help="progress of a study: jobs done, the log's last lines")
     st.add_argument("--out", default="study_out")
     ev = sub.add_parser("eval-run", help="(internal) evaluate one finished run of the plan")
@@ -234,7 +236,11 @@ def cmd_report(args) -> int:
     if args.plan:
         from .plan import load_plan
         arms = plan_arms_summary(load_plan(args.plan))
-    report = write_report(out, arms)
+    reading = Path(args.reading) if args.reading else None
+    if reading is not None and not reading.is_file():
+        from megafire.config import MissingFileError
+        raise MissingFileError(f"--reading {str(reading)!r} does not exist")
+    report = write_report(out, arms, reading=reading)
     print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(report['runs'])} runs)")
     if args.publish:
         import shutil

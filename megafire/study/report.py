@@ -166,7 +166,7 @@ def _ppl_table(report: dict, s: str, rows: list[str]) -> list[str]:
     return lines
 
 
-def write_markdown(report: dict, path: Path, data: Optional[dict] = None) -> Path:
+def write_markdown(report: dict, path: Path, data: Optional[dict] = None, reading: Optional[str] = None) -> Path:
     """study.md: setup, tables, plot; the honest reading is left for a person to write."""
     T = report["train_length"]
     rows = report["rows"]
@@ -212,7 +212,8 @@ def write_markdown(report: dict, path: Path, data: Optional[dict] = None) -> Pat
                      f"{fmt(r['train_seconds'], '.0f')} | {fmt(r['eval_seconds'], '.0f')} |")
     if report["incomplete"]:
         lines += ["", f"Not evaluated (incomplete): {', '.join(report['incomplete'])}"]
-    lines += ["", "![length generalization](study.png)", "", "## Reading", "", "(to be written)", ""]
+    lines += ["", "![length generalization](study.png)", "", "## Reading", "",
+              reading.strip() if reading else "(to be written: `megafire study report --reading FILE`)", ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -224,6 +225,9 @@ def plot(report: dict, path: Path) -> Path:
     sets = report["sets"]
     fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.6), dpi=120, squeeze=False)
     ablations = {a for a, spec in (report.get("arms") or {}).items() if spec.get("ablation")}
+    # one colour per row (the default cycle has 10; a study has more rows than that)
+    palette = plt.get_cmap("tab20").colors
+    colors = {row: palette[(2 * i) % 20 + (2 * i) // 20 % 2] for i, row in enumerate(report["rows"])}
     for ax, s in zip(axes[0], sets):
         for row in report["rows"]:
             st = report["spread"][s].get(row)
@@ -234,7 +238,8 @@ def plot(report: dict, path: Path) -> Path:
             err = [[mean[i] - math.log(st[L]["min"]) for i, L in enumerate(Ls)],
                    [math.log(st[L]["max"]) - mean[i] for i, L in enumerate(Ls)]]
             style = "--" if row in ablations else (":" if row.startswith("rope_") else "-")
-            ax.errorbar(Ls, mean, yerr=err, marker="o", markersize=3, linestyle=style, capsize=2, label=row)
+            ax.errorbar(Ls, mean, yerr=err, marker="o", markersize=3, linestyle=style, capsize=2, label=row,
+                        color=colors[row])
         ax.axvline(report["train_length"], color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("evaluation length (tokens)")
@@ -250,8 +255,11 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Optional[Path] = None) -> dict:
-    """study.json, study.md and study.png under ``out``; returns the report."""
+def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Optional[Path] = None,
+                 reading: Optional[Path] = None) -> dict:
+    """study.json, study.md and study.png under ``out``; returns the report. ``reading``: a
+    Markdown file with a person's reading of the numbers, placed under study.md's "Reading"
+    (kept in the repository, so a rebuilt report keeps it)."""
     previous = _json(out / "study.json") or {}
     report = build_numbers(out, plan_arms or previous.get("arms"))
     data = _json(data_summary) if data_summary else previous.get("data")
@@ -260,6 +268,6 @@ def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Opti
     tmp = out / "study.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
     tmp.replace(out / "study.json")
-    write_markdown(report, out / "study.md", data)
+    write_markdown(report, out / "study.md", data, reading.read_text() if reading else None)
     plot(report, out / "study.png")
     return report
