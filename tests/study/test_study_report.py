@@ -75,3 +75,17 @@ def test_the_study_plan_loads():
     assert plan.arms["fire"].seeds == plan.arms["alibi"].seeds == [1234, 1235]
     assert plan.arms["rope"].scalings == ["none", "linear", "yarn"]
     assert sum(bool(a.ablation) for a in plan.arms.values()) == 3
+
+
+def test_reading_is_kept_under_its_heading(tmp_path):
+    """`study report --reading FILE`: the person's reading replaces the placeholder, so a rebuilt
+    report (new runs, same reading file) keeps it; without it the placeholder says how."""
+    out = tmp_path / "out"
+    _run(out, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    write_report(out, {"fire": {"ablation": ""}})
+    assert "(to be written: `megafire study report --reading FILE`)" in (out / "study.md").read_text()
+    reading = tmp_path / "reading.md"
+    reading.write_text("FIRE trails ALiBi here.\n")
+    write_report(out, {"fire": {"ablation": ""}}, reading=reading)
+    md = (out / "study.md").read_text()
+    assert md.rstrip().endswith("## Reading\n\nFIRE trails ALiBi here.") and "to be written" not in md
