@@ -33,7 +33,7 @@ def plot_length_generalization(results: dict[str, dict[int, float]], train_lengt
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_passkey_heatmap(accuracy: dict[int, dict[float, float]], path: str | Path,
@@ -56,10 +56,10 @@ def plot_passkey_heatmap(accuracy: dict[int, dict[float, float]], path: str | Pa
                 ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write atomically (temp name, then rename): a reader never sees half a PNG."""
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")

@@ -247,12 +247,8 @@ def plot(report: dict, path: Path) -> Path:
         ax.set_title(f"held-out {s}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from megafire.eval.plots import save_figure
+    return save_figure(fig, path)
 
 
 def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Optional[Path] = None,
