@@ -88,6 +88,9 @@ def test_prep_bad_corpora(bad_inputs, tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     assert_one_error_line(megafire("prep", "shards", "--corpus", tmp_path / "ok.jsonl", "--tokenizer", tmp_path / "no",
                                    "--out", tmp_path / "shards"), str(tmp_path / "no"), "--tokenizer")
+    # a vocabulary too small for byte fallback: a bad value, not a bug
+    assert_one_error_line(megafire("prep", "tokenizer", "--corpus", tmp_path / "ok.jsonl", "--out", tmp_path / "t64",
+                                   "--vocab-size", "64"), "vocab_size=64 is too small")
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU message")

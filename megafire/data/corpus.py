@@ -235,7 +235,7 @@ def write_corpus(docs: Iterable[Document], path: str | os.PathLike, *, eval_ids:
     with raw, stream:
         for d in docs:
             if d.id in seen:
-                raise ValueError(f"duplicate document id {d.id!r}")
+                raise ConfigError(f"duplicate document id {d.id!r}")
             seen.add(d.id)
             rec = {"id": d.id, "title": d.title, "text": d.text, **d.extra}
             stream.write((json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
@@ -244,7 +244,7 @@ def write_corpus(docs: Iterable[Document], path: str | os.PathLike, *, eval_ids:
     missing = sorted(set(eval_ids) - seen)
     if missing:
         tmp.unlink()
-        raise ValueError(f"eval ids not among written documents: {missing}")
+        raise ConfigError(f"eval ids not among written documents: {missing}")
     os.replace(tmp, path)
     full_meta = {**(meta or {}), **stats, "eval_ids": list(eval_ids), "sha256": file_sha256(path)}
     mp = meta_path(path)

@@ -157,7 +157,7 @@ def write_shards(docs: Sequence[Document] | Sequence[tuple], out_dir: str | os.P
     """
     items = [(d.id, d.title, d.text) if isinstance(d, Document) else tuple(d) for d in docs]
     if not items:
-        raise ValueError("no documents to shard")
+        raise ConfigError("no documents to shard")
     tok_meta = _tokenizer_meta(tokenizer_path, vocab_size, eos_id)
     dtype = token_dtype(tok_meta["vocab_size"])
     parts = _partition(len(items), num_shards, docs_per_shard)

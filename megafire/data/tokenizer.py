@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from megafire.config import MissingFileError
+from megafire.config import ConfigError, MissingFileError
 
 from .corpus import Document, corpus_info, file_sha256, load_corpus
 
@@ -101,7 +101,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, *, allow_padding: b
     ok = model_vocab_size >= n_tok if allow_padding else model_vocab_size == n_tok
     if not ok:
         rule = "at least" if allow_padding else "exactly"
-        raise ValueError(
+        raise ConfigError(
             f"vocabulary mismatch: the model has vocab_size={model_vocab_size} but the tokenizer "
             f"{tokenizer.path} (sha256 {tokenizer.checksum[:12]}) has {n_tok} pieces; the model "
             f"needs {rule} {n_tok} (set model.vocab_size={n_tok} or retrain the tokenizer)")
@@ -146,9 +146,9 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[Document], out_dir: str
     so evaluation text does not shape the vocabulary.
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+        raise ConfigError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if vocab_size < 256 + 4 + 1:  # byte fallback needs all 256 bytes plus the 4 specials
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback needs more than 260 pieces")
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte fallback needs more than 260 pieces")
     out = Path(out_dir)
     model_path, info_path = out / MODEL_FILE, out / INFO_FILE
     request = _request(corpus, vocab_size, model_type, split,
@@ -159,7 +159,7 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[Document], out_dir: str
             return model_path
     docs = load_corpus(corpus, split) if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     if not docs:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
+        raise ConfigError("cannot train a tokenizer on an empty corpus")
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_sentences(docs), model_writer=proto,

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megafire.config import ConfigError
+
 # logits = forward(input_ids [B, T], positions [B, T]) -> [B, T, V]
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,7 +57,7 @@ def perplexity_by_length(forward: ForwardFn, docs_tokens: Sequence[np.ndarray], 
                                   max_windows=max_windows)
         if w["input_ids"].size(0) == 0:
             have = max((len(d) for d in docs_tokens), default=0)
-            raise ValueError(f"no held-out document has {longest} tokens (the longest has {have}): "
+            raise ConfigError(f"no held-out document has {longest} tokens (the longest has {have}): "
                              f"evaluate at shorter lengths or with longer documents")
         nll = window_nll(forward, w["input_ids"], w["labels"], w["positions"], batch_size)  # [N, L]
         result["perplexity"][length] = math.exp(nll.mean().item())

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
+from megafire.config import ConfigError
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -74,10 +76,10 @@ def _split(total: int, depth: float) -> tuple[int, int]:
 def build_prompt(tokenizer: TextTokenizer, length: int, depth: float, passkey: str) -> PasskeyPrompt:
     """The longest prompt (in whole filler lines) of at most ``length`` tokens, needle at ``depth``."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise ConfigError(f"depth must be in [0, 1], got {depth}")
     fixed = len(tokenizer.encode(prompt_text(passkey, 0, 0)))
     if fixed > length:
-        raise ValueError(f"length {length} is too short for a passkey prompt: it needs at least {fixed} tokens")
+        raise ConfigError(f"length {length} is too short for a passkey prompt: it needs at least {fixed} tokens")
     per_line = len(tokenizer.encode(FILLER * 16)) / 16
     total = max(0, int((length - fixed) / per_line) + 1)        # a guess from above; shrink to fit
     while True:
@@ -90,7 +92,7 @@ def build_prompt(tokenizer: TextTokenizer, length: int, depth: float, passkey: s
 
 def random_passkey(rng: random.Random, digits: int) -> str:
     if digits < 1:
-        raise ValueError(f"digits must be >= 1, got {digits}")
+        raise ConfigError(f"digits must be >= 1, got {digits}")
     return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
 
 
@@ -254,7 +256,7 @@ def run(args) -> int:
     cfg = model.config
     lengths = _lengths(args, cfg)
     if not lengths:
-        raise ValueError("no context length to evaluate")
+        raise ConfigError("no context length to evaluate")
     build_prompt(model.tokenizer, min(lengths), 0.0, "9" * args.digits)   # fail before decoding if too short
     result = evaluate_passkey(model_generate_fn(model, model.tokenizer.eos_id), model.tokenizer, lengths,
                               _floats(args.depths), args.trials, args.digits, args.seed,

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megafire.config import ConfigError
+
 from .checkpoint import CheckpointInfo, consolidated_state_dict, checkpoint_dtype, resolve_checkpoint
 from .convert import to_hf
 from .spec import REMOTE_FILES, hf_config, llama_compatible
@@ -62,12 +64,12 @@ def find_tokenizer(info: CheckpointInfo, cfg) -> Optional[Path]:
 def _check_tokenizer(tokenizer: Path, info: CheckpointInfo, cfg) -> None:
     expected = info.meta.get("tokenizer_sha256")
     if expected and _sha256(tokenizer) != expected:
-        raise ValueError(f"tokenizer {tokenizer} (sha256 {_sha256(tokenizer)[:12]}) is not the one checkpoint "
+        raise ConfigError(f"tokenizer {tokenizer} (sha256 {_sha256(tokenizer)[:12]}) is not the one checkpoint "
                          f"{info.path} was trained with (sha256 {expected[:12]}); pass --tokenizer")
     import sentencepiece as spm
     n = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     if n != cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {n} pieces but the model's vocab_size is "
+        raise ConfigError(f"tokenizer {tokenizer} has {n} pieces but the model's vocab_size is "
                          f"{cfg.model.vocab_size}")
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from megafire.config import ConfigError
+
 from .checkpoint import CONFIG_FILE, DS_DIR, META_FILE, MODEL_STATES, WRAPPER_PREFIX, checkpoint_dtype
 from .convert import from_hf
 from .export import EXPORT_CONFIG, EXPORT_INFO
@@ -65,10 +67,10 @@ def config_from_hf(hf: dict):
         model["position"] = {"name": "rope", "options": _rope_options(hf)}
         train_length = hf.get("max_position_embeddings", 2048)
     else:
-        raise ValueError(f"cannot import model_type {hf.get('model_type')!r}: only llama and megafire")
+        raise ConfigError(f"cannot import model_type {hf.get('model_type')!r}: only llama and megafire")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError(f"head_dim={head_dim} x heads != hidden_size: megafire needs hidden = heads x head_dim")
+        raise ConfigError(f"head_dim={head_dim} x heads != hidden_size: megafire needs hidden = heads x head_dim")
     return load_config(None, {"model": model, "data": {"seq_len": train_length},
                               "train": {"tokens_per_step": train_length}})
 
@@ -79,7 +81,7 @@ def _rope_options(hf: dict) -> dict:
     base = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     names = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
     if rope_type not in names:
-        raise ValueError(f"rope type {rope_type!r} has no megafire equivalent (allowed: {', '.join(names)})")
+        raise ConfigError(f"rope type {rope_type!r} has no megafire equivalent (allowed: {', '.join(names)})")
     options = {"base": float(base), "scaling": names[rope_type]}
     if rope_type != "default":
         options["factor"] = float(params["factor"])
@@ -96,7 +98,7 @@ def _check_consistent(cfg, hf: dict, hf_dir: Path) -> None:
              "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size}
     for key, ours in pairs.items():
         if key in hf and hf[key] != ours:
-            raise ValueError(f"{hf_dir}: config.json {key}={hf[key]} disagrees with {EXPORT_CONFIG} ({ours})")
+            raise ConfigError(f"{hf_dir}: config.json {key}={hf[key]} disagrees with {EXPORT_CONFIG} ({ours})")
 
 
 def read_export(hf_dir: str | Path):

@@ -26,6 +26,8 @@ import json
 import shutil
 from pathlib import Path
 
+from megafire.config import ConfigError
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
 NEVER = -1e9   # a Unigram score no real segmentation can lose to
@@ -41,12 +43,12 @@ def _load_proto(model_path: Path):
 def _check_supported(proto, model_path: Path) -> None:
     norm = proto.normalizer_spec
     if norm.name not in ("identity", "") or norm.precompiled_charsmap:
-        raise ValueError(f"tokenizer {model_path}: normalization {norm.name!r} is not supported by the exporter "
+        raise ConfigError(f"tokenizer {model_path}: normalization {norm.name!r} is not supported by the exporter "
                          f"(megafire trains with normalization_rule_name='identity')")
     if norm.remove_extra_whitespaces:
-        raise ValueError(f"tokenizer {model_path}: remove_extra_whitespaces=true is not supported by the exporter")
+        raise ConfigError(f"tokenizer {model_path}: remove_extra_whitespaces=true is not supported by the exporter")
     if proto.trainer_spec.model_type not in (1, 2):
-        raise ValueError(f"tokenizer {model_path}: model type {proto.trainer_spec.model_type} is not BPE or unigram")
+        raise ConfigError(f"tokenizer {model_path}: model type {proto.trainer_spec.model_type} is not BPE or unigram")
 
 
 def _bpe_merges(pieces) -> list[tuple[str, str]]:
