@@ -18,6 +18,8 @@ import sys
 import types
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 
@@ -220,12 +222,12 @@ def test_microbenchmark_smoke_run(capsys):
     assert "torch (reference)" in out and "triton (block_t=" in out and "failed" not in out
 
 
-def test_bench_train_rope_variants(monkeypatch, capsys):
+def test_bench_train_rope_variants(monkeypatch, capsys, tmp_path):
     """--rope-variants times the rope arm with fused_rotary=false and =true; other arms run once."""
     from megafire.bench import train as bench_train
     runs = []
 
-    def fake_bench(config, overrides, steps, warmup, position=None):
+    def fake_bench(config, overrides, steps, warmup, position=None, profile_dir=None):
         fused = "--model.position.fused_rotary=true" in overrides
         runs.append((position, [o for o in overrides if "fused_rotary" in o]))
         return {"encoding": position or "fire", "tokens_per_s": 300.0 if fused else 200.0 if position else 100.0,
@@ -242,6 +244,12 @@ def test_bench_train_rope_variants(monkeypatch, capsys):
     runs.clear()
     assert bench_train.main(argv) == 0   # without the flag: one peer run, as before
     assert runs == [(None, []), ("rope", [])] and "fire / rope: 0.500" in capsys.readouterr().out
+    runs.clear()
+    out_json = tmp_path / "b.json"
+    assert bench_train.main(argv + ["--peer", "alibi,rope", "--out", str(out_json)]) == 0   # several peers
+    assert [r[0] for r in runs] == [None, "alibi", "rope"]
+    result = json.loads(out_json.read_text())
+    assert result["ratio_vs_peer_alibi"] == 0.5 and result["ratio_vs_peer_rope"] == 0.5
 
 
 # --- GPU ------------------------------------------------------------------------------------
