@@ -12,13 +12,12 @@ truncates fp32 -> bf16 where the GPU rounds to nearest even (the GPU test checks
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import types
 from pathlib import Path
-
-import json
 
 import pytest
 import torch
