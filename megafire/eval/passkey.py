@@ -275,13 +275,13 @@ def run(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     import torch.distributed as dist
-    from megafire.export.checkpoint import CheckpointError
+    from megafire.cli import EXIT_ERROR, error_line
     ours = not dist.is_initialized()     # load_checkpoint may start a one-process group: close it at exit
     try:
         return run(args)
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"megafire eval passkey: error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:             # bad input (a missing or damaged checkpoint, a bad value); bugs keep their traceback
+        print(error_line(e), file=sys.stderr)
+        return EXIT_ERROR
     finally:
         if ours and dist.is_initialized():
             from megafire.parallel import destroy_parallel
