@@ -2,7 +2,7 @@
 
 None of them changes the function computed, only how:
 
-* ``direct_linear`` (tp = 1, no sequence parallelism): ``column_parallel`` / ``row_parallel``
+* ``direct_linear`` (tp = 1, no sequence parallelism, ZeRO 0-2): ``column_parallel`` / ``row_parallel``
   call ``F.linear(x, W, b)``. At tp = 1 megatron's layers compute exactly ``x W^T + b``
   through their own autograd Function (copy / reduce regions that are identities, an
   async-all-reduce code path); the plain call is the same product without that host work,
@@ -61,6 +61,10 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
             if needs_tp1 and (tp > 1 or sequence_parallel):
                 raise ConfigError(f"perf.{name}=true needs parallel.tp=1 (vocab-parallel logits at tp > 1 use "
                                   f"megatron's cross entropy); allowed here: auto, false")
+            if name == "compile" and zero_stage >= 3:
+                raise ConfigError("perf.compile=true does not work with parallel.zero_stage=3: ZeRO-3 gathers each "
+                                  "layer's parameters in module hooks, which a compiled block would trace with the "
+                                  "empty partitions; allowed here: auto, false")
             return True
         if value == "false":
             return False
@@ -71,7 +75,9 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
 
     return PerfFlags(compile=pick("compile", perf.compile, False),
                      fused_loss=pick("fused_loss", perf.fused_loss, True),
-                     direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel,
+                     # ZeRO-3 gathers weights in module hooks: keep megatron's layer call there (the
+                     # plain call was seen to work in one process; not relied on across ranks)
+                     direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel and zero_stage < 3,
                      why="; ".join(reasons))
 
 
