@@ -38,6 +38,7 @@ LAYOUTS_2 = {
 #: name -> (encoding, parallel overrides, other config sections, reference run name): more
 #: code paths, fewer encodings -- activation checkpointing, TP with ZeRO-1, a pipeline whose
 #: sequence length changes mid-run (curriculum: DeepSpeed's dynamic_shape)
+PERF_ON = {"compile": "true", "fused_loss": "true", "direct_linear": True}
 CURRICULUM = {"curriculum": {"stages": [{"seq_len": 16, "tokens": 128}, {"seq_len": 32, "tokens": 1000}]}}
 EXTRA_2 = {
     "tp2-z1-ac": ("fire", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True}, {}, "ref-fire"),
@@ -48,6 +49,10 @@ EXTRA_2 = {
     "pp2-untied": ("fire", {"pp": 2, "zero_stage": 1}, {"model": {"tie_embeddings": False}}, "ref-untied-fire"),
     "pp2-learned": ("learned", {"pp": 2, "zero_stage": 1}, {}, "ref-learned"),
     "tp2-learned": ("learned", {"tp": 2}, {}, "ref-learned"),
+    # the perf switches forced on (auto is off on CPU): compiled blocks inside pipeline stages and
+    # under data-parallel ZeRO-1 train as the single uncompiled process does
+    "pp2-compiled": ("fire", {"pp": 2, "zero_stage": 1}, {"perf": PERF_ON}, "ref-fire"),
+    "dp2-z1-compiled": ("rope", {"zero_stage": 1}, {"perf": PERF_ON}, "ref-rope"),
 }
 #: reference (single-process) runs of EXTRA_2 beyond ref-<encoding>: name -> (encoding, sections)
 EXTRA_REFS = {"ref-curriculum-fire": ("fire", CURRICULUM),

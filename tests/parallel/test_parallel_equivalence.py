@@ -58,7 +58,8 @@ def test_loss_trace_equals_single_process(runs, layout):
 @pytest.mark.parametrize("name", list(EXTRA_2))
 def test_more_paths_equal_single_process(runs, name):
     """Activation checkpointing, TP=2 with ZeRO-1, pipelines and TP across a length change,
-    an untied output layer and a learned absolute encoding in a pipeline."""
+    an untied output layer, a learned absolute encoding in a pipeline, and the perf switches
+    forced on (compiled blocks in pipeline stages and under data-parallel ZeRO-1)."""
     out, _ = runs
     ref, got = losses(out / EXTRA_2[name][3]), losses(out / name)
     assert len(got) == len(ref) == STEPS
