@@ -96,6 +96,9 @@ def test_prep_bad_corpora(bad_inputs, tmp_path):
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU message")
 def test_gpu_benchmark_without_gpu():
     assert_one_error_line(megafire("bench", "attention"), "needs a CUDA GPU")
+    # the compact peer is refused before the main arm trains
+    assert_one_error_line(megafire("bench", "train", "--config", "configs/demo-cpu.yaml", "--peer", "compact"),
+                          "--peer compact needs a CUDA GPU")
 
 
 def test_each_rank_prints_one_line():

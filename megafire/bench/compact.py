@@ -79,7 +79,9 @@ def bench_compact(cfg, steps: int, warmup: int) -> dict:
     from megafire.flops import attention_flops_per_token, matmul_flops_per_token
     from megafire.train.components import peak_flops_per_device
     if not torch.cuda.is_available():
-        raise RuntimeError("the compact peer is a GPU benchmark (torch.compile + bf16 autocast on CUDA)")
+        from megafire.config import ConfigError
+        raise ConfigError("megafire bench train --peer compact needs a CUDA GPU (the peer is torch.compile + bf16 "
+                          "autocast on CUDA); use --peer rope or --peer none here")
     m, t = cfg.model, cfg.train
     torch.manual_seed(t.seed)
     model = CompactGPT(m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads or m.num_heads,

@@ -211,11 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         print("megafire bench train: --steps must exceed --warmup", file=sys.stderr)
         return 2
     encoding = load_config(args.config, overrides).model.position.name
+    names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
+    if "compact" in names:
+        import torch
+        if not torch.cuda.is_available():   # before the main arm runs, not after
+            from megafire.config import ConfigError
+            raise ConfigError("megafire bench train --peer compact needs a CUDA GPU (the peer is torch.compile + "
+                              "bf16 autocast on CUDA); use --peer rope or --peer none here")
     result: dict = {}
     for suffix, summary in _run_arm(args, overrides, encoding, None).items():
         result["main" + (f"_{suffix}" if suffix else "")] = summary
     mains = {k: v for k, v in result.items() if k.startswith("main")}
-    names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
     for name in names:
         peers = _run_arm(args, overrides, name, None if name == "compact" else name)
         for suffix, peer in peers.items():
