@@ -220,16 +220,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values (MLflow params)."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix, value):
-            if isinstance(value, dict) and value:
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            else:
-                out[prefix] = value
-        walk("", self.to_dict())
-        return out
+        return flatten(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -237,6 +228,17 @@ class Config:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping -> {"model.position.options.init_L": 16, ...} (empty mappings and
+    non-mappings are leaves)."""
+    if not (isinstance(value, dict) and value):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 # --- construction and validation ------------------------------------------------------

@@ -84,8 +84,9 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     return summary
 
 
-#: kernel-name fragments -> category, first match wins (attention kernels before GEMMs: cuDNN's
-#: flash kernels carry 'wgmma' in their names; cuBLAS / CUTLASS GEMMs, inductor's generated Triton, the rest by what torch's eager kernels are called)
+#: kernel-name fragments -> category, first match wins: attention kernels before GEMMs (cuDNN's
+#: flash kernels carry 'wgmma' in their names), then cuBLAS / CUTLASS GEMMs, inductor's generated
+#: Triton, and the rest by what torch's eager kernels are called
 CATEGORIES = (("attention", ("flash", "fmha", "attn", "sdpa", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_delta",
                              "_tables", "_fire", "_t5")),
               ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas")),
@@ -107,7 +108,8 @@ class _StepProfiler:
     """A trainer callback: starts torch.profiler after step ``warmup`` and stops after the next."""
 
     def __init__(self, out_dir: str, warmup: int):
-        self.out_dir, self.start_after, self.prof, self.summary, self.t0 = Path(out_dir), max(warmup, 1), None, None, 0.0
+        self.out_dir, self.start_after = Path(out_dir), max(warmup, 1)
+        self.prof, self.summary, self.t0 = None, None, 0.0
 
     def __call__(self, trainer, record) -> None:
         import time
@@ -125,13 +127,7 @@ class _StepProfiler:
             self.prof.__exit__(None, None, None)
             self.summary = summarize_profile(self.prof, wall)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            trace = self.out_dir / "trace.json"
-            self.prof.export_chrome_trace(str(trace))
-            import gzip
-            import shutil
-            with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            trace.unlink()
+            self.prof.export_chrome_trace(str(self.out_dir / "trace.json.gz"))   # torch gzips a .gz path
             (self.out_dir / "profile.json").write_text(json.dumps(self.summary, indent=2))
             _print_profile(self.summary)
             self.prof = None

@@ -279,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ours = not dist.is_initialized()     # load_checkpoint may start a one-process group: close it at exit
     try:
         return run(args)
-    except ConfigError as e:             # bad input (a missing or damaged checkpoint, a bad value); bugs keep their traceback
+    except ConfigError as e:   # bad input (a missing or damaged checkpoint, a bad value); bugs keep their traceback
         print(error_line(e), file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -21,7 +21,6 @@ dropped because they carry no weights.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,8 +28,6 @@ from typing import Optional
 import torch
 
 from megafire.train import checkpoint as _train_ckpt
-
-from megafire.config import ConfigError
 
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"

@@ -12,8 +12,8 @@ None of them changes the function computed, only how:
   With SDPA the whole block is one graph; the other attention kernels (fused Triton, flex)
   run eagerly between the block's two compiled halves (norm + QKV, then output projection +
   residual + norm + SwiGLU + residual), so the norms, projections, RoPE rotation, SwiGLU and
-  residual adds around them become a few fused kernels per block. Shapes are static (``dynamic=False``): a length curriculum
-  recompiles once per stage.
+  residual adds around them become a few fused kernels per block. Shapes are static
+  (``dynamic=False``): a length curriculum recompiles once per stage.
 * ``fused_loss`` (tp = 1): ``lm_loss`` computes ``logsumexp(z) - z[y]`` from the bf16 logits in
   one compiled reduction; backward ``softmax(z) - onehot(y)`` is one more. Megatron's
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
@@ -91,11 +91,10 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
     for module in gpt.modules():
         if isinstance(module, Attention):
             module.bind(device_type)
-    for module in gpt.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.megafire_direct = flags.direct_linear
     gpt.fused_loss = flags.fused_loss
-    if flags.compile:
+    if flags.compile:   # after binding: a block's choice depends on its attention's backend
         for module in gpt.modules():
             if isinstance(module, Block):
                 compile_block(module)

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from megafire.config import ConfigError
+from megafire.config import ConfigError, MissingFileError
 
 LATEST = "latest"
 DS_TAG = "ds"
@@ -245,6 +245,23 @@ def find_checkpoint(root: str | Path, *, fallback: bool, move_damaged: bool = Fa
     if damaged:
         raise CheckpointError(f"no complete checkpoint under {root}: " + "; ".join(damaged))
     return None
+
+
+def resolve_for_reading(path: str | Path, kinds: str = "a checkpoint") -> Path:
+    """A checkpoint directory (verified) or a run directory (its sound checkpoint, falling back
+    with a warning past a damaged one: :func:`find_checkpoint`) -> the directory to read the
+    model from; the trainer state is not needed. ``kinds`` names what ``path`` may be, for
+    the error when it is none of them."""
+    path = Path(path)
+    if (path / "meta.json").is_file() or (path / DS_TAG).is_dir():
+        verify_checkpoint(path, trainer_state=False)   # what we read is present and readable, or an error naming it
+        return path
+    if not path.exists():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    found = find_checkpoint(path / "checkpoints", fallback=True, warn=warn, trainer_state=False)
+    if found is None:
+        raise MissingFileError(f"{path} is neither {kinds} nor a run directory with a complete checkpoint")
+    return found
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

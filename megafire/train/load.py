@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megafire.config import Config, MissingFileError, load_config
+from megafire.config import Config, load_config
 
 from . import checkpoint as ckpt
 
@@ -23,16 +23,7 @@ MODULE_PREFIX = "model."   # LanguageModelLoss wraps the GPT as `.model`
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory or checkpoint directory -> the checkpoint directory."""
-    path = Path(path)
-    if (path / "meta.json").is_file() or (path / ckpt.DS_TAG).is_dir():
-        ckpt.verify_checkpoint(path, trainer_state=False)   # what we read is present and readable, or an error naming it
-        return path
-    if not path.exists():
-        raise MissingFileError(f"checkpoint {path} does not exist")
-    found = ckpt.find_checkpoint(path / "checkpoints", fallback=True, warn=ckpt.warn, trainer_state=False)
-    if found is None:
-        raise MissingFileError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
-    return found
+    return ckpt.resolve_for_reading(path)
 
 
 def load_run_config(path: str | Path) -> Config:

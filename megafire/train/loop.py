@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megafire.config import Config, ConfigError
+from megafire.config import Config, ConfigError, flatten
 
 from . import checkpoint as ckpt
 from . import faults
@@ -193,7 +193,7 @@ class Trainer:
                 raise ConfigError(f"cannot resume {path}: it was written with {key}={meta.get(key)}, this run has "
                                   f"{key}={value}")
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        theirs, ours = _flat(saved.get("model") or {}, "model"), _flat(self.cfg.to_dict()["model"], "model")
+        theirs, ours = flatten(saved.get("model") or {}, "model"), flatten(self.cfg.to_dict()["model"], "model")
         differ = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ours
                   if k in theirs and theirs[k] != ours[k] and k not in self.RESUME_FREE_MODEL_KEYS]
         if differ:
@@ -383,12 +383,3 @@ class Trainer:
         self.stop_requested = bool(flag.item())
         return self.stop_requested
 
-
-def _flat(value, prefix: str) -> dict:
-    """Nested config dict -> {"model.position.options.init_L": 16, ...}."""
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}

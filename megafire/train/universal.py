@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from megafire.config import Config, MissingFileError, load_config
+from megafire.config import Config, load_config
 
 from . import checkpoint as ckpt
 
@@ -68,17 +68,7 @@ def is_universal(path: str | Path) -> bool:
 def resolve(path: str | Path) -> Path:
     """A universal directory, a checkpoint directory, or a run directory -> that directory /
     its newest complete checkpoint."""
-    path = Path(path)
-    if (path / "meta.json").is_file() or (path / ckpt.DS_TAG).is_dir():
-        ckpt.verify_checkpoint(path, trainer_state=False)   # what we read is present and readable, or an error naming it
-        return path
-    if not path.exists():
-        raise MissingFileError(f"checkpoint {path} does not exist")
-    found = ckpt.find_checkpoint(path / "checkpoints", fallback=True, warn=ckpt.warn, trainer_state=False)
-    if found is None:
-        raise MissingFileError(f"{path} is neither a universal checkpoint, a checkpoint, nor a run directory "
-                               f"with a complete checkpoint")
-    return found
+    return ckpt.resolve_for_reading(path, "a universal checkpoint, a checkpoint")
 
 
 def _config(ckpt_dir: Path) -> Config:
