@@ -90,7 +90,18 @@ def after_skipped_step(engine) -> None:
 
 
 def _local_tensor(p: torch.Tensor) -> torch.Tensor:
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p   # ZeRO-3 keeps only this rank's partition
+    """This rank's values of ``p``: all of it, or under ZeRO-3 its partition without the padding.
+
+    ZeRO-3 splits the flattened parameter into equal partitions allocated with ``torch.empty``;
+    the last rank's partition ends in padding that no weight was ever copied into, and reading
+    it found "non-finite weights" at random (uninitialized memory)."""
+    if not hasattr(p, "ds_tensor"):
+        return p
+    part = p.ds_tensor.ds_numel
+    group = getattr(p, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    valid = max(0, min(part, p.ds_numel - rank * part))   # the partition covers [rank * part, (rank + 1) * part)
+    return p.ds_tensor.view(-1)[:valid]
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> Optional[tuple[str, int, int]]:

@@ -1,5 +1,6 @@
 """Run under torchrun (2 ranks, gloo): a NaN loss on one rank only in step 2, under DP=2 ZeRO-1,
-PP=2 ZeRO-1 and TP=2 ZeRO-0.
+PP=2 ZeRO-1 and TP=2 ZeRO-0; and DP=2 ZeRO-3 with NaN in the padding of every partition, which
+holds no weight: the checkpoints must be written (the pre-save check reads only real weights).
 
 Both ranks must skip step 2's update alike: the weights after step 2 equal those after step 1
 (a rank that applied its update would change its partition or stage), and step 3 trains again.
@@ -41,11 +42,20 @@ def poisoned(rank: int, step: int, micro_steps: int):
     return factory
 
 
-def run(name: str, parallel: dict, factory) -> dict:
+def poison_padding(trainer, record) -> None:
+    """A callback (after the step, before its checkpoint): NaN into every ZeRO-3 partition's
+    padding (the tail of the last rank's partition past the parameter's own elements)."""
+    for p in trainer.engine.module.parameters():
+        part = p.ds_tensor.ds_numel
+        valid = max(0, min(part, p.ds_numel - dist.get_rank(group=p.ds_process_group) * part))
+        p.ds_tensor.view(-1)[valid:] = float("nan")
+
+
+def run(name: str, parallel: dict, factory, callbacks=()) -> dict:
     c = tiny_config(out / name, {"curriculum": {"stages": []}, "data": {"seq_len": 16}, "parallel": parallel,
                                  "train": {"max_steps": 3, "tokens_per_step": 64, "micro_batch_tokens": 32,
                                            "checkpoint_every_steps": 1, "keep_checkpoints": 0}})
-    result = train(c, model_factory=factory)
+    result = train(c, model_factory=factory, callbacks=callbacks)
     dist.barrier()
     if os.environ["RANK"] != "0":
         return {}
@@ -66,6 +76,8 @@ results["pp2-z1"] = run("pp2-z1", {"pp": 2, "zero_stage": 1}, poisoned(0, 2, 2))
 dist.barrier()
 # TP=2 ZeRO-0 fp32: two micro-batches per step, NaN on rank 0 (our guard on the torch optimizer skips)
 results["tp2-z0"] = run("tp2-z0", {"tp": 2, "zero_stage": 0}, poisoned(0, 2, 2))
+dist.barrier()
+results["dp2-z3-padding"] = run("dp2-z3-padding", {"zero_stage": 3}, build_model, callbacks=[poison_padding])
 if os.environ["RANK"] == "0":
     (out / "result.json").write_text(json.dumps(results))
 dist.barrier()

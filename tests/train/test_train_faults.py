@@ -330,7 +330,9 @@ def test_two_ranks_agree_on_a_skip(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     expected = {"skipped": [False, True, False], "skipped_steps": 1, "same_after_1_and_2": True,
                 "changed_by_3": True, "finite": True}
-    assert result == {"dp2-z1": expected, "pp2-z1": expected, "tp2-z0": expected}
+    assert result == {"dp2-z1": expected, "pp2-z1": expected, "tp2-z0": expected,
+                      "dp2-z3-padding": {**expected, "skipped": [False, False, False], "skipped_steps": 0,
+                                         "same_after_1_and_2": False}}
 
 
 def test_export_cli_refuses_nonfinite_weights_unless_allowed(run_copy, tmp_path, capsys):
