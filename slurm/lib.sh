@@ -18,9 +18,10 @@
 # Life cycle of one run of the job:
 #   1. resume: if $RUN_DIR/checkpoints/latest exists, add --train.resume=true
 #   2. start the training step with srun in the background and wait for it
-#   3. SIGUSR1 to this script (sbatch --signal=B:USR1@SECONDS, before the time limit): forward
-#      SIGUSR1 to srun, which passes it to every process of the training step; the trainer
-#      checkpoints at the next step boundary and exits 124
+#   3. SIGUSR1 to this script (sbatch --signal=B:USR1@SECONDS, before the time limit): write
+#      $RUN_DIR/STOP and forward SIGUSR1 to srun, which passes it to every process of the
+#      training step; the trainer checkpoints at the next step boundary (whichever of the two
+#      reaches it first), removes STOP and exits 124
 #   4. step exit 0 (no SIGUSR1 seen): done. Exit 124, or any exit after our SIGUSR1: `scontrol requeue` the job
 #      (it restarts under the same job id and resumes from latest). SIGTERM from Slurm
 #      (scancel, an external requeue, preemption): wait for the trainer's checkpoint, no requeue
@@ -34,8 +35,15 @@ _mf_log() { echo "[megafire-slurm $(date +%H:%M:%S)] $*"; }
 # nodes' slurmd directly, and slurmstepd signals the whole process tree of each task (torchrun's
 # workers included). `scancel --signal=USR1 JOBID` goes through slurmctld instead; once in CI
 # (Slurm 22.05) that request reached slurmctld (REQUEST_KILL_JOB in its log) but the trainer
-# never stopped and trained to the end. scancel stays as the fallback for when srun is gone.
+# never stopped and trained to the end; later the srun path lost one too (CI, Slurm 22.05). So
+# the stop file comes first: the trainer's rank 0 checks for it at every step boundary and all
+# ranks agree on the stop, so it needs no signal to arrive anywhere. The signal stays as the
+# fast path, scancel as the fallback for when srun is gone.
 _mf_forward_usr1() {
+  if [ -n "${_MF_RUN_DIR:-}" ]; then
+    mkdir -p "$_MF_RUN_DIR" && : > "$_MF_RUN_DIR/STOP" \
+      || _mf_log "warning: could not write the stop request $_MF_RUN_DIR/STOP"
+  fi
   if [ -n "${_MF_STEP_PID:-}" ] && kill -USR1 "$_MF_STEP_PID" 2>/dev/null; then
     return 0
   fi
@@ -89,7 +97,9 @@ megafire_slurm_train() {
     _mf_log "restart count $restarts > MAX_REQUEUES=$max_requeues: giving up"; return 3
   fi
 
-  _MF_SIGNAL="" _MF_STEP_PID=""
+  # A STOP left over from a run that died before honouring it would stop this one at once
+  rm -f "$run_dir/STOP"
+  _MF_SIGNAL="" _MF_STEP_PID="" _MF_RUN_DIR=$run_dir
   trap '_MF_SIGNAL=USR1; _mf_log "SIGUSR1 (time limit near): asking the trainer to checkpoint and exit";
         _mf_forward_usr1' USR1
   trap '_MF_SIGNAL=TERM; _mf_log "SIGTERM from Slurm: waiting for the trainer to checkpoint"' TERM

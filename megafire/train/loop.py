@@ -9,6 +9,12 @@ weights and optimizer state (DeepSpeed), loader position and RNG states (ours); 
 and the rate are pure functions of the step. A step with a non-finite loss or gradient norm
 has its update skipped on every rank (its data is consumed, the rate moves on) or stops the
 run, and no checkpoint is written with a non-finite weight (megafire.train.faults).
+
+A run stops early -- checkpoint after the current step, exit 124 -- on SIGTERM or SIGUSR1, or
+when the file ``run.dir/STOP`` exists (checked by rank 0 at every step boundary and removed once
+honoured; one present at start stops the run after its first step). The file is the path that
+does not depend on a signal reaching every process: the Slurm scripts write it before forwarding
+SIGUSR1 and remove a stale one before each run (slurm/lib.sh); a user can ``touch`` it.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ from .metrics import MetricsLog, Progress
 from .schedule import lr_at_step
 
 Callback = Callable[["Trainer", dict], None]
+
+#: ``run.dir/STOP``: a stop request by file (module docstring; slurm/README.md)
+STOP_FILE = "STOP"
 
 
 @dataclass
@@ -102,7 +111,7 @@ class Trainer:
         self.faults = faults.SkipPolicy(cfg.train)
         self.encodings = self._stage_encodings()
         self.start_step = self._resume(resume_from) if resume_from else 0
-        self.stop_requested = False
+        self.stop_requested, self.stop_reason = False, ""
         self.last_checkpoint: Optional[Path] = resume_from
 
     # --- set-up ------------------------------------------------------------------------
@@ -290,7 +299,10 @@ class Trainer:
                 if stop or final or (every and (step + 1) % every == 0):
                     self.save(step + 1)
                 if stop:
-                    log(f"stopping on a signal after step {step + 1}; resume with --train.resume=true", self.rank)
+                    if main:   # after the commit: the resumed run must not stop on the same request
+                        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+                    log(f"stopping on request ({self.stop_reason}) after step {step + 1}; resume with "
+                        "--train.resume=true", self.rank)
                     break
             else:
                 step = cfg.train.max_steps - 1
@@ -371,15 +383,20 @@ class Trainer:
             return lambda: None
         def handler(signum, frame):
             self.stop_requested = True
+            self.stop_reason = signal.Signals(signum).name
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
     def _agree_on_stop(self) -> bool:
-        """Every rank must stop after the same step, even if only some got the signal."""
+        """Every rank must stop after the same step, even if only some got the signal; the
+        stop file is read by rank 0 only (one stat per step) and reaches the others here."""
+        if not self.stop_requested and self.rank == 0 and (self.run_dir / STOP_FILE).exists():
+            self.stop_requested, self.stop_reason = True, f"file {self.run_dir / STOP_FILE}"
         if self.world == 1:
             return self.stop_requested
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stop_requested = bool(flag.item())
+        if flag.item() and not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, "another rank's request"
         return self.stop_requested
 

@@ -89,3 +89,34 @@ def test_sigusr1_checkpoints_and_exits_124(tmp_path):
     meta = json.loads(((run / "checkpoints") / (run / "checkpoints" / "latest").read_text().strip()
                        / "meta.json").read_text())
     assert meta["step"] == _lines(run) < 500
+
+
+@pytest.mark.distributed
+def test_stop_file_read_by_rank0_stops_every_rank_and_resumes_to_same_trace(tmp_path):
+    """run.dir/STOP (what slurm/lib.sh writes before forwarding SIGUSR1) reaches rank 1 only
+    through the stop agreement: both ranks checkpoint after the same step, the file is removed,
+    and the resumed run continues the uninterrupted loss trace bit for bit."""
+    from megafire.train import checkpoint as ckpt
+    from parallel_testlib import failure_report, run_job
+    layouts = ["dp2-z1", "pp2"]
+    proc = run_job("_stop_file_job.py", 2, str(tmp_path), ",".join(layouts), timeout=600)
+    assert proc.returncode == 0, failure_report(proc)
+    for name in layouts:
+        for rank in (0, 1):
+            got = json.loads((tmp_path / f"{name}-rank{rank}.json").read_text())
+            assert got == {"steps": 3, "stopped": True, "stop_file_left": False}, (name, rank, got)
+        full, cut = losses(tmp_path / f"{name}-full"), losses(tmp_path / f"{name}-cut")
+        assert len(full) == 6 and cut == full, f"{name}: resumed {cut} vs uninterrupted {full}"
+        assert "stopping on request (file " in proc.stdout + proc.stderr
+
+
+def test_stop_file_present_at_start_stops_after_the_first_step(tmp_path):
+    """A request written before the run began (e.g. while it was queued) is honoured, not lost."""
+    from megafire.train.loop import train
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "STOP").touch()
+    result = train(tiny(run, "nope", max_steps=5))
+    assert (result.steps, result.stopped_by_signal, (run / "STOP").exists()) == (1, True, False)
+    assert _lines(run) == 1
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"

@@ -8,8 +8,8 @@ Two or more gloo processes (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR, MA
 launch/task.sh exports them). Each step all-reduces a tensor; rank 0 appends a JSON line to
 DIR/metrics.jsonl. Checkpoints go to DIR/checkpoints/step_NNNNNNNN/ (written to a temporary name and
 renamed), then DIR/checkpoints/latest (a text file with the tag) moves last. The contract of
-slurm/README.md: on SIGUSR1 or SIGTERM, finish the current step, agree across ranks, save a
-checkpoint, exit 124. With --train.resume=true it continues from `latest` and logs
+slurm/README.md: on SIGUSR1 or SIGTERM, or when DIR/STOP exists (rank 0 looks; the file is
+removed once honoured), finish the current step, agree across ranks, save a checkpoint, exit 124. With --train.resume=true it continues from `latest` and logs
 "resumed from checkpoint <tag> at step <k>".
 """
 from __future__ import annotations
@@ -117,12 +117,16 @@ def main() -> int:
         if every and step % every == 0:
             save(step, value)
             saved_at = step
-        flag = torch.tensor([float(stop["sig"])])
+        by_file = rank == 0 and (run_dir / "STOP").exists()
+        flag = torch.tensor([float(stop["sig"]), float(by_file)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and step < max_steps:
+        if flag.max().item() and step < max_steps:
             if saved_at != step:
                 save(step, value)
-            log(f"signal {int(flag.item())} received: checkpoint at step {step}, exiting {EXIT_PREEMPTED}")
+            if rank == 0:
+                (run_dir / "STOP").unlink(missing_ok=True)
+            how = f"signal {int(flag[0].item())}" if flag[0].item() else "stop file"
+            log(f"{how} received: checkpoint at step {step}, exiting {EXIT_PREEMPTED}")
             dist.destroy_process_group()
             return EXIT_PREEMPTED
     if saved_at != step:

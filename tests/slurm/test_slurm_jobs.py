@@ -80,8 +80,8 @@ def test_requeue_and_time_limit_signal_resume(jobs, trainer, tmp_path):
     """One job, three runs under the same job id:
     run 1 is requeued from outside (`scontrol requeue`, as an admin or preemption would) once
     it has written a checkpoint; run 2 resumes from it, then gets SIGUSR1 on the batch shell
-    (what `--signal=B:USR1@N` sends before the time limit): the trap forwards it, the trainer
-    checkpoints and exits 124, the script requeues the job; run 3 resumes and completes."""
+    (what `--signal=B:USR1@N` sends before the time limit): the trap writes RUN_DIR/STOP and
+    forwards the signal, the trainer checkpoints and exits 124, the script requeues the job; run 3 resumes and completes."""
     # long enough that run 1 cannot finish inside Slurm's KillWait (30 s) after the external requeue,
     # even on an idle machine (~20 steps/s): the requeued step must be stopped, not outrun
     run_dir, name, steps, every = tmp_path / "run", "mf-requeue", 1200, 20
