@@ -90,7 +90,7 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
     return backend
 
 
-def _fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
+def fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
     from megafire.attention.fused import fused_bias_attention   # lazy: Triton only when used
     return fused_bias_attention(q, k, v, encoding, q_pos, k_pos, **kwargs)
 
@@ -101,7 +101,7 @@ def _flex_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
 
 
 _FUNCTIONS: dict[str, Callable] = {"reference": reference_attention, "sdpa": sdpa_attention,
-                                   "fused": _fused_attention, "flex": _flex_attention}
+                                   "fused": fused_attention, "flex": _flex_attention}
 
 
 def get_attention_fn(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> Callable:

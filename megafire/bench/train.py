@@ -147,10 +147,15 @@ def summarize_profile(prof, wall_s: float) -> dict:
         kernels[evt.name] = kernels.get(evt.name, 0.0) + us
     busy = sum(by_cat.values()) / 1e6
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    # where the host's time goes (self time of each op / Python-level region, with call counts):
+    # a host-bound step is read here, not in the kernel table
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)[:25]
     return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_busy_fraction": busy / wall_s if wall_s else None,
             "kernel_launches": count,
             "by_category_ms": {k: v / 1e3 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [[name[:90], us / 1e3] for name, us in top]}
+            "top_kernels_ms": [[name[:90], us / 1e3] for name, us in top],
+            "top_host_self_ms": [[e.key[:90], e.self_cpu_time_total / 1e3, e.count] for e in host]}
 
 
 def _print_profile(p: dict) -> None:
@@ -160,6 +165,9 @@ def _print_profile(p: dict) -> None:
         print(f"  {cat:<22} {ms:>9.1f} ms")
     for name, ms in p["top_kernels_ms"][:8]:
         print(f"    {ms:>8.1f} ms  {name}")
+    print("  host (self time, calls):")
+    for name, ms, calls in p.get("top_host_self_ms", [])[:12]:
+        print(f"    {ms:>8.1f} ms {calls:>6}x  {name}")
 
 
 # --rope-variants: (label suffix, extra overrides) per run of the rope arm

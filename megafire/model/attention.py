@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megafire.attention import check_backend, get_attention_fn, sdpa_attention
+from megafire.attention.dispatch import fused_attention
 from megafire.config import ModelConfig
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
@@ -97,8 +98,8 @@ class Attention(nn.Module):
 
     @property
     def traceable(self) -> bool:
-        """The bound backend can run inside a compiled graph (SDPA); the others (Triton
-        autograd Functions with host-side tables and caches, flex) run eagerly between graphs."""
+        """The bound backend can run inside a compiled graph (SDPA, the fused kernels); the others
+        (reference, flex) run eagerly between the block's two compiled halves."""
         return self._bound is not None and self._bound[1] in TRACEABLE
 
     def qkv_heads(self, x: torch.Tensor, positions: torch.Tensor):
@@ -143,7 +144,8 @@ class Attention(nn.Module):
         return self.project_out(o)
 
 
-#: backends torch.compile traces: SDPA (with a document mask it takes a boolean mask, which
-#: cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md)
-TRACEABLE = (sdpa_attention,)
+#: backends torch.compile traces into the block's graph: SDPA (with a document mask it takes a
+#: boolean mask, which cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md)
+#: and the fused Triton kernels (two registered custom ops, megafire.attention.fused._function)
+TRACEABLE = (sdpa_attention, fused_attention)
 

@@ -9,11 +9,14 @@ None of them changes the function computed, only how:
   and it is what ``torch.compile`` traces best.
 * ``compile``: each :class:`~megafire.model.block.Block` is compiled (regional compilation:
   the blocks share their code objects, so one compile serves every layer of the same shapes).
-  With SDPA the whole block is one graph; the other attention kernels (fused Triton, flex)
-  run eagerly between the block's two compiled halves (norm + QKV, then output projection +
-  residual + norm + SwiGLU + residual), so the norms, projections, RoPE rotation, SwiGLU and
-  residual adds around them become a few fused kernels per block. Shapes are static
-  (``dynamic=False``): a length curriculum recompiles once per stage.
+  With SDPA or the fused Triton kernels (registered custom ops with their autograd formula)
+  the whole block is one graph, forward and backward: the norms, projections, RoPE rotation,
+  the encoding's bias prologue (FIRE's denominators, the parameters' casts), SwiGLU and
+  residual adds become a few fused kernels per block, and the parameter-gradient algebra after
+  the backward kernels joins the backward graph. The eager backends (reference, flex) run
+  between the block's two compiled halves (norm + QKV, then output projection + residual +
+  norm + SwiGLU + residual). Shapes are static (``dynamic=False``): a length curriculum
+  recompiles once per stage.
 * ``fused_loss`` (tp = 1): ``lm_loss`` computes ``logsumexp(z) - z[y]`` from the bf16 logits in
   one compiled reduction; backward ``softmax(z) - onehot(y)`` is one more. Megatron's
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
@@ -103,7 +106,7 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
 
 def compile_block(block) -> None:
     """Compile one Block for training: whole (one graph forward, one backward) when its attention
-    is traceable (SDPA); otherwise its two halves around the eager attention call, compiled
+    is traceable (SDPA, fused); otherwise its two halves around the eager attention call, compiled
     explicitly (letting dynamo break the graph at the call nests a resumed frame per call level,
     five compiled regions per block, each with its guards and runtime wrappers)."""
     if block.attn.traceable:

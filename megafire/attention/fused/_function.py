@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _kernels as K
 from ._fire_tables import fire_mlp_grads, fire_tables
@@ -108,52 +109,43 @@ def _t5_luts(enc, device, rt):
     return torch.cat([lut, thr]).to(torch.int32).contiguous()
 
 
-@dataclass
-class Spec:
-    """The kernel's view of an encoding. ``params``: differentiable tensors (the autograd
-    inputs); ``ft``/``it``: float / int tables built from them without grad."""
-    mode: int
-    name: str = "none"
-    params: tuple = ()
-    ft: Optional[torch.Tensor] = None
-    it: Optional[torch.Tensor] = None
-    sc: Optional[torch.Tensor] = None
-    W: int = 1
-    NS: int = 1
-    RT: int = 0
-    eps: float = 0.0
-    use_log: bool = True
-    extra: dict = field(default_factory=dict)
+#: encodings with parameters the kernels compute gradients for
+LEARNED = ("kerple_log", "kerple_power", "t5", "fire")
 
 
-def encoding_spec(encoding, device) -> Spec:
-    """The kernel's view of an encoding: differentiable small tensors and derived tables."""
+def encoding_inputs(encoding, q_pos: torch.Tensor, Tq: int, device):
+    """The encoding as the kernels take it, computed with plain torch ops (traceable: inside a
+    compiled block these fuse with the rest of the graph), so the op below sees tensors only.
+
+    Returns ``(name, params, aux, eps, use_log, t5_buckets, t5_max_distance)``:
+    ``params`` the differentiable tensors (ALiBi ``[slopes]``, Kerple ``[r1, r2]``, T5
+    ``[W [NB, H]]`` fp32; FIRE ``[w1, b1, W2, b2, c, den]`` with the weights as they are, fp32 or
+    bf16, and ``den [Bq, Tq] = psi(max(L, i)) + eps``, differentiable in c and L);
+    ``aux`` FIRE's ``[sc = (c, L), rowf = ln2 / den]`` (no grad), else empty."""
     if encoding is None:
-        return Spec(K.NONE)
+        return "none", [], [], 0.0, True, 0, 0
     name = encoding.name
     f32 = dict(device=device, dtype=torch.float32)
     if name == "alibi":
-        return Spec(K.ALIBI, name, params=(encoding.slopes.to(**f32).contiguous(),))
+        return name, [encoding.slopes.to(**f32)], [], 0.0, True, 0, 0
     if name in ("kerple_log", "kerple_power"):
-        return Spec(_NAMES[name], name, params=(encoding.r1.to(**f32).contiguous(), encoding.r2.to(**f32).contiguous()))
+        return name, [encoding.r1.to(**f32), encoding.r2.to(**f32)], [], 0.0, True, 0, 0
     if name == "t5":
-        (it, lut), rt = _t5_tables(encoding, device)
-        wt = encoding.relative_attention_bias.weight.to(**f32)  # [NB, H]
-        nb = int(encoding.num_buckets)
-        return Spec(K.T5, name, params=(wt,), it=it, W=1, NS=nb, RT=rt, extra=dict(lut=lut))
+        weight = encoding.relative_attention_bias.weight.to(**f32)       # [NB, H]
+        return name, [weight], [], 0.0, True, int(encoding.num_buckets), int(encoding.max_distance)
     if name == "fire":
         if encoding.depth != 1 or not encoding.progressive:
             raise ValueError("fused FIRE needs depth=1 and progressive=True")
-        # the weights as they are (fp32 or bf16): the table / gradient kernels read either, and
-        # autograd casts the fp32 gradients back (no cast ops per layer and step)
-        w1 = encoding.mlp[0].weight.to(device=device).reshape(-1)
-        b1 = encoding.mlp[0].bias.to(device=device)
-        W2 = encoding.mlp[-1].weight.to(device=device)
-        b2 = encoding.mlp[-1].bias.to(device=device)
-        c = encoding.c.to(device=device).reshape(())
-        L = encoding.L.to(device=device).reshape(())
-        return Spec(K.FIRE, name, params=(w1, b1, W2, b2, c), W=int(w1.numel()), NS=int(w1.numel()) + 1,
-                    eps=float(encoding.eps), use_log=bool(encoding.use_log), extra=dict(enc=encoding, L=L))
+        w1, b1 = encoding.mlp[0].weight.reshape(-1), encoding.mlp[0].bias
+        W2, b2 = encoding.mlp[-1].weight, encoding.mlp[-1].bias
+        c, L = encoding.c.reshape(()), encoding.L.reshape(())
+        use_log, eps = bool(encoding.use_log), float(encoding.eps)
+        # per-row denominators (ties i == L split like torch.maximum)
+        ieff = torch.maximum(q_pos.to(torch.float32), L)
+        den = ((torch.log1p(c * ieff) if use_log else ieff) + eps).reshape(-1, Tq)   # [Bq, Tq]
+        sc = torch.stack([c.detach(), L.detach()]).float()
+        rowf = ((K.LN2 if use_log else 1.0) / den.detach()).contiguous()
+        return name, [w1, b1, W2, b2, c, den], [sc, rowf], eps, use_log, 0, 0
     raise ValueError(f"fused attention does not support encoding {name!r}")
 
 
@@ -212,121 +204,176 @@ def _dummy(device, dtype=torch.float32):
 
 
 class _State:
-    """Non-differentiable launch state shared by forward and backward."""
+    """Non-differentiable launch state of one call, rebuilt from the op's tensors in forward and
+    in backward (positions come from a cache, tables from the forward's outputs)."""
 
 
-class _FusedBiasAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, st, *params):
-        B, Tq, H, D = q.shape
-        Tk, HKV = k.shape[1], k.shape[2]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = torch.empty_like(q)
-        resid = st.resid and q.dtype != torch.float32
-        ores = torch.empty_like(q) if resid else o
-        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-        cfg = _config(D, st.name)
-        BM, BN, warps, stages = cfg["fwd"]
-        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-        tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-        pres = resid and bool(cfg.get("pres", True))
-        K._fwd_kernel[(nqb, B * H)](
-            q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
-            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
-            BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
-            BRANCHLESS=bool(cfg.get("branchless", True)), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
-        ctx.resid = resid
-        ctx.save_for_backward(q, k, v, o, ores if resid else None, lse, *params)
-        ctx.st = st
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, ores, lse, *params = ctx.saved_tensors
-        st = ctx.st
-        B, Tq, H, D = q.shape
-        Tk, HKV = k.shape[1], k.shape[2]
-        do = do.contiguous()
-        dev = q.device
-        mode = st.mode
-        delta = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
-        K._bwd_delta_kernel[(triton_cdiv(Tq, 64), B * H)](
-            o, ores if ctx.resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=ctx.resid, D=D, BM=64, num_warps=4)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        need = ctx.needs_input_grad[4:]
-        pgrad = mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and any(need)
-        cfg = _config(D, st.name)
-        BM, BN, warps, stages = cfg["dq"]
-        nmb = triton_cdiv(Tq, BM)
-        W, NS = st.W, st.NS
-        if mode == K.FIRE:
-            part_stride = 2 * NS + 2 * W
-        elif mode == K.T5:
-            part_stride = 2 * NS
-        else:
-            part_stride = 2
-        part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else _dummy(dev)
-        if pgrad and mode == K.FIRE:
-            rowc = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
-            rowx = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
-        else:
-            rowc = rowx = _dummy(dev)
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
-        common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-                      DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
-        tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
-        nkb = triton_cdiv(Tk, BN)
-        tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-        K._bwd_dq_kernel[(nmb, B * H)](
-            q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
-            H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-            PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
-        BM, BN, warps, stages = cfg["dkdv"]
-        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-        tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-        K._bwd_dkdv_kernel[(nkb, B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
-            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-            BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
-            **common)
-        st.tables = {}
-        grads = [None] * len(params)
-        if pgrad:
-            tot = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
-            if mode == K.KERPLE_LOG:
-                r1, r2 = params
-                grads = [-K.LN2 * tot[:, 0], -r1 * tot[:, 1]]
-            elif mode == K.KERPLE_POW:
-                r1, r2 = params
-                grads = [-tot[:, 0], -r1 * K.LN2 * tot[:, 1]]
-            elif mode == K.T5:
-                base, G = tot[:, :NS], tot[:, NS:]
-                bsum = base + G - F.pad(G[:, 1:], (0, 1))  # G[:, 0] is 0
-                grads = [bsum.t().contiguous()]
-            else:
-                grads = _fire_grads(st, params, tot, rowc, rowx)
-        grads = [g if n else None for g, n in zip(grads, need)]
-        return (dq, dk, dv, None) + tuple(grads)
+def _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+           t5_buckets, t5_max_distance) -> _State:
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    dev = q.device
+    st = _State()
+    st.name, st.mode = name, (_NAMES.get(name, K.NONE))
+    st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
+    st.causal, st.scale = bool(causal), float(scale)
+    st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    (st.qp, qp_sb, st.qmin, st.qmax), (st.kp, kp_sb, st.kmin, st.kmax) = (_positions(q_pos, B, Tq, "q_pos"),
+                                                                         _positions(k_pos, B, Tk, "k_pos"))
+    st.has_seg = seg_q is not None
+    if st.has_seg:
+        (st.sq, sq_sb), (st.sk, sk_sb) = _pos(seg_q, B, Tq, "segment_ids_q"), _pos(seg_k, B, Tk, "segment_ids_k")
+    else:
+        st.sq, st.sk, sq_sb, sk_sb = st.qp, st.kp, 0, 0
+    st.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
+    d = _dummy(dev)
+    st.dummy_i, st.dummy_f = _dummy(dev, torch.int32), d
+    st.p0 = params[0] if st.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
+    st.p1 = params[1] if st.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
+    st.ft, st.it, st.sc, st.rowf = d, st.dummy_i, d, d
+    if st.mode == K.T5:
+        it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev)
+        st.NS, st.ft, st.it = t5_buckets, tables[0], it
+    elif st.mode == K.FIRE:
+        st.ft, st.it, st.rank = tables
+        st.W = int(params[0].numel())
+        st.NS = st.W + 1
+        st.sc, st.rowf = aux
+    st.table = st.mode in (K.T5, K.FIRE)
+    # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
+    # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
+    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(name, 1))) if st.table else 1
+    st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
+    st.tab_b = 1 if st.tab_bsz > 1 else 0
+    st.tables = {}
+    return st
 
 
-def _fire_grads(st, params, tot, rowc, rowx):
-    """Exact gradients of (w1, b1, W2, b2, c) and of the per-row denominators (chained to c
-    and L by autograd in ``fused_bias_attention``) from the kernel's segment moments."""
-    w1, b1, W2, b2, c, den = params
-    dw1, db1, dW2, db2 = fire_mlp_grads(tot, w1, b1, W2, st.rank)   # one launch (_fire_tables.py)
-    # den [Bq, Tq] (Bq = 1 or B)
-    rc = rowc.sum(1)  # [B, Tq]
-    rx = rowx.sum(1)
-    if den.shape[0] == 1:
-        rc, rx = rc.sum(0, keepdim=True), rx.sum(0, keepdim=True)
-    dc = (rc / den).sum() if st.use_log else torch.zeros_like(c)
-    return [dw1, db1, dW2, db2, dc.reshape(c.shape), -rx / den]
+def _t5_tables_for(num_buckets: int, max_distance: int, device):
+    """(IT = [LUT | THR] int32, RT) of a T5 configuration (cached; see ``_t5_tables``)."""
+    enc = _T5Config(num_buckets, max_distance)
+    (it, _lut), rt = _t5_tables(enc, device)
+    return it, rt
+
+
+@dataclass(frozen=True)
+class _T5Config:
+    num_buckets: int
+    max_distance: int
+
+
+def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """FT = [W[bucket(r), h] for r = 0..RT (by head) | W^T] (fp32) of the T5 table ``weight`` [NB, H]."""
+    (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance), weight.device)
+    return torch.cat([weight[lut].t().reshape(-1), weight.t().reshape(-1)]).contiguous()
+
+
+def _forward(q, k, v, st, pgrad: bool):
+    """The forward launch: (o, ores, lse); ``ores`` (the fp32 output's rounding residual, kept
+    for exact parameter gradients) is empty when not needed."""
+    B, Tq, H, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    resid = pgrad and q.dtype != torch.float32
+    ores = torch.empty_like(q) if resid else o
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    cfg = _config(D, st.name)
+    BM, BN, warps, stages = cfg["fwd"]
+    nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    pres = resid and bool(cfg.get("pres", True))
+    K._fwd_kernel[(nqb, B * H)](
+        q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
+        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
+        BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
+        DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
+        BRANCHLESS=bool(cfg.get("branchless", True)), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+    return o, (ores if resid else q.new_empty(0)), lse
+
+
+def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
+    """The backward launches: (dq, dk, dv, extras), ``extras`` the parameter-gradient sums
+    that ``_param_grads`` turns into gradients (empty without ``pgrad``): Kerple / T5 ``[tot
+    [H, stride]]``; FIRE ``[dw1, db1, dW2, db2, rowc [B, H, Tq], rowx [B, H, Tq]]``."""
+    B, Tq, H, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    do = do.contiguous()
+    dev = q.device
+    mode = st.mode
+    resid = ores.numel() > 0
+    delta = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+    K._bwd_delta_kernel[(triton_cdiv(Tq, 64), B * H)](
+        o, ores if resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=resid, D=D, BM=64, num_warps=4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    pgrad = pgrad and mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE)
+    cfg = _config(D, st.name)
+    BM, BN, warps, stages = cfg["dq"]
+    nmb = triton_cdiv(Tq, BM)
+    W, NS = st.W, st.NS
+    part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS if mode == K.T5 else 2
+    part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else _dummy(dev)
+    if pgrad and mode == K.FIRE:
+        rowc = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+        rowx = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+    else:
+        rowc = rowx = _dummy(dev)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
+    common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
+                  DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
+    tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
+    nkb = triton_cdiv(Tk, BN)
+    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    K._bwd_dq_kernel[(nmb, B * H)](
+        q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
+        H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
+        PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
+    BM, BN, warps, stages = cfg["dkdv"]
+    nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+    tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    K._bwd_dkdv_kernel[(nkb, B * HKV)](
+        q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
+        H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+        BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
+        **common)
+    if not pgrad:
+        return dq, dk, dv, []
+    tot = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
+    if mode != K.FIRE:
+        return dq, dk, dv, [tot]
+    w1, b1, W2 = params[:3]
+    return dq, dk, dv, [*fire_mlp_grads(tot, w1, b1, W2, st.rank), rowc, rowx]   # one launch (_fire_tables.py)
+
+
+def _param_grads(name: str, params, extras, use_log: bool) -> list:
+    """Gradients of ``params`` (encoding_inputs) from the backward's sums, in plain torch ops
+    (traced into the compiled backward); cast to each parameter's dtype."""
+    if not extras:
+        return [None] * len(params)
+    if name == "kerple_log":
+        tot, (r1, _r2) = extras[0], params
+        grads = [-K.LN2 * tot[:, 0], -r1 * tot[:, 1]]
+    elif name == "kerple_power":
+        tot, (r1, _r2) = extras[0], params
+        grads = [-tot[:, 0], -r1 * K.LN2 * tot[:, 1]]
+    elif name == "t5":
+        tot = extras[0]
+        NS = tot.shape[1] // 2
+        base, G = tot[:, :NS], tot[:, NS:]
+        grads = [(base + G - F.pad(G[:, 1:], (0, 1))).t()]   # G[:, 0] is 0
+    else:   # fire: the MLP's gradients, and those of the per-row denominators (chained to c and L)
+        dw1, db1, dW2, db2, rowc, rowx = extras
+        c, den = params[4], params[5]
+        rc, rx = rowc.sum(1), rowx.sum(1)                    # [B, Tq]
+        if den.shape[0] == 1:
+            rc, rx = rc.sum(0, keepdim=True), rx.sum(0, keepdim=True)
+        dc = (rc / den).sum() if use_log else torch.zeros((), device=den.device)
+        grads = [dw1, db1, dW2, db2, dc.reshape(c.shape), -rx / den]
+    return [g.to(p.dtype) for g, p in zip(grads, params)]
 
 
 def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
@@ -359,18 +406,127 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+# --- the registered ops ----------------------------------------------------------------------
+# Two torch.library custom ops (forward, backward) with the autograd formula registered on the
+# forward: torch.compile traces a block that calls them into one graph (the ops stay opaque calls
+# inside it, the prologue and the parameter-gradient algebra around them fuse with the block's
+# other work), where an autograd.Function with Python-side state would break the graph.
+
+@torch.library.custom_op("megafire::fused_bias_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, seg_q: Optional[Tensor],
+                  seg_k: Optional[Tensor], params: list[Tensor], aux: list[Tensor], name: str, causal: bool,
+                  scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
+                  pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """-> (o [B, Tq, H, D], ores (o's rounding residual, or empty), lse [B, H, Tq], tables): the
+    encoding's derived tables (FIRE ``[ft, it, rank]``, T5 ``[ft]``), kept for the backward."""
+    if name == "fire":
+        w1, b1, W2, b2 = params[:4]
+        tables = list(fire_tables(w1, b1, W2, b2, K.FIRE_BINS))
+    elif name == "t5":
+        tables = [_t5_forward_table(params[0], t5_buckets, t5_max_distance)]
+    else:
+        tables = []
+    st = _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+                t5_buckets, t5_max_distance)
+    o, ores, lse = _forward(q, k, v, st, pgrad)
+    return o, ores, lse, tables
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, q_pos, k_pos, seg_q, seg_k, params, aux, name, causal, scale, eps, use_log,
+                    t5_buckets, t5_max_distance, pgrad):
+    B, Tq, H, _D = q.shape
+    ores = torch.empty_like(q) if pgrad and q.dtype != torch.float32 else q.new_empty(0)
+    lse = q.new_empty(B, H, Tq, dtype=torch.float32)
+    if name == "fire":
+        Hh, W = params[2].shape
+        tables = [q.new_empty(2 * Hh * (W + 1) + Hh * W + W, dtype=torch.float32),
+                  q.new_empty(2 * K.FIRE_BINS, dtype=torch.int32), q.new_empty(W, dtype=torch.int32)]
+    elif name == "t5":
+        nb, Hh = params[0].shape
+        tables = [q.new_empty((t5_max_distance + 1) * Hh + nb * Hh, dtype=torch.float32)]
+    else:
+        tables = []
+    return torch.empty_like(q), ores, lse, tables
+
+
+@torch.library.custom_op("megafire::fused_bias_attention_backward", mutates_args=())
+def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ores: Tensor, lse: Tensor,
+                           q_pos: Tensor, k_pos: Tensor, seg_q: Optional[Tensor], seg_k: Optional[Tensor],
+                           params: list[Tensor], aux: list[Tensor], tables: list[Tensor], name: str, causal: bool,
+                           scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
+                           pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """-> (dq, dk, dv, extras) (``_backward``)."""
+    st = _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+                t5_buckets, t5_max_distance)
+    return _backward(do, q, k, v, o, ores, lse, st, params, pgrad)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(do, q, k, v, o, ores, lse, q_pos, k_pos, seg_q, seg_k, params, aux, tables, name,
+                             causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad):
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    if not pgrad or name not in LEARNED:
+        return (*grads, [])
+    H = q.shape[2]
+    f32 = dict(dtype=torch.float32)
+    if name in ("kerple_log", "kerple_power"):
+        return (*grads, [q.new_empty(H, 2, **f32)])
+    if name == "t5":
+        return (*grads, [q.new_empty(H, 2 * t5_buckets, **f32)])
+    W = params[0].numel()
+    B, Tq = q.shape[:2]
+    return (*grads, [q.new_empty(W, **f32), q.new_empty(W, **f32), q.new_empty(H, W, **f32), q.new_empty(H, **f32),
+                     q.new_empty(B, H, Tq, **f32), q.new_empty(B, H, Tq, **f32)])
+
+
+#: the op's arguments after q, k, v, positions and segments: (params, aux, name, causal, scale,
+#: eps, use_log, t5_buckets, t5_max_distance, pgrad)
+_SAVED_ARGS = slice(9, None)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_pos, k_pos, seg_q, seg_k, params, aux = inputs[:9]
+    o, ores, lse, tables = output
+    ctx.static = inputs[_SAVED_ARGS]
+    ctx.counts = (len(params), len(aux), len(tables))
+    ctx.has_seg = seg_q is not None
+    ctx.save_for_backward(q, k, v, o, ores, lse, q_pos, k_pos, *((seg_q, seg_k) if ctx.has_seg else ()),
+                          *params, *aux, *tables)
+
+
+def _attention_backward(ctx, do, _dores, _dlse, _dtables):
+    saved = list(ctx.saved_tensors)
+    q, k, v, o, ores, lse, q_pos, k_pos = saved[:8]
+    rest = saved[8:]
+    seg_q, seg_k = (rest[0], rest[1]) if ctx.has_seg else (None, None)
+    rest = rest[2:] if ctx.has_seg else rest
+    n_params, n_aux, _n_tables = ctx.counts
+    params, aux, tables = rest[:n_params], rest[n_params:n_params + n_aux], rest[n_params + n_aux:]
+    name, causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad = ctx.static
+    dq, dk, dv, extras = torch.ops.megafire.fused_bias_attention_backward(
+        do, q, k, v, o, ores, lse, q_pos, k_pos, seg_q, seg_k, params, aux, tables, name, causal, scale, eps,
+        use_log, t5_buckets, t5_max_distance, pgrad)
+    # one entry per input, lists as lists (the registered autograd checks the structure)
+    return (dq, dk, dv, None, None, None, None, _param_grads(name, params, extras, use_log), [None] * n_aux,
+            None, None, None, None, None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+
+
 def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True,
                          segment_ids_q=None, segment_ids_k=None, softmax_scale: Optional[float] = None,
                          fire_grid: Optional[int] = None):
     """Attention with a position bias computed inside Triton kernels (see package docstring).
 
-    ``fire_grid`` is accepted for compatibility with v1 (FIRE interpolation grid) and ignored:
-    FIRE is now exact."""
+    Traceable by torch.compile (one graph with the caller's ops; the kernels run inside two
+    registered custom ops). ``fire_grid`` is accepted for compatibility with v1 (FIRE
+    interpolation grid) and ignored: FIRE is now exact."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, Tq, H, D = q.shape
-    Tk = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[2]:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (Hq must be a multiple of Hkv)")
     if D not in (16, 32, 64, 128):
@@ -381,56 +537,11 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         raise ValueError(f"fused attention does not support encoding {getattr(encoding, 'name', encoding)!r}")
     if encoding is not None and getattr(encoding, "num_heads_local", H) != H:
         raise ValueError(f"encoding has {encoding.num_heads_local} local heads, q has {H}")
-    dev = q.device
-    spec = encoding_spec(encoding, dev)
-    st = _State()
-    st.name = spec.name
-    st.mode, st.W, st.NS, st.RT, st.eps, st.use_log = spec.mode, spec.W, spec.NS, spec.RT, spec.eps, spec.use_log
-    st.causal = bool(causal)
-    st.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    (st.qp, qp_sb, st.qmin, st.qmax), (st.kp, kp_sb, st.kmin, st.kmax) = (_positions(q_pos, B, Tq, "q_pos"),
-                                                                         _positions(k_pos, B, Tk, "k_pos"))
-    st.has_seg = segment_ids_q is not None
-    if st.has_seg:
-        (st.sq, sq_sb), (st.sk, sk_sb) = (_pos(segment_ids_q, B, Tq, "segment_ids_q"),
-                                          _pos(segment_ids_k, B, Tk, "segment_ids_k"))
-    else:
-        st.sq, st.sk, sq_sb, sk_sb = st.qp, st.kp, 0, 0
-    st.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
-    d = _dummy(dev)
-    st.p0 = spec.params[0] if spec.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
-    st.p1 = spec.params[1] if spec.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
-    st.ft, st.it, st.sc, st.rowf = d, _dummy(dev, torch.int32), d, d
-    den = None
-    if spec.mode == K.T5:
-        wt = spec.params[0].detach()  # [NB, H]
-        tabr = wt[spec.extra["lut"]].t()  # [H, RT + 1]
-        st.ft = torch.cat([tabr.reshape(-1), wt.t().reshape(-1)]).contiguous()
-        st.it = spec.it
-    elif spec.mode == K.FIRE:
-        enc = spec.extra["enc"]
-        w1, b1, W2, b2, c = spec.params
-        with torch.no_grad():
-            st.ft, st.it, st.rank = fire_tables(w1.detach(), b1.detach(), W2.detach(), b2.detach(), K.FIRE_BINS)
-            st.sc = torch.stack([c.detach(), spec.extra["L"].detach()]).float()
-        # per-row denominators, differentiable in c and L (ties i == L split like torch.maximum)
-        qpf = st.qp.to(torch.float32)
-        L = spec.extra["L"]
-        ieff = torch.maximum(qpf, L)
-        den = (torch.log1p(c * ieff) if spec.use_log else ieff) + spec.eps
-        den = den.reshape(-1, Tq)
-        st.rowf = ((K.LN2 if spec.use_log else 1.0) / den.detach()).contiguous()
-    st.table = spec.mode in (K.T5, K.FIRE)
-    # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
-    # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
-    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(spec.name, 1))) if st.table else 1
-    st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
-    st.tab_b = 1 if st.tab_bsz > 1 else 0
-    st.tables = {}
-    st.dummy_i, st.dummy_f = _dummy(dev, torch.int32), d
-    params = spec.params + ((den,) if den is not None else ())
+    name, params, aux, eps, use_log, t5_buckets, t5_max_distance = encoding_inputs(encoding, q_pos, Tq, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
-    st.resid = torch.is_grad_enabled() and spec.mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE) and \
-        any(p.requires_grad for p in params)
-    return _FusedBiasAttention.apply(q, k, v, st, *params)
+    pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)
+    o, _ores, _lse, _tables = torch.ops.megafire.fused_bias_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), q_pos, k_pos, segment_ids_q, segment_ids_k, params, aux,
+        name, bool(causal), scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
+    return o

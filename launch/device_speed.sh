@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Device calls of issue 12 (the whole step's speed), one part per call (each fits one 10-minute
+# command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
+#   tests     the GPU tests of the fused kernels, the compiled block and the perf switches
+#   t512      every bias encoding and RoPE vs the compact peer, 125M, T=512, micro-batch 32 (FIRE profiled)
+#   t2048     the same at T=2048, micro-batch 8
+#   m350      350M at T=2048 (FIRE, RoPE, compact)
+#   attn      the attention kernel table (megafire bench attention)
+. launch/device_setup.sh || exit 1
+nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
+T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
+filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
+bench() {   # tag timeout args...
+  local tag=$1 t=$2; shift 2; echo "=== $tag"
+  timeout "$t" python3 -m megafire.cli bench train --steps 8 --warmup 3 --train.tokens_per_step=65536 \
+     --out "$OUT/$tag.json" "$@" 2>&1 | filter | grep -E "tokens/s|throughput|profile|ms  |ms .*x  |host|Error|error" | tail -60
+}
+for part in "$@"; do
+  case $part in
+    tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused tests/model/test_model_gpu.py \
+             tests/train/test_train_perf.py tests/positional/test_rotary_triton.py 2>&1 | tee "$OUT/gpu_tests.log" \
+             | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
+    t512) bench t512 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
+             --profile "$OUT/p_fire512" ;;
+    t2048) bench t2048 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 "$T2048" ;;
+    m350) bench m350 560 --config configs/arms/350m-fire.yaml --peer compact,rope "$T2048" ;;
+    attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
+             --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+ls "$OUT"

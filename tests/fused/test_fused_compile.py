@@ -1,0 +1,130 @@
+"""The fused attention as registered torch.library ops: torch.compile traces it into one graph.
+
+CPU (Triton's interpreter, tiny shapes):
+* ``torch.library.opcheck`` of the forward op for every encoding: schema, autograd
+  registration, the fake (meta) implementation against the real one, AOT dispatch with
+  dynamic shapes;
+* a function calling ``fused_bias_attention`` compiled with ``fullgraph=True`` (a graph break
+  would raise) gives the eager output and every gradient (q, k, v and the encoding's own
+  parameters) bit for bit, with segment masks and GQA.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_ref import build
+
+triton = pytest.importorskip("triton")
+
+from megafire.attention.fused import fused_bias_attention  # noqa: E402
+from megafire.attention.fused._function import LEARNED, encoding_inputs  # noqa: E402
+
+ENCS = ["none", "alibi", "kerple_log", "kerple_power", "t5", "fire"]
+B, T, H, HKV, D = 2, 20, 4, 2, 16
+
+
+def _encoding(name):
+    if name == "none":
+        return None
+    return build(name, H, 16, **({"init_L": 9.0} if name == "fire" else {}))
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
+
+
+@pytest.mark.parametrize("name", ENCS)
+def test_opcheck(name):
+    enc = _encoding(name)
+    q, k, v = _qkv()
+    pos = torch.arange(T)
+    name_, params, aux, eps, use_log, nb, md = encoding_inputs(enc, pos, T, q.device)
+    params = [p.detach().requires_grad_() for p in params]
+    args = (q, k, v, pos, pos, None, None, params, [a.detach() for a in aux], name_, True, D ** -0.5, eps, use_log,
+            nb, md, name_ in LEARNED)
+    result = torch.library.opcheck(torch.ops.megafire.fused_bias_attention.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("name", ENCS)
+def test_fullgraph_compile_equals_eager(name):
+    enc = _encoding(name)
+    q, k, v = _qkv(1)
+    pos = torch.arange(T)
+    seg = torch.zeros(B, T, dtype=torch.long)
+    seg[0, 13:] = 1                                   # two documents in the first row
+
+    def loss(q, k, v, pos, seg):
+        o = fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
+        return (o * 1.5).sin().sum()                  # ops on both sides of the call, in one graph
+
+    wrt = [q, k, v] + (list(enc.parameters()) if enc is not None else [])
+    eager = loss(q, k, v, pos, seg)
+    eager_grads = torch.autograd.grad(eager, wrt)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v, pos, seg)
+    compiled_grads = torch.autograd.grad(compiled, wrt)
+    assert torch.equal(eager, compiled)
+    for i, (a, b) in enumerate(zip(eager_grads, compiled_grads)):
+        assert torch.equal(a, b), f"gradient {i} of {name}"
+    if name in LEARNED:   # the encoding's parameters did receive gradients through the op
+        assert all(g.abs().sum() > 0 for g in eager_grads[3:] if g.numel() > 1)
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("name", ["fire", "t5"])
+def test_block_compiles_whole_with_the_fused_kernels(name, device):
+    """A GPT's blocks bound to the fused kernels are traceable (megafire.model.perf compiles each
+    as ONE graph, not two halves around an eager call) and the compiled model's loss and every
+    gradient equal the eager model's (fp32; inductor's kernels reassociate the norms' sums).
+    On CUDA: the compiled Triton kernels and inductor's CUDA code."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megafire.attention.dispatch import fused_attention
+    from megafire.config import Config
+    from megafire.model import GPT, lm_loss
+    from megafire.model.perf import compile_block
+    from megafire.parallel import init_parallel
+
+    cfg = Config()
+    m = cfg.model
+    m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.max_positions = 64, 64, 2, 4, 2, 64
+    m.position.name, m.position.options = name, ({"init_L": 8.0} if name == "fire" else {})
+    cfg.attention.backend = "reference"
+    parallel = init_parallel(tp=1, pp=1, backend="gloo")
+
+    def run(compiled: bool):
+        model = GPT.from_config(cfg, parallel, seed=3).to(device)
+        for module in model.modules():   # perf.apply at tp = 1: plain F.linear (megatron's layers warn in the trace)
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.megafire_direct = True
+        for block in model.blocks:
+            block.attn._bound = (device, fused_attention)   # what perf.apply binds on CUDA for auto
+            if compiled:
+                compile_block(block)
+                assert block.split_compiled is None     # whole-block compile, no eager attention call
+        g = torch.Generator().manual_seed(5)
+        x = torch.randint(0, 64, (2, 24), generator=g).to(device)
+        seg = torch.zeros(2, 24, dtype=torch.long, device=device)
+        seg[1, 10:] = 1
+        logits = model(x[:, :-1], torch.arange(23, device=device), seg[:, :-1])
+        loss = lm_loss(logits, x[:, 1:]).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    eager_loss, eager_grads = run(False)
+    torch._dynamo.utils.counters.clear()
+    comp_loss, comp_grads = run(True)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-6, atol=0)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(comp_grads[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    enc = [n for n in eager_grads if "position" in n or "relative_attention_bias" in n or "mlp.0" in n]
+    assert enc, list(eager_grads)   # the encoding's own parameters are among those compared
