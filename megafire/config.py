@@ -123,6 +123,9 @@ class TrainConfig:
     micro_batch_tokens: int = 0             # 0: = tokens_per_step / dp (no accumulation)
     lr: float = 3e-4
     encoding_lr_scale: float = 1.0          # the position encodings' own parameters train at lr * this
+    # bf16 with ZeRO-1: the position encodings' own parameters (FIRE's MLP, c, L; Kerple's r1, r2;
+    # T5's table) and their gradients stay fp32 while the rest is cast to bf16 (megafire.train.engine)
+    encoding_fp32: bool = False
     min_lr_ratio: float = 0.1
     warmup_tokens: int = 0
     weight_decay: float = 0.1
@@ -479,3 +482,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     if not cfg.train.encoding_lr_scale > 0:
         raise ConfigError(f"train.encoding_lr_scale must be positive, got {cfg.train.encoding_lr_scale}")
+    if t.encoding_fp32 and (t.precision != "bf16" or p.zero_stage != 1 or p.pp > 1):
+        raise ConfigError("train.encoding_fp32=true needs train.precision=bf16, parallel.zero_stage=1 and "
+                          f"parallel.pp=1 (the one layout where DeepSpeed was checked to keep them fp32); got "
+                          f"precision={t.precision}, zero_stage={p.zero_stage}, pp={p.pp}")

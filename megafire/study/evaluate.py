@@ -14,7 +14,8 @@ RoPE variant is the trained weights with ``model.position.options`` set to ``sca
 ``factor = L / train_length`` (``original_max_positions = train_length``) for evaluation
 length ``L > train_length``: inference-time only, the way users extend RoPE models; at
 ``L <= train_length`` the factor is 1 and the variant is the unscaled model (its number is
-copied, not recomputed). Weights are evaluated in bf16 on CUDA (as trained) and fp32 on CPU.
+copied, not recomputed). Weights are evaluated in bf16 on CUDA (as trained) and fp32 on CPU; a
+run trained with ``train.encoding_fp32`` keeps its encoding's parameters fp32 (as trained).
 """
 from __future__ import annotations
 
@@ -58,8 +59,20 @@ class RunModels:
             cfg.model.position.options = {**cfg.model.position.options, **options}
             if len(self._cache) >= 12:   # RoPE: 1 + 2 scalings x 4 factors; others: 1
                 self._cache.clear()
-            self._cache[key] = build_gpt(cfg, self.state, dtype=self.dtype).to(self.device).eval()
+            gpt = build_gpt(cfg, self.state, dtype=self.dtype)
+            if cfg.train.encoding_fp32:
+                keep_encoding_fp32(gpt, self.state)
+            self._cache[key] = gpt.to(self.device).eval()
         return self._cache[key]
+
+
+def keep_encoding_fp32(gpt: torch.nn.Module, state: dict) -> None:
+    """A run trained with ``train.encoding_fp32`` is evaluated as trained: the encodings' own
+    parameters back to their fp32 values from the (fp32) checkpoint state, the rest as built."""
+    from megafire.train.components import encodings_of
+    for path, enc in encodings_of(gpt).items():
+        for name, p in enc.named_parameters():
+            p.data = state[f"{path}.{name}"].to(device=p.device, dtype=torch.float32)
 
 
 def heldout_tokens(set_dir: Path, tokenizer, min_tokens: int, max_docs: int) -> list[np.ndarray]:

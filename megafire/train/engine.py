@@ -135,18 +135,21 @@ def read_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {e}") from None
 
 
-def param_groups(model: nn.Module, weight_decay: float, encoding_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, encoding_lr_scale: float = 1.0,
+                 separate_encoding: bool = False) -> list[dict]:
     """Decay matrices only: norm gains, biases and scalar parameters (FIRE's c and L) are not
     shrunk towards 0, which for them would be a prior with no meaning.
 
-    With ``encoding_lr_scale != 1`` the position encodings' own parameters (FIRE's MLP, c, L;
-    Kerple's r1, r2; T5's table) form two more groups (decay / no decay) whose ``lr_scale``
-    key :func:`set_lr` multiplies the schedule's rate by. At 1.0 the groups are the two
-    above, so existing optimizer checkpoints keep their layout.
+    With ``encoding_lr_scale != 1`` (or ``separate_encoding``) the position encodings' own
+    parameters (FIRE's MLP, c, L; Kerple's r1, r2; T5's table) form two more groups (decay /
+    no decay) whose ``lr_scale`` key :func:`set_lr` multiplies the schedule's rate by. At 1.0
+    and without ``separate_encoding`` the groups are the two above, so existing optimizer
+    checkpoints keep their layout. ``train.encoding_fp32`` needs the separation: ZeRO
+    flattens a group into one buffer of one dtype (a mixed group would be promoted to fp32).
     """
     from .components import encodings_of
     scaled = {id(p) for enc in encodings_of(model).values() for p in enc.parameters()} \
-        if encoding_lr_scale != 1.0 else set()
+        if encoding_lr_scale != 1.0 or separate_encoding else set()
     decay, no_decay, enc_decay, enc_no_decay = [], [], [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -209,6 +212,29 @@ def _broadcast_0d_params() -> None:
     DeepSpeedEngine._broadcast_model = broadcast_model
 
 
+def _keep_marked_params_fp32() -> None:
+    """DeepSpeed's bf16 mode casts every parameter of the module to bf16 before it builds the
+    optimizer; parameters flagged ``megafire_keep_fp32`` (``train.encoding_fp32``) get their fp32
+    data back right after that cast. With them in param groups of their own, ZeRO-1 flattens those
+    groups into fp32 buffers: the module's copy then equals the fp32 master copy after every
+    step, and the gradients reach the optimizer in fp32 (checked on CPU with DeepSpeed 0.19.8,
+    tests/study/test_study_precision.py). DeepSpeed's own ``keep_in_fp32_modules`` keeps buffers
+    only, not parameters."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    original = DeepSpeedEngine._cast_module_mixed_precision
+    if getattr(original, "megafire_keep_fp32", False):
+        return
+
+    def cast(self, *args, **kwargs):
+        kept = [(p, p.data) for p in self.module.parameters()
+                if getattr(p, "megafire_keep_fp32", False) and p.dtype == torch.float32]
+        original(self, *args, **kwargs)
+        for p, data in kept:          # the fp32 values themselves, not bf16-rounded ones
+            p.data = data
+    cast.megafire_keep_fp32 = True
+    DeepSpeedEngine._cast_module_mixed_precision = cast
+
+
 def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
     """deepspeed.initialize with a torch AdamW client optimizer and our mpu adapter (a
     PipelineModule brings its own grid, whose groups equal megatron's: parallel.pipeline)."""
@@ -220,9 +246,14 @@ def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
     _broadcast_0d_params()
     patch_zero3_0d_params()
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay, t.encoding_lr_scale), lr=t.lr,
-                                  betas=(t.beta1, t.beta2),
-                                  eps=1e-8)
+    if t.encoding_fp32:
+        _keep_marked_params_fp32()
+        from .components import encodings_of
+        for enc in encodings_of(module).values():
+            for p in enc.parameters():
+                p.megafire_keep_fp32 = True
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay, t.encoding_lr_scale, t.encoding_fp32),
+                                  lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                            mpu=None if isinstance(module, PipelineModule) else DeepSpeedMPU(ctx),
                                            dist_init_required=False)
