@@ -73,15 +73,18 @@ class CompactGPT(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def bench_compact(cfg, steps: int, warmup: int) -> dict:
+def bench_compact(cfg, steps: int, warmup: int, seq_lens=None) -> dict:
     """Train the compact peer of ``cfg``'s shape for ``steps`` optimizer steps of
-    ``cfg.train.tokens_per_step`` tokens at each curriculum stage's first length (one GPU)."""
+    ``cfg.train.tokens_per_step`` tokens at each of ``seq_lens`` (default: every curriculum
+    stage's length) on one GPU."""
     from megafire.flops import attention_flops_per_token, matmul_flops_per_token
     from megafire.train.components import peak_flops_per_device
     if not torch.cuda.is_available():
         from megafire.config import ConfigError
         raise ConfigError("megafire bench train --peer compact needs a CUDA GPU (the peer is torch.compile + bf16 "
                           "autocast on CUDA); use --peer rope or --peer none here")
+    from .train import fresh_arm
+    fresh_arm()
     m, t = cfg.model, cfg.train
     torch.manual_seed(t.seed)
     model = CompactGPT(m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads or m.num_heads,
@@ -93,7 +96,7 @@ def bench_compact(cfg, steps: int, warmup: int) -> dict:
     step_fn = torch.compile(model)
     peak = peak_flops_per_device("bf16")
     summary = {"encoding": "compact (torch.compile, SDPA, fused AdamW)", "by_seq_len": {}}
-    for seq_len in sorted({s.seq_len for s in cfg.stages()}):
+    for seq_len in sorted(seq_lens or {s.seq_len for s in cfg.stages()}):
         micro_tokens = t.micro_batch_tokens or t.tokens_per_step
         mb, accum = micro_tokens // seq_len, t.tokens_per_step // micro_tokens
         gen = torch.Generator(device="cuda").manual_seed(0)

@@ -52,6 +52,7 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     step ``warmup + 1``."""
     from megafire.config import load_config
     from megafire.train.loop import train
+    fresh_arm()
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="megafire-bench-") as tmp:
         base = [f"--run.dir={Path(tmp) / 'run'}", "--data.corpus=synthetic", "--tracking.enabled=false",
@@ -82,6 +83,26 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     if profiler is not None and profiler.summary is not None:
         summary["profile"] = profiler.summary
     return summary
+
+
+def fresh_arm() -> None:
+    """Start an arm as a process of its own would: dynamo's caches emptied (the arms' blocks share
+    Block.forward's code object: after a few arms, dynamo's recompile limit would silently run the
+    later arms' blocks eagerly) and the peak-memory counter reset (it would report the largest arm so far)."""
+    import torch
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def ratio_at_matched_lengths(main: dict, peer: dict) -> float:
+    """tokens/s of ``main`` over ``peer`` at the sequence lengths both ran (median of the
+    per-length ratios); the overall medians when they share none."""
+    common = [n for n in main["by_seq_len"] if n in peer["by_seq_len"]]
+    if not common:
+        return main["tokens_per_s"] / peer["tokens_per_s"]
+    return statistics.median(main["by_seq_len"][n]["tokens_per_s"] / peer["by_seq_len"][n]["tokens_per_s"]
+                             for n in common)
 
 
 #: kernel-name fragments -> category, first match wins: attention kernels before GEMMs (cuDNN's
@@ -182,13 +203,15 @@ def _print(summary: dict) -> None:
               f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  peak {mem}  ({s['num_steps']} steps)")
 
 
-def _run_arm(args, overrides: list[str], encoding: str, position: str | None) -> dict[str, dict]:
-    """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants."""
+def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
+             seq_lens: list[int] | None = None) -> dict[str, dict]:
+    """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants.
+    ``seq_lens``: the lengths the main arm ran (the compact peer times only those)."""
     if encoding == "compact":
         from megafire.config import load_config
 
         from .compact import bench_compact
-        summary = bench_compact(load_config(args.config, overrides), args.steps, args.warmup)
+        summary = bench_compact(load_config(args.config, overrides), args.steps, args.warmup, seq_lens)
         summary["label"] = "compact"
         _print(summary)
         return {"": summary}
@@ -226,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     for suffix, summary in _run_arm(args, overrides, encoding, None).items():
         result["main" + (f"_{suffix}" if suffix else "")] = summary
     mains = {k: v for k, v in result.items() if k.startswith("main")}
+    seq_lens = sorted({int(n) for main in mains.values() for n in main["by_seq_len"]})
     for name in names:
-        peers = _run_arm(args, overrides, name, None if name == "compact" else name)
+        peers = _run_arm(args, overrides, name, None if name == "compact" else name, seq_lens)
         for suffix, peer in peers.items():
             key = "peer" + (f"_{suffix}" if suffix else "") + (f"_{name}" if len(names) > 1 else "")
             result[key] = peer
             for main_key, main in mains.items():
-                ratio = main["tokens_per_s"] / peer["tokens_per_s"]
+                ratio = ratio_at_matched_lengths(main, peer)
                 result["ratio_vs_" + key if main_key == "main" else f"ratio_{main_key}_vs_{key}"] = ratio
                 print(f"throughput {main['label']} / {peer['label']}: {ratio:.3f}")
     if args.out:

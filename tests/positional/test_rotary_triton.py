@@ -229,8 +229,9 @@ def test_bench_train_rope_variants(monkeypatch, capsys, tmp_path):
     def fake_bench(config, overrides, steps, warmup, position=None, profile_dir=None):
         fused = "--model.position.fused_rotary=true" in overrides
         runs.append((position, [o for o in overrides if "fused_rotary" in o]))
-        return {"encoding": position or "fire", "tokens_per_s": 300.0 if fused else 200.0 if position else 100.0,
-                "by_seq_len": {64: {"tokens_per_s": 1.0, "step_time_s": 1.0, "mfu": None, "num_steps": 1}}}
+        tps = 300.0 if fused else 200.0 if position else 100.0
+        return {"encoding": position or "fire", "tokens_per_s": tps,
+                "by_seq_len": {64: {"tokens_per_s": tps, "step_time_s": 1.0, "mfu": None, "num_steps": 1}}}
 
     monkeypatch.setattr(bench_train, "bench_config", fake_bench)
     argv = ["--config", str(Path(__file__).parents[2] / "configs" / "demo-cpu.yaml"), "--steps", "3", "--warmup", "1"]
@@ -249,6 +250,21 @@ def test_bench_train_rope_variants(monkeypatch, capsys, tmp_path):
     assert [r[0] for r in runs] == [None, "alibi", "rope"]
     result = json.loads(out_json.read_text())
     assert result["ratio_vs_peer_alibi"] == 0.5 and result["ratio_vs_peer_rope"] == 0.5
+
+
+def test_bench_ratio_at_matched_lengths():
+    """A peer that also ran other lengths (the compact peer over a curriculum) is compared at the
+    main arm's lengths only, not through its median over every length."""
+    from megafire.bench.train import ratio_at_matched_lengths
+
+    def arm(**tps):
+        by = {int(n[1:]): {"tokens_per_s": v} for n, v in tps.items()}
+        import statistics
+        return {"tokens_per_s": statistics.median(by[n]["tokens_per_s"] for n in by), "by_seq_len": by}
+    main, peer = arm(L512=300.0), arm(L512=400.0, L1024=380.0, L2048=200.0)
+    assert ratio_at_matched_lengths(main, peer) == 0.75           # not 300 / 380
+    assert ratio_at_matched_lengths(arm(L512=300.0, L1024=190.0), peer) == 0.625   # median of 0.75 and 0.5
+    assert ratio_at_matched_lengths(arm(L64=100.0), peer) == 100.0 / 380.0        # nothing shared: the medians
 
 
 # --- GPU ------------------------------------------------------------------------------------
