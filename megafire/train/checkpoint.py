@@ -12,9 +12,11 @@ Layout under ``{run.dir}/checkpoints``::
 
 Commit protocol: everything is written into ``.tmp-<name>``; after a barrier rank 0
 renames it to ``<name>`` (one atomic rename on a POSIX file system), then replaces
-``latest`` (written to a temp file and renamed), then prunes old checkpoints. A kill at
-any point leaves ``latest`` naming a complete checkpoint; a leftover temp directory is
-ignored by readers and removed by the next writer. ``run.dir`` must be on a file system
+``latest`` (written to a temp file and renamed), then prunes old checkpoints (each renamed to
+a temporary name before it is deleted, as is a checkpoint being re-written). A kill at any
+point leaves ``latest`` naming a complete checkpoint and no partial directory under a
+checkpoint's name (tests/parallel/test_parallel_kill.py kills at every file-system operation
+of a write); a leftover temp directory is ignored by readers and removed by the next writer. ``run.dir`` must be on a file system
 that every rank sees (the usual cluster set-up).
 
 Every reader (resume, ``--init-from``, eval, export, megafire.train.universal) checks a
@@ -306,8 +308,8 @@ def save_checkpoint(engine, root: str | Path, *, step: int, meta: dict, rank_sta
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
         if before_commit is not None:
             before_commit(tmp)
-        if final.exists():   # re-saving the same step (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
+        if final.exists():   # re-saving a step after a resume from an older `latest` (a kill before it moved)
+            _discard(final)
         os.replace(tmp, final)
         _atomic_write_text(root / LATEST, name + "\n")
         prune_checkpoints(root, keep)
@@ -322,7 +324,17 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     current = latest_checkpoint(root)
     for old in list_checkpoints(root)[:-keep]:
         if old != current:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
+
+
+def _discard(path: Path) -> None:
+    """Delete checkpoint directory ``path``: renamed to a temporary name first, so that a kill in
+    the middle of the deletion leaves a temporary (removed by the next writer), never a
+    checkpoint's name on a directory that has lost some of its files."""
+    doomed = path.with_name(f"{TMP_PREFIX}deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(engine, ckpt_dir: str | Path, *, rank: int, verify: bool = True) -> tuple[dict, dict]:
