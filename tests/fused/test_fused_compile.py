@@ -18,7 +18,7 @@ from fused_ref import build
 triton = pytest.importorskip("triton")
 
 from megafire.attention.fused import fused_bias_attention  # noqa: E402
-from megafire.attention.fused._function import LEARNED, encoding_inputs  # noqa: E402
+from megafire.attention.fused._function import LEARNED, encoding_inputs, position_tables  # noqa: E402
 
 ENCS = ["none", "alibi", "kerple_log", "kerple_power", "t5", "fire"]
 B, T, H, HKV, D = 2, 20, 4, 2, 16
@@ -42,8 +42,8 @@ def test_opcheck(name):
     pos = torch.arange(T)
     name_, params, aux, eps, use_log, nb, md = encoding_inputs(enc, pos, T, q.device)
     params = [p.detach().requires_grad_() for p in params]
-    args = (q, k, v, pos, pos, None, None, params, [a.detach() for a in aux], name_, True, D ** -0.5, eps, use_log,
-            nb, md, name_ in LEARNED)
+    args = (q, k, v, position_tables(pos, pos, B, T, T), None, None, params, [a.detach() for a in aux], name_, True,
+            D ** -0.5, eps, use_log, nb, md, name_ in LEARNED)
     result = torch.library.opcheck(torch.ops.megafire.fused_bias_attention.default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 

@@ -184,6 +184,27 @@ def _positions(p: torch.Tensor, B: int, T: int, name: str):
     return val
 
 
+def position_tables(q_pos: torch.Tensor, k_pos: torch.Tensor, B: int, Tq: int, Tk: int) -> list[torch.Tensor]:
+    """``[qp, qmin, qmax, kp, kmin, kmax]``: int32 positions ([T] or [B, T]) with their suffix
+    minima and prefix maxima, what the kernels and their tile tables read. Inside a compiled
+    graph they are a few traced ops (every layer's graph computes them; the identity cache below
+    cannot see through the graph's inputs); eagerly, they come from that cache (one computation
+    per step for all layers)."""
+    if torch.compiler.is_compiling():
+        qp = _pos(q_pos, B, Tq, "q_pos")[0]
+        qt = [qp, *_bounds(qp)]
+        kt = qt if k_pos is q_pos else [kp := _pos(k_pos, B, Tk, "k_pos")[0], *_bounds(kp)]
+        return qt + kt
+    qp, _, qmin, qmax = _positions(q_pos, B, Tq, "q_pos")
+    kp, _, kmin, kmax = _positions(k_pos, B, Tk, "k_pos")
+    return [qp, qmin, qmax, kp, kmin, kmax]
+
+
+def _batch_stride(p: torch.Tensor, B: int) -> int:
+    """Elements between rows of a [B, T] int32 table; 0 for one row shared by the batch."""
+    return p.shape[1] if p.dim() == 2 and p.shape[0] == B else 0
+
+
 def _bounds(p: torch.Tensor):
     """(suffix min, prefix max) along the last dim, int32."""
     pmax = torch.cummax(p, -1).values
@@ -208,7 +229,7 @@ class _State:
     in backward (positions come from a cache, tables from the forward's outputs)."""
 
 
-def _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
            t5_buckets, t5_max_distance) -> _State:
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
@@ -218,14 +239,10 @@ def _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, 
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    (st.qp, qp_sb, st.qmin, st.qmax), (st.kp, kp_sb, st.kmin, st.kmax) = (_positions(q_pos, B, Tq, "q_pos"),
-                                                                         _positions(k_pos, B, Tk, "k_pos"))
+    st.qp, st.qmin, st.qmax, st.kp, st.kmin, st.kmax = pos
     st.has_seg = seg_q is not None
-    if st.has_seg:
-        (st.sq, sq_sb), (st.sk, sk_sb) = _pos(seg_q, B, Tq, "segment_ids_q"), _pos(seg_k, B, Tk, "segment_ids_k")
-    else:
-        st.sq, st.sk, sq_sb, sk_sb = st.qp, st.kp, 0, 0
-    st.strides = (qp_sb, kp_sb, sq_sb, sk_sb)
+    st.sq, st.sk = (seg_q, seg_k) if st.has_seg else (st.qp, st.kp)
+    st.strides = tuple(_batch_stride(p, B) for p in (st.qp, st.kp, st.sq, st.sk))
     d = _dummy(dev)
     st.dummy_i, st.dummy_f = _dummy(dev, torch.int32), d
     st.p0 = params[0] if st.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
@@ -413,7 +430,7 @@ def triton_cdiv(a: int, b: int) -> int:
 # other work), where an autograd.Function with Python-side state would break the graph.
 
 @torch.library.custom_op("megafire::fused_bias_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, seg_q: Optional[Tensor],
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, pos: list[Tensor], seg_q: Optional[Tensor],
                   seg_k: Optional[Tensor], params: list[Tensor], aux: list[Tensor], name: str, causal: bool,
                   scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
                   pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
@@ -426,14 +443,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
         tables = [_t5_forward_table(params[0], t5_buckets, t5_max_distance)]
     else:
         tables = []
-    st = _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+    st = _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
                 t5_buckets, t5_max_distance)
     o, ores, lse = _forward(q, k, v, st, pgrad)
     return o, ores, lse, tables
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, q_pos, k_pos, seg_q, seg_k, params, aux, name, causal, scale, eps, use_log,
+def _attention_fake(q, k, v, pos, seg_q, seg_k, params, aux, name, causal, scale, eps, use_log,
                     t5_buckets, t5_max_distance, pgrad):
     B, Tq, H, _D = q.shape
     ores = torch.empty_like(q) if pgrad and q.dtype != torch.float32 else q.new_empty(0)
@@ -452,18 +469,18 @@ def _attention_fake(q, k, v, q_pos, k_pos, seg_q, seg_k, params, aux, name, caus
 
 @torch.library.custom_op("megafire::fused_bias_attention_backward", mutates_args=())
 def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ores: Tensor, lse: Tensor,
-                           q_pos: Tensor, k_pos: Tensor, seg_q: Optional[Tensor], seg_k: Optional[Tensor],
+                           pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor],
                            params: list[Tensor], aux: list[Tensor], tables: list[Tensor], name: str, causal: bool,
                            scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
                            pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """-> (dq, dk, dv, extras) (``_backward``)."""
-    st = _state(q, k, q_pos, k_pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
+    st = _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
                 t5_buckets, t5_max_distance)
     return _backward(do, q, k, v, o, ores, lse, st, params, pgrad)
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(do, q, k, v, o, ores, lse, q_pos, k_pos, seg_q, seg_k, params, aux, tables, name,
+def _attention_backward_fake(do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name,
                              causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if not pgrad or name not in LEARNED:
@@ -480,35 +497,35 @@ def _attention_backward_fake(do, q, k, v, o, ores, lse, q_pos, k_pos, seg_q, seg
                      q.new_empty(B, H, Tq, **f32), q.new_empty(B, H, Tq, **f32)])
 
 
-#: the op's arguments after q, k, v, positions and segments: (params, aux, name, causal, scale,
-#: eps, use_log, t5_buckets, t5_max_distance, pgrad)
-_SAVED_ARGS = slice(9, None)
+#: the op's arguments after the tensors (q, k, v, pos, segments, params, aux): (name, causal,
+#: scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
+_SAVED_ARGS = slice(8, None)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_pos, k_pos, seg_q, seg_k, params, aux = inputs[:9]
+    q, k, v, pos, seg_q, seg_k, params, aux = inputs[:8]
     o, ores, lse, tables = output
     ctx.static = inputs[_SAVED_ARGS]
-    ctx.counts = (len(params), len(aux), len(tables))
+    ctx.counts = (len(pos), len(params), len(aux), len(tables))
     ctx.has_seg = seg_q is not None
-    ctx.save_for_backward(q, k, v, o, ores, lse, q_pos, k_pos, *((seg_q, seg_k) if ctx.has_seg else ()),
+    ctx.save_for_backward(q, k, v, o, ores, lse, *pos, *((seg_q, seg_k) if ctx.has_seg else ()),
                           *params, *aux, *tables)
 
 
 def _attention_backward(ctx, do, _dores, _dlse, _dtables):
     saved = list(ctx.saved_tensors)
-    q, k, v, o, ores, lse, q_pos, k_pos = saved[:8]
-    rest = saved[8:]
+    q, k, v, o, ores, lse = saved[:6]
+    n_pos, n_params, n_aux, _n_tables = ctx.counts
+    pos, rest = saved[6:6 + n_pos], saved[6 + n_pos:]
     seg_q, seg_k = (rest[0], rest[1]) if ctx.has_seg else (None, None)
     rest = rest[2:] if ctx.has_seg else rest
-    n_params, n_aux, _n_tables = ctx.counts
     params, aux, tables = rest[:n_params], rest[n_params:n_params + n_aux], rest[n_params + n_aux:]
     name, causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad = ctx.static
     dq, dk, dv, extras = torch.ops.megafire.fused_bias_attention_backward(
-        do, q, k, v, o, ores, lse, q_pos, k_pos, seg_q, seg_k, params, aux, tables, name, causal, scale, eps,
+        do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name, causal, scale, eps,
         use_log, t5_buckets, t5_max_distance, pgrad)
     # one entry per input, lists as lists (the registered autograd checks the structure)
-    return (dq, dk, dv, None, None, None, None, _param_grads(name, params, extras, use_log), [None] * n_aux,
+    return (dq, dk, dv, [None] * n_pos, None, None, _param_grads(name, params, extras, use_log), [None] * n_aux,
             None, None, None, None, None, None, None, None)
 
 
@@ -537,11 +554,17 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         raise ValueError(f"fused attention does not support encoding {getattr(encoding, 'name', encoding)!r}")
     if encoding is not None and getattr(encoding, "num_heads_local", H) != H:
         raise ValueError(f"encoding has {encoding.num_heads_local} local heads, q has {H}")
+    Tk = k.shape[1]
+    pos = position_tables(q_pos, k_pos, B, Tq, Tk)
+    seg_q = seg_k = None
+    if segment_ids_q is not None:
+        seg_q = _pos(segment_ids_q, B, Tq, "segment_ids_q")[0]
+        seg_k = seg_q if segment_ids_k is segment_ids_q else _pos(segment_ids_k, B, Tk, "segment_ids_k")[0]
     name, params, aux, eps, use_log, t5_buckets, t5_max_distance = encoding_inputs(encoding, q_pos, Tq, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)
     o, _ores, _lse, _tables = torch.ops.megafire.fused_bias_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), q_pos, k_pos, segment_ids_q, segment_ids_k, params, aux,
+        q.contiguous(), k.contiguous(), v.contiguous(), pos, seg_q, seg_k, params, aux,
         name, bool(causal), scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
     return o
