@@ -1,9 +1,9 @@
 """``megafire study {run, report, status, eval-run}``: the length-generalization study (issue 14).
 
     megafire study run --plan configs/study/plan.yaml --out study_out [--tokens N] [--concurrency K]
-                       [--arms a,b] [--seeds 1234,1235] [--device cuda] [--export-dir DIR]
+                       [--arms a,b-s1235] [--seeds 1234,1235] [--device cuda] [--export-dir DIR]
                        [--detach --wait SECONDS] [-- --section.key=value ...]
-    megafire study report --out study_out [--from-tarball study_results.tar.gz]
+    megafire study report --out study_out [--from-tarball study_results.tar.gz ...] [--merge docs/study.json]
                           [--tracking-uri URI | --no-tracking] [--experiment megafire-study]
     megafire study status --out study_out
 
@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", default=DEFAULT_PLAN)
     run.add_argument("--out", default="study_out")
     run.add_argument("--data-root", default=".", help="directory the plan's data paths are relative to")
-    run.add_argument("--tokens", type=int, help="training tokens per run (default: the plan's)")
+    run.add_argument("--tokens", type=int, help="training tokens per run (default: the plan's); an arm with its "
+                                                "own budget keeps it ('0.5x' scales with this)")
     run.add_argument("--concurrency", type=int, help="runs at once (default: the plan's)")
-    run.add_argument("--arms", help="comma-separated subset of the plan's arms")
+    run.add_argument("--arms", help="comma-separated subset of the plan's arms (each with its seeds) and single "
+                                    "jobs arm-s<seed> (that seed only), run in this order")
     run.add_argument("--seeds", help="comma-separated seeds for every selected arm (default: the plan's)")
     run.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
     run.add_argument("--shards-dir", default=None,
@@ -63,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="--section.key=value overrides for every training run (after --)")
     rep = sub.add_parser("report", help="rebuild study.json/md/png from the runs and log them to MLflow")
     rep.add_argument("--out", default="study_out")
-    rep.add_argument("--from-tarball", help="a study_results.tar.gz of `study run --export-dir`: unpacked into --out")
+    rep.add_argument("--from-tarball", action="append", default=[],
+                     help="a study_results.tar.gz of `study run --export-dir`: unpacked into --out (repeatable)")
+    rep.add_argument("--merge", action="append", default=[],
+                     help="a written study.json (e.g. docs/study.json) whose runs are folded in without re-running "
+                          "them; a run under --out replaces the merged run of the same arm and seed (repeatable)")
     rep.add_argument("--plan", default=None, help="plan (for the arms' ablation notes); default: as recorded")
     rep.add_argument("--tracking-uri", default="", help="MLflow store (default: sqlite:///OUT/mlflow.db)")
     rep.add_argument("--experiment", default="megafire-study")
@@ -71,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--publish", help="also copy study.json/md/png into this directory (e.g. docs)")
     rep.add_argument("--reading", help="a Markdown file with the reading of the numbers, put under study.md's "
                                        "'Reading' (e.g. docs/study_reading.md)")
-    st = sub.add_parser("status", help="progress of a study: jobs done, the log's last lines")
+    st = sub.add_parser("status", help="progress of a study: the log's last lines, then one line per run")
     st.add_argument("--out", default="study_out")
+    st.add_argument("--log-lines", type=int, default=15, help="last lines of progress.log to show first (0: none)")
     ev = sub.add_parser("eval-run", help="(internal) evaluate one finished run of the plan")
     ev.add_argument("--plan", default=DEFAULT_PLAN)
     ev.add_argument("--data-root", default=".")
@@ -91,7 +98,8 @@ def _device(arg: str | None) -> str:
 
 def plan_arms_summary(plan) -> dict:
     return {a.name: {"config": str(a.config.relative_to(plan.path.parent)) if a.config.is_relative_to(plan.path.parent)
-                     else str(a.config), "seeds": a.seeds, "eval_scalings": a.scalings, "ablation": a.ablation}
+                     else str(a.config), "seeds": a.seeds, "eval_scalings": a.scalings, "ablation": a.ablation,
+                     "baseline": a.baseline, "tokens": a.tokens}
             for a in plan.arms.values()}
 
 
@@ -114,7 +122,10 @@ def cmd_run(args) -> int:
         print(f"megafire study: another runner holds {out} (see {out / 'progress.log'})", file=sys.stderr)
         return 3
     try:
-        log_progress(out, f"run: {len(jobs)} jobs, {tokens:,} tokens each, concurrency {concurrency}")
+        own = {j.arm.name: j.arm.budget(tokens) for j in jobs if j.arm.budget(tokens) != tokens}
+        log_progress(out, f"run: {len(jobs)} jobs ({', '.join(j.name for j in jobs)}), {tokens:,} tokens each"
+                     + (f" (own budgets: {', '.join(f'{a} {n:,}' for a, n in own.items())})" if own else "")
+                     + f", concurrency {concurrency}")
         status = run_jobs(plan, jobs, out, tokens=tokens, concurrency=concurrency, device=_device(args.device),
                           extra=list(args.overrides), skip_eval=args.skip_eval)
         failed = {k: v for k, v in status.items() if v != "ok"}
@@ -196,17 +207,54 @@ def _echo_new(log: Path, start: int) -> int:
     return start + len(chunk.encode())
 
 
+def _last_json_line(path: Path) -> dict:
+    import json
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def status_table(out: Path) -> list[str]:
+    """One line per run directory: state, steps, tokens, seconds, loss, prose perplexity."""
+    import json
+    lines = [f"{'job':<26} {'state':<10} {'step':>9} {'tokens':>11} {'train s':>7} {'eval s':>6} {'loss':>6}  "
+             "prose ppl 1x / 4x / 16x"]
+    for run in sorted((out / "runs").glob("*-s*")):
+        done = _last_json_line(run / "train_done.json")
+        last = _last_json_line(run / "metrics.jsonl")
+        try:
+            ev = json.loads((run / "eval" / "study_eval.json").read_text())
+        except (OSError, ValueError):
+            ev = None
+        state = ("evaluated" if ev else "trained" if done.get("rc") == 0 else
+                 f"FAILED {done.get('rc')}" if done else "training" if last else "starting")
+        ppl = ""
+        if ev:
+            by_len = ev["perplexity"]["none"].get("prose") or next(iter(ev["perplexity"]["none"].values()))
+            Ls = sorted(by_len, key=int)
+            ppl = " / ".join(f"{by_len[L]:.2f}" for L in (Ls[0], Ls[min(2, len(Ls) - 1)], Ls[-1]))
+        steps = f"{last.get('step', 0)}/{done.get('max_steps', '?')}"
+        loss = f"{last['loss']:.3f}" if isinstance(last.get("loss"), float) else "-"
+        secs = [f"{v:.0f}" if isinstance(v, (int, float)) else "-" for v in (done.get("seconds"), (ev or {}).get("seconds"))]
+        lines.append(f"{run.name:<26} {state:<10} {steps:>9} {last.get('tokens', 0):>11,} "
+                     f"{secs[0]:>7} {secs[1]:>6} {loss:>6}  {ppl}")
+    return lines
+
+
 def cmd_status(args) -> int:
     from .runner import runner_active
     out = Path(args.out).resolve()
     runs = sorted((out / "runs").glob("*-s*"))
     trained = [r.name for r in runs if (r / "train_done.json").is_file()]
     evaluated = [r.name for r in runs if (r / "eval" / "study_eval.json").is_file()]
+    log = out / "progress.log"
+    if log.is_file() and args.log_lines:
+        print("\n".join(log.read_text().splitlines()[-args.log_lines:]))
     print(f"{out}: runner {'active' if runner_active(out) else 'idle'}; {len(runs)} run dirs, "
           f"{len(trained)} trained, {len(evaluated)} evaluated")
-    log = out / "progress.log"
-    if log.is_file():
-        print("\n".join(log.read_text().splitlines()[-15:]))
+    print("\n".join(status_table(out)))
     return 0
 
 
@@ -230,8 +278,8 @@ def unpack_tarball(tarball: Path, out: Path) -> None:
 def cmd_report(args) -> int:
     from .report import write_report
     out = Path(args.out).resolve()
-    if args.from_tarball:
-        unpack_tarball(Path(args.from_tarball), out)
+    for tarball in args.from_tarball:
+        unpack_tarball(Path(tarball), out)
     arms = None
     if args.plan:
         from .plan import load_plan
@@ -240,8 +288,9 @@ def cmd_report(args) -> int:
     if reading is not None and not reading.is_file():
         from megafire.config import MissingFileError
         raise MissingFileError(f"--reading {str(reading)!r} does not exist")
-    report = write_report(out, arms, reading=reading)
-    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(report['runs'])} runs)")
+    report = write_report(out, arms, reading=reading, merge=[Path(m) for m in args.merge])
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(report['runs'])} runs"
+          + (f", those of {', '.join(args.merge)} included" if args.merge else "") + ")")
     if args.publish:
         import shutil
         Path(args.publish).mkdir(parents=True, exist_ok=True)
@@ -252,7 +301,9 @@ def cmd_report(args) -> int:
         from .tracking import log_study
         uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
         ids = log_study(out, report, uri, args.experiment)
-        print(f"logged {len(ids)} runs to MLflow experiment {args.experiment!r} at {uri}")
+        print(f"logged {len(ids)} runs to MLflow experiment {args.experiment!r} at {uri}"
+              + (" (the run directories under --out; merged runs were logged when they were reported)"
+                 if args.merge else ""))
     return 0
 
 

@@ -136,7 +136,9 @@ def _env(threads: Optional[int]) -> dict:
 
 
 def train_job(plan: Plan, job: Job, out: Path, tokens: int, extra: list[str], threads: Optional[int]) -> int:
+    """Train one job (``tokens``: the plan's budget; the arm's own ``tokens`` wins, plan.Arm.budget)."""
     from megafire.train.load import latest_step
+    tokens = job.arm.budget(tokens)
     steps, per_step, _ = arm_steps(job, tokens, extra)
     if trained(job, steps):
         log_progress(out, f"{job.name} train: done before, skipped")
@@ -150,7 +152,7 @@ def train_job(plan: Plan, job: Job, out: Path, tokens: int, extra: list[str], th
         shutil.rmtree(job.run_dir)                  # a run killed before its only checkpoint: start clean
     job.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "megafire.cli", "train", "--config", str(job.arm.config), *args]
-    log_progress(out, f"{job.name} train: start ({steps} steps)")
+    log_progress(out, f"{job.name} train: start ({steps} steps, {steps * per_step:,} tokens)")
     t0 = time.time()
     with open(job.run_dir / "train.log", "a") as f:
         f.write(" ".join(cmd) + "\n")

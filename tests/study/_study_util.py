@@ -1,4 +1,8 @@
-"""A tiny study on CPU: the embedded corpus cut down, a 384-piece tokenizer, a 2-layer GPT."""
+"""A tiny study on CPU: the embedded corpus cut down, a 384-piece tokenizer, a 2-layer GPT.
+
+Arms as the real plan's: fire (2 seeds) and rope (the published first study, FIRST_ARMS),
+then the later ablations (LATER_JOBS, as launch/device_study_call3.sh selects them): a second
+seed of the learning-rate ablation, its half-budget run (``tokens: 0.5x``), the precision arm."""
 from __future__ import annotations
 
 import sys
@@ -15,11 +19,16 @@ train: {max_steps: 4, tokens_per_step: 512, micro_batch_tokens: 256, lr: 1.0e-2,
 parallel: {zero_stage: 0}
 tracking: {enabled: false}
 """
+FIRST_ARMS = "fire,rope,fire_lr10-s1"
+LATER_JOBS = "fire_lr10-s2,fire_lr10_half,fire_enc_fp32"
 PLAN = """tokens: 1536
 concurrency: 3
 seeds: [1]
 arms:
   fire: {config: fire.yaml, seeds: [1, 2]}
+  fire_lr10: {config: fire_lr10.yaml, seeds: [1, 2], ablation: "encoding parameters at 10x the rate"}
+  fire_lr10_half: {config: fire_lr10.yaml, tokens: 0.5x, baseline: fire_lr10, ablation: "half the tokens"}
+  fire_enc_fp32: {config: fire_enc_fp32.yaml, ablation: "encoding parameters fp32 under bf16"}
   rope: {config: rope.yaml, eval_scalings: [none, linear, yarn]}
 data: {tokenizer_dir: data/tok, shards_dir: data/unpacked/train, shards_archive: data/shards.tar.xz}
 eval:
@@ -55,5 +64,9 @@ def make_study(root: Path) -> Path:
     (cfg / "base.yaml").write_text(BASE)
     (cfg / "fire.yaml").write_text("base: base.yaml\nmodel: {position: {name: fire, options: {init_L: 8.0}}}\n")
     (cfg / "rope.yaml").write_text("base: base.yaml\n")
+    (cfg / "fire_lr10.yaml").write_text("base: fire.yaml\ntrain: {encoding_lr_scale: 10.0}\n")
+    # the study's base is bf16 + ZeRO-1 (this tiny one fp32 + ZeRO-0): the precision arm sets all three
+    (cfg / "fire_enc_fp32.yaml").write_text("base: fire.yaml\ntrain: {precision: bf16, encoding_fp32: true}\n"
+                                            "parallel: {zero_stage: 1}\n")
     (cfg / "plan.yaml").write_text(PLAN)
     return cfg / "plan.yaml"
