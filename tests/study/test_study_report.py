@@ -3,27 +3,28 @@ spreads over seeds, rows of the RoPE variants, ablations apart from the main tab
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from megafire.study.plan import PlanError, load_plan
-from megafire.study.report import write_report
+from megafire.study.plan import PlanError, load_plan, select_jobs
+from megafire.study.report import MergeError, write_report
 
 LENGTHS = [8, 16, 32]
 
 
-def _run(out, name, ppl: dict, passkey=None, scalings=("none",)):
+def _run(out, name, ppl: dict, passkey=None, scalings=("none",), tokens_per_step=64, settings=None):
     run = out / "runs" / name
     (run / "eval").mkdir(parents=True)
     per_variant = {s: {"prose": {str(L): ppl[s][i] for i, L in enumerate(LENGTHS)},
                        "code": {str(L): 2 * ppl[s][i] for i, L in enumerate(LENGTHS)}} for s in scalings}
     ev = {"run": name, "encoding": "rope" if "linear" in scalings else "fire", "train_length": 8, "lengths": LENGTHS,
-          "settings": {"x": 1}, "perplexity": per_variant, "num_windows": {"prose": 3, "code": 2},
+          "settings": settings or {"x": 1}, "perplexity": per_variant, "num_windows": {"prose": 3, "code": 2},
           "doc_tokens": {"prose": [40, 50, 60], "code": [33, 99]}, "dtype": "float32", "seconds": 1.5,
           "passkey": {s: {"mean_accuracy": {"16": 0.5 if passkey is None else passkey}, "accuracy": {}} for s in scalings}}
     (run / "eval" / "study_eval.json").write_text(json.dumps(ev))
     (run / "train_done.json").write_text(json.dumps({"rc": 0, "max_steps": 2, "seconds": 10.0, "concurrency": 2}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 64 * s, "loss": 5.0 - s,
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": tokens_per_step * s, "loss": 5.0 - s,
                                                            "tokens_per_s": 100.0 * s}) + "\n" for s in (1, 2)))
 
 
@@ -56,11 +57,96 @@ def test_numbers_table_and_rows(tmp_path):
     assert (out / "study.png").stat().st_size > 10_000
 
 
+def test_merge_published_report_with_new_runs(tmp_path):
+    """A published study.json (no run directories) + the runs of a later call: the second seed
+    of an ablation joins the first in one row, a run in both is taken from the new directory,
+    the token-budget trend pairs the half-budget arms with their baselines (hand-computed)."""
+    old = tmp_path / "old"
+    _run(old, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    _run(old, "alibi-s1", {"none": [5.0, 5.0, 5.0]})
+    _run(old, "lr10-s1", {"none": [8.0, 9.0, 10.0]})
+    _run(old, "lr10_half-s1", {"none": [99.0, 99.0, 99.0]}, tokens_per_step=32)     # to be replaced
+    arms = {"fire": {"ablation": ""}, "alibi": {"ablation": ""},
+            "lr10": {"ablation": "(a) 10x", "baseline": "fire"},
+            "lr10_half": {"ablation": "(h) half", "baseline": "lr10", "tokens": "0.5x"},
+            "alibi_half": {"ablation": "(h) half", "baseline": "alibi", "tokens": "0.5x"}}
+    write_report(old, arms)
+    published = tmp_path / "published.json"
+    published.write_text((old / "study.json").read_text())
+    new = tmp_path / "new"
+    _run(new, "lr10-s2", {"none": [10.0, 11.0, 14.0]})
+    _run(new, "lr10_half-s1", {"none": [12.0, 12.0, 13.0]}, tokens_per_step=32)
+    _run(new, "alibi_half-s1", {"none": [6.0, 6.0, 6.5]}, tokens_per_step=32)
+    report = write_report(new, arms, merge=[published])
+    on_disk = json.loads((new / "study.json").read_text())
+    assert set(on_disk["runs"]) == {"fire-s1", "alibi-s1", "lr10-s1", "lr10-s2", "lr10_half-s1", "alibi_half-s1"}
+    assert on_disk["per_seed"]["prose"]["lr10"] == {"1": {"8": 8.0, "16": 9.0, "32": 10.0},
+                                                    "2": {"8": 10.0, "16": 11.0, "32": 14.0}}
+    assert on_disk["results"]["lr10"] == {"8": 9.0, "16": 10.0, "32": 12.0}
+    assert on_disk["results_code"]["lr10"]["32"] == 24.0
+    assert on_disk["results"]["lr10_half"] == {"8": 12.0, "16": 12.0, "32": 13.0}      # the new run, not 99
+    assert on_disk["results"]["fire"] == {"8": 10.0, "16": 11.0, "32": 12.0}           # from the published file
+    assert on_disk["gpu_seconds"]["lr10"] == {"train": 20.0, "eval": 3.0, "runs": 2}
+    # token budgets: runs of 2 steps x 64 (128) and x 32 (64) tokens
+    assert on_disk["budgets"] == {"lr10": {"64": "lr10_half", "128": "lr10"},
+                                  "alibi": {"64": "alibi_half", "128": "alibi"}}
+    gap = report["budget_gaps"]["lr10"]["prose"]
+    assert gap[128] == pytest.approx({8: 9.0 / 5.0, 16: 10.0 / 5.0, 32: 12.0 / 5.0})
+    assert gap[64] == pytest.approx({8: 12.0 / 6.0, 16: 12.0 / 6.0, 32: 13.0 / 6.5})
+    md = (new / "study.md").read_text()
+    ablations = md.split("## Ablations")[1].split("## Token budget")[0]
+    budget = md.split("## Token budget")[1].split("## Training")[0]
+    assert "- `lr10_half` (vs `lr10`): (h) half" in ablations
+    prose = ablations.split("code:")[0]
+    assert [ln.split(" | ")[0] for ln in prose.splitlines() if ln.startswith("| ") and " | " in ln][1:] == \
+        ["| fire", "| lr10", "| lr10_half", "| alibi", "| alibi_half"]        # each baseline, then its ablations
+    assert "| lr10 | 2 | 9.00 ± 1.00 | 10.00 ± 1.00 | 12.00 ± 2.00 | 1.33 |" in prose
+    assert "| lr10_half | 64 | 1 | 12.00 | 12.00 | 13.00 | 1.08 |" in budget
+    assert "| lr10 | 128 | 2 | 9.00 ± 1.00 | 10.00 ± 1.00 | 12.00 ± 2.00 | 1.33 |" in budget
+    assert "| lr10 | 64 | 2.000 | 2.000 | 2.000 |" in budget and "| lr10 | 128 | 1.800 | 2.000 | 2.400 |" in budget
+    assert "tokens per run: 128 (2 steps); other budgets: 64" in md
+    # the merged report merges again to the same numbers (the published file can be rebuilt from itself)
+    again = write_report(tmp_path / "again", arms, merge=[new / "study.json"])
+    assert json.loads((tmp_path / "again" / "study.json").read_text())["results"] == on_disk["results"]
+    assert again["budgets"] == report["budgets"]
+
+
+def test_other_budgets_without_a_plan_budget_are_noted_not_trended(tmp_path):
+    """An ablation run on other tokens than its baseline by accident (e.g. another --tokens in a
+    later call) is flagged under the ablations; only arms with their own `tokens` make the trend."""
+    out = tmp_path / "out"
+    _run(out, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    _run(out, "lr30-s1", {"none": [9.0, 9.0, 9.0]}, tokens_per_step=32)
+    _run(out, "lr10-s1", {"none": [9.0, 9.0, 9.0]})
+    _run(out, "lr10-s2", {"none": [9.0, 9.0, 9.0]}, tokens_per_step=32)
+    report = write_report(out, {"fire": {"ablation": ""}, "lr30": {"ablation": "30x", "baseline": "fire"},
+                                "lr10": {"ablation": "10x", "baseline": "fire"}})
+    assert report["budgets"] == {} and report["budget_gaps"] == {}
+    md = (out / "study.md").read_text()
+    assert "- note: `lr30` trained on 64 tokens, its baseline `fire` on 128" in md
+    assert "- note: the runs of `lr10` trained on different budgets (64, 128)" in md
+    assert "## Token budget" not in md
+
+
+def test_merge_refuses_other_evaluations(tmp_path):
+    old = tmp_path / "old"
+    _run(old, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    write_report(old, {"fire": {"ablation": ""}})
+    new = tmp_path / "new"
+    _run(new, "fire-s2", {"none": [10.0, 11.0, 12.0]}, settings={"x": 2})
+    with pytest.raises(MergeError, match="eval_settings"):
+        write_report(new, {"fire": {"ablation": ""}}, merge=[old / "study.json"])
+
+
 def test_plan_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("model: {}\n")
     bad = {"arms: {x: {config: missing.yaml}}": "does not exist",
            "arms: {x: {config: a.yaml, eval_scalings: [linear]}}": "must include 'none'",
            "arms: {x: {config: a.yaml, colour: red}}": "unknown key",
+           "arms: {x: {config: a.yaml, tokens: half}}": "tokens must be",
+           "arms: {x: {config: a.yaml, tokens: -5}}": "tokens must be",
+           "arms: {x: {config: a.yaml, ablation: y, baseline: z}}": "baseline 'z' is not an arm",
+           "arms: {x-s1: {config: a.yaml}}": "job names",
            "bogus: 1": "unknown key"}
     for text, message in bad.items():
         (tmp_path / "plan.yaml").write_text(text + "\neval: {sets: {prose: p}}\ndata: {tokenizer_dir: t, shards_dir: s}\n")
@@ -68,13 +154,65 @@ def test_plan_errors(tmp_path):
             load_plan(tmp_path / "plan.yaml")
 
 
+def test_arm_budgets_and_job_selection(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {}\n")
+    (tmp_path / "plan.yaml").write_text(
+        "tokens: 1000\nseeds: [1, 2]\narms:\n  a: {config: a.yaml}\n  a_half: {config: a.yaml, tokens: 0.5x}\n"
+        "  a_fixed: {config: a.yaml, tokens: 300, seeds: [7]}\n  b: {config: a.yaml, ablation: y, baseline: a}\n"
+        "eval: {sets: {prose: p}}\ndata: {tokenizer_dir: t, shards_dir: s}\n")
+    plan = load_plan(tmp_path / "plan.yaml")
+    assert [plan.arms[a].budget(1000) for a in ("a", "a_half", "a_fixed")] == [1000, 500, 300]
+    assert plan.arms["a_half"].budget(4096) == 2048 and plan.arms["a_fixed"].budget(4096) == 300
+    assert plan.arms["b"].baseline == "a" and plan.arms["a"].baseline == ""
+    jobs = select_jobs(plan, tmp_path, ["a_fixed", "a-s2", "b", "a-s2"])
+    assert [j.name for j in jobs] == ["a_fixed-s7", "a-s2", "b-s1", "b-s2"]
+    assert [j.name for j in select_jobs(plan, tmp_path, ["a", "b-s9"], seeds=[5])] == ["a-s5", "b-s9"]
+    with pytest.raises(PlanError, match="unknown arm"):
+        select_jobs(plan, tmp_path, ["c-s1"])
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def test_the_study_plan_loads():
-    from pathlib import Path
-    plan = load_plan(Path(__file__).resolve().parents[2] / "configs" / "study" / "plan.yaml")
+    plan = load_plan(ROOT / "configs" / "study" / "plan.yaml")
     assert {"fire", "fire_s", "rope", "alibi", "kerple_log", "t5", "nope"} <= set(plan.arms)
     assert plan.arms["fire"].seeds == plan.arms["alibi"].seeds == [1234, 1235]
+    assert plan.arms["fire_enc_lr10"].seeds == [1234, 1235]
     assert plan.arms["rope"].scalings == ["none", "linear", "yarn"]
-    assert sum(bool(a.ablation) for a in plan.arms.values()) == 3
+    budgets = {a.name: a.budget(plan.tokens) for a in plan.arms.values() if a.budget(plan.tokens) != plan.tokens}
+    assert budgets == {"fire_enc_lr10_half": 10_485_760, "alibi_half": 10_485_760,
+                       "fire_enc_lr10_2x": 41_943_040, "alibi_2x": 41_943_040}
+    assert {a.name: a.baseline for a in plan.arms.values() if a.ablation} == {
+        "fire_enc_lr10": "fire", "fire_L512": "fire", "fire_L32": "fire", "fire_enc_lr30": "fire",
+        "fire_enc_fp32": "fire", "fire_fp32": "fire", "fire_enc_lr10_half": "fire_enc_lr10",
+        "fire_enc_lr10_2x": "fire_enc_lr10", "fire_s_enc_lr10": "fire_s", "t5_enc_lr10": "t5",
+        "alibi_half": "alibi", "alibi_2x": "alibi"}
+
+
+def test_each_ablation_differs_from_its_baseline_in_one_thing():
+    """Resolved configs: one key apart (besides run.name), or none and another token budget."""
+    from megafire.config import load_config
+    plan = load_plan(ROOT / "configs" / "study" / "plan.yaml")
+    for arm in (a for a in plan.arms.values() if a.ablation):
+        base = plan.arms[arm.baseline]
+        mine, theirs = load_config(arm.config).flat(), load_config(base.config).flat()
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k) and k != "run.name")
+        other_budget = arm.budget(plan.tokens) != base.budget(plan.tokens)
+        assert len(diff) + other_budget == 1, (arm.name, diff, other_budget)
+
+
+def test_the_third_call_runs_only_new_jobs_of_the_plan():
+    """launch/device_study_call3.sh: its jobs are in the plan and none was published already."""
+    import re
+    script = (ROOT / "launch" / "device_study_call3.sh").read_text()
+    jobs = re.search(r'^ARMS="?([^"\s]+)"?', script, re.M).group(1).split(",")
+    plan = load_plan(ROOT / "configs" / "study" / "plan.yaml")
+    names = {j.name for j in select_jobs(plan, Path("/x"), jobs)}
+    published = set(json.loads((ROOT / "docs" / "study.json").read_text())["runs"])
+    assert names and not names & published
+    assert names == {"fire_enc_lr10-s1235", "fire_enc_lr30-s1234", "fire_s_enc_lr10-s1234", "t5_enc_lr10-s1234",
+                     "fire_enc_fp32-s1234", "fire_enc_lr10_half-s1234", "alibi_half-s1234"}
 
 
 def test_reading_is_kept_under_its_heading(tmp_path):
