@@ -194,3 +194,25 @@ def test_prep_shards_of_a_plain_jsonl_with_default_flags(tmp_path, capsys):
     assert not error_lines(capsys)[0] and "Traceback" not in err
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert 0 < manifest["num_docs"] < len(docs), manifest          # the train split: the held-out ones left out
+
+
+# --- a run directory that holds a run; a stop request ----------------------------------------------
+def test_training_into_a_run_directory_that_holds_a_run(run, capsys):
+    config = write_config(run.parent / "tiny.yaml", run)
+    assert main(["train", "--config", config, "--train.max_steps=6"]) == 2
+    lines, err = error_lines(capsys)
+    assert lines == [f"error: run.dir={str(run)!r} already holds a run; pass --train.resume=true to continue it or "
+                     f"choose another run.dir"], err
+    assert listing(run) == [ckpt.LATEST, "step_00000002", "step_00000004"] and steps_logged(run) == [1, 2, 3, 4]
+
+
+def test_stop_file_exits_124_after_a_checkpoint(run, capsys):
+    """``touch run.dir/STOP`` (what slurm/lib.sh writes before forwarding SIGUSR1): checkpoint after
+    the step, remove the file, exit 124; the resumed run goes on from there."""
+    (run / "STOP").touch()
+    assert main(resume_args(run)) == 124
+    err = capsys.readouterr().err
+    assert f"stopping on request (file {run / 'STOP'}) after step 5; resume with --train.resume=true" in err
+    assert not (run / "STOP").exists() and (run / "checkpoints" / ckpt.LATEST).read_text() == "step_00000005\n"
+    assert steps_logged(run) == [1, 2, 3, 4, 5]
+    assert main(resume_args(run)) == 0 and steps_logged(run) == [1, 2, 3, 4, 5, 6]
