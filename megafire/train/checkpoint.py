@@ -14,10 +14,11 @@ Commit protocol: everything is written into ``.tmp-<name>``; after a barrier ran
 renames it to ``<name>`` (one atomic rename on a POSIX file system), then replaces
 ``latest`` (written to a temp file and renamed), then prunes old checkpoints (each renamed to
 a temporary name before it is deleted, as is a checkpoint being re-written). A kill at any
-point leaves ``latest`` naming a complete checkpoint and no partial directory under a
+point leaves ``latest`` naming a complete checkpoint (during the first write it may not exist
+yet: readers then take the newest complete one) and no partial directory under a
 checkpoint's name (tests/parallel/test_parallel_kill.py kills at every file-system operation
-of a write); a leftover temp directory is ignored by readers and removed by the next writer. ``run.dir`` must be on a file system
-that every rank sees (the usual cluster set-up).
+of a write); a leftover temp directory is ignored by readers and removed by the next writer.
+``run.dir`` must be on a file system that every rank sees (the usual cluster set-up).
 
 Every reader (resume, ``--init-from``, eval, export, megafire.train.universal) checks a
 checkpoint with :func:`verify_checkpoint` before it loads anything: a missing, empty or
