@@ -81,7 +81,7 @@ def test_divergence_in_stop_mode_exits_3_at_the_step(tmp_path, capsys):
     good = ckpt.checkpoint_name(step - 1)
     assert found.group(2) == str(run / "checkpoints" / good)
     assert (run / "checkpoints" / ckpt.LATEST).read_text() == good + "\n"
-    assert listing(run) == [ckpt.LATEST] + [ckpt.checkpoint_name(s) for s in range(1, step)]   # none for `step`, no temp
+    assert listing(run) == [ckpt.LATEST] + [ckpt.checkpoint_name(s) for s in range(1, step)]   # none for step, no temp
     assert steps_logged(run) == list(range(1, step + 1))                                           # the step is logged
     from megafire.train.universal import consolidated_state_dict
     assert all(torch.isfinite(v).all() for v in consolidated_state_dict(run / "checkpoints" / good)[1].values())
