@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a written study.json (e.g. docs/study.json) whose runs are folded in without re-running "
                           "them; a run under --out replaces the merged run of the same arm and seed (repeatable)")
     rep.add_argument("--plan", default=None, help="plan (for the arms' ablation notes); default: as recorded")
+    rep.add_argument("--allow-data-rebuild", action="store_true",
+                     help="merge runs evaluated on the same held-out documents with other token counts (another "
+                          "build of the study data); the report lists each run's build")
     rep.add_argument("--tracking-uri", default="", help="MLflow store (default: sqlite:///OUT/mlflow.db)")
     rep.add_argument("--experiment", default="megafire-study")
     rep.add_argument("--no-tracking", action="store_true")
@@ -288,7 +291,8 @@ def cmd_report(args) -> int:
     if reading is not None and not reading.is_file():
         from megafire.config import MissingFileError
         raise MissingFileError(f"--reading {str(reading)!r} does not exist")
-    report = write_report(out, arms, reading=reading, merge=[Path(m) for m in args.merge])
+    report = write_report(out, arms, reading=reading, merge=[Path(m) for m in args.merge],
+                          allow_data_rebuild=args.allow_data_rebuild)
     print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(report['runs'])} runs"
           + (f", those of {', '.join(args.merge)} included" if args.merge else "") + ")")
     if args.publish:

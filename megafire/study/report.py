@@ -169,14 +169,25 @@ def _comparable(n: dict) -> dict:
             "eval_docs": n["eval_docs"], "eval_dtype": n["eval_dtype"]}
 
 
-def merge_numbers(base: dict, new: dict) -> dict:
+def _same_documents(a: dict, b: dict) -> bool:
+    """Two ``eval_docs`` of the same held-out sets and document counts (token counts may differ)."""
+    return {s: d["num_docs"] for s, d in a.items()} == {s: d["num_docs"] for s, d in b.items()}
+
+
+def merge_numbers(base: dict, new: dict, allow_data_rebuild: bool = False) -> dict:
     """``base`` + ``new`` (numbers of :func:`collect_numbers` / :func:`numbers_from_report`); a run
-    in both (same arm and seed) is taken from ``new``. Refused when the evaluations differ."""
+    in both (same arm and seed) is taken from ``new``. Refused when the evaluations differ, except,
+    with ``allow_data_rebuild``, in the held-out documents' token counts alone (the same documents
+    under a rebuilt tokenizer: :func:`build_numbers` records which runs used which build)."""
     a, b = _comparable(base), _comparable(new)
     if a != b:
         diff = sorted(k for k in a if a[k] != b[k])
-        raise MergeError(f"study report: the results to merge were evaluated differently ({', '.join(diff)}): "
-                         + "; ".join(f"{k}: {a[k]} vs {b[k]}" for k in diff))
+        rebuild = diff == ["eval_docs"] and _same_documents(a["eval_docs"], b["eval_docs"])
+        if not (rebuild and allow_data_rebuild):
+            hint = (" (the same documents with other token counts: another build of the study data; "
+                    "--allow-data-rebuild merges them and records each run's build)") if rebuild else ""
+            raise MergeError(f"study report: the results to merge were evaluated differently ({', '.join(diff)}): "
+                             + "; ".join(f"{k}: {a[k]} vs {b[k]}" for k in diff) + hint)
     out = copy.deepcopy(base)
     for s, rows in new["per_seed"].items():
         for row, seeds in rows.items():
@@ -221,19 +232,44 @@ def derive(n: dict, plan_arms: Optional[dict] = None) -> dict:
     return report
 
 
-def build_numbers(out: Path, plan_arms: Optional[dict] = None, merge: Iterable[dict] = ()) -> dict:
-    """study.json's content from the run directories under ``out``, folded over the published
-    reports in ``merge`` (in order; the run directories last, so they win for a shared run)."""
-    parts = [numbers_from_report(m) for m in merge]
+def _data_build(numbers: dict, data: Optional[dict]) -> dict:
+    """What identifies one build of the study data: the tokenizer's checksum (when known), the
+    training documents and the held-out token counts."""
+    tok = (data or {}).get("tokenizer") or {}
+    train = (data or {}).get("train") or {}
+    return {"tokenizer_sha256": tok.get("sha256"), "train_docs": train.get("num_docs"),
+            "train_tokens": train.get("num_tokens"), "eval_docs": numbers["eval_docs"]}
+
+
+def build_numbers(out: Path, plan_arms: Optional[dict] = None, merge: Iterable[dict] = (), *,
+                  data: Optional[dict] = None, allow_data_rebuild: bool = False) -> dict:
+    """study.json's content from the run directories under ``out`` (trained on the study data
+    ``data`` describes), folded over the published reports in ``merge`` (in order; the run
+    directories last, so they win for a shared run). Runs of more than one data build (merged
+    with ``allow_data_rebuild``) are listed by build under ``data_builds``."""
+    parts = [(numbers_from_report(m), m.get("data")) for m in merge]
     found = collect_numbers(out)
     if found is not None:
-        parts.append(found)
+        parts.append((found, data))
     if not parts:
         raise FileNotFoundError(f"no evaluated run under {out / 'runs'} (eval/{RESULT})")
-    numbers = parts[0]
-    for part in parts[1:]:
-        numbers = merge_numbers(numbers, part)
-    return derive(numbers, plan_arms)
+    numbers = parts[0][0]
+    for part, _ in parts[1:]:
+        numbers = merge_numbers(numbers, part, allow_data_rebuild)
+    builds: list[dict] = []
+    for i, (part, part_data) in enumerate(parts):
+        later = {name for p, _ in parts[i + 1:] for name in p["runs"]}
+        runs = sorted(name for name in part["runs"] if name not in later)
+        build = _data_build(part, part_data)
+        same = next((b for b in builds if {k: v for k, v in b.items() if k != "runs"} == build), None)
+        if same is not None:
+            same["runs"] = sorted(same["runs"] + runs)
+        elif runs:
+            builds.append({**build, "runs": runs})
+    report = derive(numbers, plan_arms)
+    if len(builds) > 1:
+        report["data_builds"] = builds
+    return report
 
 
 def _arm_of(row: str, arms: dict) -> str:
@@ -389,6 +425,17 @@ def _setup_lines(report: dict, data: Optional[dict]) -> list[str]:
     if data:
         lines += [f"- training data: {data['train']['num_tokens']:,} tokens in {data['train']['num_docs']:,} documents "
                   f"(prose and Python code), tokenizer BPE {data['tokenizer']['vocab_size']}.", ""]
+    builds = report.get("data_builds") or []
+    if builds:
+        lines += [f"- **{len(builds)} builds of the study data** (`data_prep/build_study_data.py` on machines with other "
+                  "Debian package versions: the same held-out documents, a retrained tokenizer, token counts that differ "
+                  "slightly); the rows compare runs across builds:"]
+        for b in builds:
+            docs = "; ".join(f"{s} {d['min_tokens']:,}-{d['max_tokens']:,} tokens" for s, d in b["eval_docs"].items())
+            sha = (b.get("tokenizer_sha256") or "unknown")[:12]
+            train = f"{b['train_docs']:,} training documents, " if b.get("train_docs") else ""
+            lines.append(f"  - tokenizer sha256 {sha}..., {train}held-out {docs}: {', '.join(b['runs'])}")
+        lines.append("")
     return lines
 
 
@@ -471,7 +518,7 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Optional[Path] = None,
-                 reading: Optional[Path] = None, merge: Iterable[Path] = ()) -> dict:
+                 reading: Optional[Path] = None, merge: Iterable[Path] = (), allow_data_rebuild: bool = False) -> dict:
     """study.json, study.md and study.png under ``out``; returns the report. ``reading``: a
     Markdown file with a person's reading of the numbers, placed under study.md's "Reading"
     (kept in the repository, so a rebuilt report keeps it). ``merge``: written study.json files
@@ -488,9 +535,10 @@ def write_report(out: Path, plan_arms: Optional[dict] = None, data_summary: Opti
         arms = {}
         for rec in [*merged, previous]:
             arms.update(rec.get("arms") or {})
-    report = build_numbers(out, arms or None, merged)
-    data = _json(data_summary) if data_summary else (previous.get("data")
-                                                     or next((m["data"] for m in merged if m.get("data")), None))
+    own_data = _json(data_summary) if data_summary else previous.get("data")
+    report = build_numbers(out, arms or None, merged, data=own_data, allow_data_rebuild=allow_data_rebuild)
+    # the report's data: the first merged report's (the bulk of the runs), else this directory's
+    data = next((m["data"] for m in merged if m.get("data")), None) or own_data
     if data:
         report["data"] = data
     out.mkdir(parents=True, exist_ok=True)

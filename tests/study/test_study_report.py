@@ -13,14 +13,15 @@ from megafire.study.report import MergeError, write_report
 LENGTHS = [8, 16, 32]
 
 
-def _run(out, name, ppl: dict, passkey=None, scalings=("none",), tokens_per_step=64, settings=None):
+def _run(out, name, ppl: dict, passkey=None, scalings=("none",), tokens_per_step=64, settings=None,
+         doc_tokens=None):
     run = out / "runs" / name
     (run / "eval").mkdir(parents=True)
     per_variant = {s: {"prose": {str(L): ppl[s][i] for i, L in enumerate(LENGTHS)},
                        "code": {str(L): 2 * ppl[s][i] for i, L in enumerate(LENGTHS)}} for s in scalings}
     ev = {"run": name, "encoding": "rope" if "linear" in scalings else "fire", "train_length": 8, "lengths": LENGTHS,
           "settings": settings or {"x": 1}, "perplexity": per_variant, "num_windows": {"prose": 3, "code": 2},
-          "doc_tokens": {"prose": [40, 50, 60], "code": [33, 99]}, "dtype": "float32", "seconds": 1.5,
+          "doc_tokens": doc_tokens or {"prose": [40, 50, 60], "code": [33, 99]}, "dtype": "float32", "seconds": 1.5,
           "passkey": {s: {"mean_accuracy": {"16": 0.5 if passkey is None else passkey}, "accuracy": {}} for s in scalings}}
     (run / "eval" / "study_eval.json").write_text(json.dumps(ev))
     (run / "train_done.json").write_text(json.dumps({"rc": 0, "max_steps": 2, "seconds": 10.0, "concurrency": 2}))
@@ -136,6 +137,43 @@ def test_merge_refuses_other_evaluations(tmp_path):
     _run(new, "fire-s2", {"none": [10.0, 11.0, 12.0]}, settings={"x": 2})
     with pytest.raises(MergeError, match="eval_settings"):
         write_report(new, {"fire": {"ablation": ""}}, merge=[old / "study.json"])
+
+
+def test_merge_across_data_builds_only_when_told_and_recorded(tmp_path):
+    """Runs on a rebuild of the study data (same held-out documents, other token counts) are
+    refused with a hint; with allow_data_rebuild they merge and the report lists each run's build
+    (tokenizer checksum, documents, token counts) in the JSON and in study.md's setup."""
+    old = tmp_path / "old"
+    _run(old, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    _run(old, "alibi-s1", {"none": [8.0, 8.5, 9.0]})
+    data_a = {"train": {"num_docs": 10, "num_tokens": 1000}, "tokenizer": {"vocab_size": 64, "sha256": "a" * 64}}
+    (old / "study.json").write_text("{}")
+    report = write_report(old, {"fire": {"ablation": ""}, "alibi": {"ablation": ""}})
+    published = json.loads((old / "study.json").read_text())
+    published["data"] = data_a
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    new = tmp_path / "new"
+    rebuilt = {"prose": [41, 50, 59], "code": [33, 98]}
+    _run(new, "fire-s2", {"none": [10.5, 11.5, 12.5]}, doc_tokens=rebuilt)
+    _run(new, "alibi-s1", {"none": [7.0, 7.5, 8.0]}, doc_tokens=rebuilt)     # replaces the published alibi-s1
+    data_b = {"train": {"num_docs": 9, "num_tokens": 990}, "tokenizer": {"vocab_size": 64, "sha256": "b" * 64}}
+    (new / "study.json").write_text(json.dumps({"data": data_b}))
+    arms = {"fire": {"ablation": ""}, "alibi": {"ablation": ""}}
+    with pytest.raises(MergeError, match="--allow-data-rebuild"):
+        write_report(new, arms, merge=[tmp_path / "published.json"])
+    report = write_report(new, arms, merge=[tmp_path / "published.json"], allow_data_rebuild=True)
+    builds = report["data_builds"]
+    assert [(b["tokenizer_sha256"][0], b["train_docs"], b["runs"]) for b in builds] == \
+        [("a", 10, ["fire-s1"]), ("b", 9, ["alibi-s1", "fire-s2"])]
+    assert builds[1]["eval_docs"]["prose"] == {"num_docs": 3, "min_tokens": 41, "max_tokens": 59}
+    assert report["per_seed"]["prose"]["fire"] == {1: {8: 10.0, 16: 11.0, 32: 12.0}, 2: {8: 10.5, 16: 11.5, 32: 12.5}}
+    assert report["per_seed"]["prose"]["alibi"] == {1: {8: 7.0, 16: 7.5, 32: 8.0}}
+    md = (new / "study.md").read_text()
+    assert "2 builds of the study data" in md and "tokenizer sha256 aaaaaaaaaaaa..., 10 training documents" in md
+    assert "bbbbbbbbbbbb..., 9 training documents, held-out code 33-98 tokens; prose 41-59 tokens: alibi-s1, fire-s2" in md
+    with pytest.raises(MergeError, match="eval_settings"):   # anything else still refuses, flag or not
+        _run(tmp_path / "other", "fire-s3", {"none": [1.0, 1.0, 1.0]}, settings={"x": 2}, doc_tokens=rebuilt)
+        write_report(tmp_path / "other", arms, merge=[tmp_path / "published.json"], allow_data_rebuild=True)
 
 
 def test_plan_errors(tmp_path):
