@@ -60,8 +60,10 @@ def plot_passkey_heatmap(accuracy: dict[int, dict[float, float]], path: str | Pa
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write atomically (temp name, then rename): a reader never sees half a PNG."""
-    fig.tight_layout()
+    """Write atomically (temp name, then rename): a reader never sees half a PNG. A figure
+    with a layout engine of its own keeps it (e.g. room left for a legend under the panels)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

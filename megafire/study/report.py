@@ -489,7 +489,7 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sets = report["sets"]
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.6), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5.6), dpi=120, squeeze=False)
     ablations = {a for a, spec in (report.get("arms") or {}).items() if spec.get("ablation")}
     # one colour per row (the default cycle has 10; a study has more rows than that)
     palette = plt.get_cmap("tab20").colors
@@ -512,7 +512,10 @@ def plot(report: dict, path: Path) -> Path:
         ax.set_ylabel("log perplexity")
         ax.set_title(f"held-out {s}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+    # one legend under the panels (every panel has the same rows): inside, it hid the curves
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=7, frameon=False)
+    fig.set_layout_engine("tight", rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / 7), 1, 1))
     from megafire.eval.plots import save_figure
     return save_figure(fig, path)
 

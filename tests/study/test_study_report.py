@@ -240,15 +240,19 @@ def test_each_ablation_differs_from_its_baseline_in_one_thing():
         assert len(diff) + other_budget == 1, (arm.name, diff, other_budget)
 
 
-def test_the_third_call_runs_only_new_jobs_of_the_plan():
-    """launch/device_study_call3.sh: its jobs are in the plan and none was published already."""
+def test_the_third_call_runs_only_jobs_of_the_plan_and_they_are_published():
+    """launch/device_study_call3.sh: its jobs are jobs of the plan, and since the call ran
+    (2026-12-03) every one of them is in docs/study.json, under the second data build (the first
+    build holds the twelve earlier runs alone)."""
     import re
     script = (ROOT / "launch" / "device_study_call3.sh").read_text()
     jobs = re.search(r'^ARMS="?([^"\s]+)"?', script, re.M).group(1).split(",")
     plan = load_plan(ROOT / "configs" / "study" / "plan.yaml")
     names = {j.name for j in select_jobs(plan, Path("/x"), jobs)}
-    published = set(json.loads((ROOT / "docs" / "study.json").read_text())["runs"])
-    assert names and not names & published
+    report = json.loads((ROOT / "docs" / "study.json").read_text())
+    first, second = report["data_builds"]
+    assert names and set(second["runs"]) == names and not names & set(first["runs"]) and len(first["runs"]) == 12
+    assert set(report["runs"]) == names | set(first["runs"])
     assert names == {"fire_enc_lr10-s1235", "fire_enc_lr30-s1234", "fire_s_enc_lr10-s1234", "t5_enc_lr10-s1234",
                      "fire_enc_fp32-s1234", "fire_enc_lr10_half-s1234", "alibi_half-s1234"}
 
