@@ -4,25 +4,24 @@ while every other parameter is bf16; the layouts where that was not checked are 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))   # the trainer tests' tiny config
+
+import _train_util  # noqa: E402
 
 from megafire.config import ConfigError, load_config  # noqa: E402
 
-TINY = {
-    "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-              "position": {"name": "fire", "options": {"init_L": 16}}},
-    "attention": {"backend": "reference"},
-    "data": {"corpus": "synthetic"},
+TINY = _train_util._merge(_train_util.TINY, {
     "curriculum": {"stages": [{"seq_len": 16, "tokens": 10_000}]},
-    "train": {"max_steps": 4, "tokens_per_step": 128, "micro_batch_tokens": 64, "lr": 1e-2, "warmup_tokens": 128,
-              "precision": "bf16", "encoding_fp32": True, "progress": False},
+    "train": {"max_steps": 4, "warmup_tokens": 128, "precision": "bf16", "encoding_fp32": True},
     "parallel": {"zero_stage": 1},
-    "tracking": {"enabled": False},
-}
+})
 
 
 def _cfg(run_dir, **train):
