@@ -225,17 +225,15 @@ def _dummy(device, dtype=torch.float32):
 
 
 class _State:
-    """Non-differentiable launch state of one call, rebuilt from the op's tensors in forward and
-    in backward (positions come from a cache, tables from the forward's outputs)."""
+    """Non-differentiable launch state of one call, rebuilt from the op's inputs in forward and in
+    backward (the position tables are inputs, the encoding's tables the forward's outputs)."""
 
 
 def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
            t5_buckets, t5_max_distance) -> _State:
-    B, Tq, H, D = q.shape
-    Tk = k.shape[1]
-    dev = q.device
+    B, dev = q.shape[0], q.device
     st = _State()
-    st.name, st.mode = name, (_NAMES.get(name, K.NONE))
+    st.name, st.mode = name, _NAMES.get(name, K.NONE)
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
