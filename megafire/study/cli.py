@@ -210,27 +210,15 @@ def _echo_new(log: Path, start: int) -> int:
     return start + len(chunk.encode())
 
 
-def _last_json_line(path: Path) -> dict:
-    import json
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        return json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def status_table(out: Path) -> list[str]:
-    """One line per run directory: state, steps, tokens, seconds, loss, prose perplexity."""
-    import json
+    """One line per run directory (report.collect_runs): state, steps, tokens, seconds, loss,
+    prose perplexity."""
+    from .report import collect_runs
     lines = [f"{'job':<26} {'state':<10} {'step':>9} {'tokens':>11} {'train s':>7} {'eval s':>6} {'loss':>6}  "
              "prose ppl 1x / 4x / 16x"]
-    for run in sorted((out / "runs").glob("*-s*")):
-        done = _last_json_line(run / "train_done.json")
-        last = _last_json_line(run / "metrics.jsonl")
-        try:
-            ev = json.loads((run / "eval" / "study_eval.json").read_text())
-        except (OSError, ValueError):
-            ev = None
+    for r in collect_runs(out):
+        done, ev = r["train"] or {}, r["eval"]
+        last = r["metrics"][-1] if r["metrics"] else {}
         state = ("evaluated" if ev else "trained" if done.get("rc") == 0 else
                  f"FAILED {done.get('rc')}" if done else "training" if last else "starting")
         ppl = ""
@@ -241,7 +229,7 @@ def status_table(out: Path) -> list[str]:
         steps = f"{last.get('step', 0)}/{done.get('max_steps', '?')}"
         loss = f"{last['loss']:.3f}" if isinstance(last.get("loss"), float) else "-"
         secs = [f"{v:.0f}" if isinstance(v, (int, float)) else "-" for v in (done.get("seconds"), (ev or {}).get("seconds"))]
-        lines.append(f"{run.name:<26} {state:<10} {steps:>9} {last.get('tokens', 0):>11,} "
+        lines.append(f"{r['name']:<26} {state:<10} {steps:>9} {last.get('tokens', 0):>11,} "
                      f"{secs[0]:>7} {secs[1]:>6} {loss:>6}  {ppl}")
     return lines
 

@@ -52,10 +52,18 @@ def _json(path: Path) -> Optional[dict]:
 
 
 def _metrics(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; a last line still being written (a live run, read by
+    ``study status``) is left out, a malformed earlier one raises."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(lines[-1])] if lines else []
+    except json.JSONDecodeError:
+        pass
+    return records
 
 
 def _split_name(name: str) -> tuple[str, int]:

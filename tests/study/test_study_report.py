@@ -269,3 +269,19 @@ def test_reading_is_kept_under_its_heading(tmp_path):
     write_report(out, {"fire": {"ablation": ""}}, reading=reading)
     md = (out / "study.md").read_text()
     assert md.rstrip().endswith("## Reading\n\nFIRE trails ALiBi here.") and "to be written" not in md
+
+
+def test_status_table_reads_live_and_finished_runs(tmp_path):
+    """`study status`: one line per run; a run still writing metrics.jsonl (a torn last line) shows
+    its last complete step as 'training', an evaluated one its prose perplexities."""
+    from megafire.study.cli import status_table
+    out = tmp_path / "out"
+    _run(out, "fire-s1", {"none": [10.0, 11.0, 12.0]})
+    live = out / "runs" / "rope-s1"
+    live.mkdir(parents=True)
+    (live / "metrics.jsonl").write_text(json.dumps({"step": 7, "tokens": 448, "loss": 3.25}) + '\n{"step": 8, "to')
+    lines = status_table(out)
+    assert len(lines) == 3
+    fire, rope = lines[1].split(), lines[2].split()
+    assert fire[:3] == ["fire-s1", "evaluated", "2/2"] and lines[1].endswith("10.00 / 12.00 / 12.00")
+    assert rope[:4] == ["rope-s1", "training", "7/?", "448"] and "3.250" in rope
