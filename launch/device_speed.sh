@@ -2,6 +2,7 @@
 # Device calls of issue 12 (the whole step's speed), one part per call (each fits one 10-minute
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches
+#   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE vs the compact peer, 125M, T=512, micro-batch 32 (FIRE profiled)
 #   t2048     the same at T=2048, micro-batch 8
 #   m350      350M at T=2048 (FIRE, RoPE, compact)
@@ -20,6 +21,8 @@ for part in "$@"; do
     tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused tests/model/test_model_gpu.py \
              tests/train/test_train_perf.py tests/positional/test_rotary_triton.py 2>&1 | tee "$OUT/gpu_tests.log" \
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
+    quick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
+             tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     t512) bench t512 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
              --profile "$OUT/p_fire512" ;;
     t2048) bench t2048 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 "$T2048" ;;

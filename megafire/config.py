@@ -175,6 +175,9 @@ class PerfConfig:
     fused_loss: str = choice("auto", "auto", "true", "false")
     # tp = 1: call the projections as plain F.linear instead of megatron's autograd Functions
     direct_linear: bool = True
+    # the fused attention kernels launched by inductor's generated code inside a compiled block
+    # (torch.library.triton_op); false: an opaque custom op whose Python body launches them
+    inline_kernels: bool = True
 
 
 @dataclass

@@ -74,6 +74,7 @@ class Attention(nn.Module):
             self.out.bias.megafire_tp_replicated = True                  # added to each sequence shard
         self.parallel = parallel
         self._bound = None              # (device type, attention function) once bound (perf.apply)
+        self.fused_inline = True         # fused kernels: the inline op (megafire.model.perf)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] (sequence parallel: [B, T / tp, hidden]) -> q [B, T, Hq_local, D], k and v
@@ -116,8 +117,9 @@ class Attention(nn.Module):
             attend = bound[1]
         else:
             attend = get_attention_fn(self.backend, self.encoding, q.device.type)
+        extra = {"inline": self.fused_inline} if attend is fused_attention else {}
         return attend(q, k, v, self.encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
-                      segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale)
+                      segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale, **extra)
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [B, T, Hq_local, D] -> [B, T, hidden] (SP: [B, T / tp, hidden])."""

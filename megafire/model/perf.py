@@ -17,6 +17,10 @@ None of them changes the function computed, only how:
   between the block's two compiled halves (norm + QKV, then output projection + residual +
   norm + SwiGLU + residual). Shapes are static (``dynamic=False``): a length curriculum
   recompiles once per stage.
+* ``inline_kernels`` (CUDA): the fused attention is a ``torch.library.triton_op``: in a compiled
+  block inductor traces into it and launches the Triton kernels from its generated code, so the
+  op's Python body (launch arguments, tile tables, FIRE's kink tables; ~1.4 ms of host time per
+  layer and micro-step at 125M) never runs in the step. Off: an opaque custom op in the graph.
 * ``fused_loss`` (tp = 1): ``lm_loss`` computes ``logsumexp(z) - z[y]`` from the bf16 logits in
   one compiled reduction; backward ``softmax(z) - onehot(y)`` is one more. Megatron's
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
@@ -41,10 +45,11 @@ class PerfFlags:
     compile: bool = False
     fused_loss: bool = False
     direct_linear: bool = False
+    inline_kernels: bool = False
     why: str = ""                 # why an ``auto`` switch resolved off, for the run log
 
     def describe(self) -> str:
-        on = [k for k in ("compile", "fused_loss", "direct_linear") if getattr(self, k)]
+        on = [k for k in ("compile", "fused_loss", "direct_linear", "inline_kernels") if getattr(self, k)]
         return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
 
 
@@ -81,6 +86,8 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
                      # ZeRO-3 gathers weights in module hooks: keep megatron's layer call there (the
                      # plain call was seen to work in one process; not relied on across ranks)
                      direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel and zero_stage < 3,
+                     # the kernels need a GPU (the interpreter's cannot be traced into)
+                     inline_kernels=bool(perf.inline_kernels) and device_type == "cuda",
                      why="; ".join(reasons))
 
 
@@ -94,6 +101,7 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
     for module in gpt.modules():
         if isinstance(module, Attention):
             module.bind(device_type)
+            module.fused_inline = flags.inline_kernels
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.megafire_direct = flags.direct_linear
     gpt.fused_loss = flags.fused_loss

@@ -1,12 +1,15 @@
 """The fused attention as registered torch.library ops: torch.compile traces it into one graph.
 
-CPU (Triton's interpreter, tiny shapes):
+CPU (Triton's interpreter, tiny shapes; the opaque custom ops, which the interpreter needs):
 * ``torch.library.opcheck`` of the forward op for every encoding: schema, autograd
   registration, the fake (meta) implementation against the real one, AOT dispatch with
   dynamic shapes;
 * a function calling ``fused_bias_attention`` compiled with ``fullgraph=True`` (a graph break
   would raise) gives the eager output and every gradient (q, k, v and the encoding's own
   parameters) bit for bit, with segment masks and GQA.
+
+GPU (``-m gpu``): the same for the inline op (``torch.library.triton_op``: inductor launches the
+kernels itself), whose generated code must hold the kernels and no call of the op.
 """
 from __future__ import annotations
 
@@ -35,16 +38,26 @@ def _qkv(seed=0):
     return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
+#: the op each device's calls take: the interpreter's kernels cannot be traced into
+OPS = {"cpu": "fused_bias_attention_opaque", "cuda": "fused_bias_attention"}
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ENCS)
-def test_opcheck(name):
+def test_opcheck(name, device):
     enc = _encoding(name)
-    q, k, v = _qkv()
-    pos = torch.arange(T)
+    if enc is not None:
+        enc = enc.to(device)
+    q, k, v = [t.detach().to(device).requires_grad_() for t in _qkv()]
+    pos = torch.arange(T, device=device)
     name_, params, aux, eps, use_log, nb, md = encoding_inputs(enc, pos, T, q.device)
     params = [p.detach().requires_grad_() for p in params]
     args = (q, k, v, position_tables(pos, pos, B, T, T), None, None, params, [a.detach() for a in aux], name_, True,
             D ** -0.5, eps, use_log, nb, md, name_ in LEARNED)
-    result = torch.library.opcheck(torch.ops.megafire.fused_bias_attention.default, args)
+    op = getattr(torch.ops.megafire, OPS[device]).default
+    result = torch.library.opcheck(op, args)
     assert set(result.values()) == {"SUCCESS"}, result
 
 
@@ -73,8 +86,45 @@ def test_fullgraph_compile_equals_eager(name):
         assert all(g.abs().sum() > 0 for g in eager_grads[3:] if g.numel() > 1)
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs a CUDA GPU")])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ENCS)
+def test_inductor_launches_the_kernels_inline(name):
+    """CUDA, fp32: compiled by inductor, the inline op's kernels are launched from the generated
+    code (the op's Python body is gone from the step: no call of the op remains), and the output
+    and every gradient equal the eager call's and the opaque op's under the same compile."""
+    from torch._inductor.utils import run_and_get_code
+
+    enc = _encoding(name)
+    enc = enc.cuda() if enc is not None else None
+    q, k, v = [t.detach().cuda().requires_grad_() for t in _qkv(2)]
+    pos = torch.arange(T, device="cuda")
+    seg = torch.zeros(B, T, dtype=torch.long, device="cuda")
+    seg[0, 13:] = 1
+    wrt = [q, k, v] + (list(enc.parameters()) if enc is not None else [])
+
+    def loss(q, k, v, pos, seg, inline=True):
+        o = fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg, inline=inline)
+        return (o * 1.5).sin().sum()
+
+    def grads(out):
+        return [out.detach()] + list(torch.autograd.grad(out, wrt))
+
+    eager = grads(loss(q, k, v, pos, seg))
+    results = {}
+    for inline in (True, False):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda *a, inline=inline: loss(*a, inline=inline), fullgraph=True)
+        out, code = run_and_get_code(lambda: grads(fn(q, k, v, pos, seg)))
+        results[inline] = out
+        source = "\n".join(code)
+        if inline:
+            assert "_fwd_kernel" in source and "megafire.fused_bias_attention" not in source, source[-3000:]
+        else:
+            assert "megafire.fused_bias_attention_opaque" in source
+    for i, (a, b, c) in enumerate(zip(eager, results[True], results[False])):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"inline, tensor {i}: {m}")
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"opaque, tensor {i}: {m}")
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

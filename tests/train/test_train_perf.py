@@ -15,8 +15,8 @@ from megafire.model import perf
 from megafire.train.engine import ALIGN_ELEMENTS, aligned_order
 from megafire.train.loop import train
 
-ON = {"compile": "true", "fused_loss": "true", "direct_linear": True}
-OFF = {"compile": "false", "fused_loss": "false", "direct_linear": False}
+ON = {"compile": "true", "fused_loss": "true", "direct_linear": True, "inline_kernels": True}
+OFF = {"compile": "false", "fused_loss": "false", "direct_linear": False, "inline_kernels": False}
 ONE_STAGE = {"curriculum": {"stages": [{"seq_len": 32, "tokens": 100_000}]}, "train": {"max_steps": 4}}
 
 
@@ -48,10 +48,12 @@ def test_perf_on_equals_off(tmp_path, position):
 
 def test_auto_resolves_off_on_cpu_and_refuses_impossible_choices():
     flags = perf.resolve(PerfConfig(), device_type="cpu", tp=1, sequence_parallel=False, zero_stage=1)
-    assert not flags.compile and not flags.fused_loss and flags.direct_linear
+    assert not flags.compile and not flags.fused_loss and flags.direct_linear and not flags.inline_kernels
     assert "not on CUDA" in flags.why
     cuda = perf.resolve(PerfConfig(), device_type="cuda", tp=1, sequence_parallel=False, zero_stage=1)
-    assert cuda.compile and cuda.fused_loss
+    assert cuda.compile and cuda.fused_loss and cuda.inline_kernels
+    assert not perf.resolve(PerfConfig(inline_kernels=False), device_type="cuda", tp=1, sequence_parallel=False,
+                            zero_stage=1).inline_kernels
     z3 = perf.resolve(PerfConfig(), device_type="cuda", tp=1, sequence_parallel=False, zero_stage=3)
     assert not z3.compile and "ZeRO-3" in z3.why
     tp2 = perf.resolve(PerfConfig(), device_type="cuda", tp=2, sequence_parallel=False, zero_stage=1)
@@ -108,6 +110,11 @@ def test_perf_on_equals_off_bf16_gpu(tmp_path, position):
            "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
     off, _ = _trace(tmp_path, "off", position, OFF, gpu)
     on, flags = _trace(tmp_path, "on", position, {"compile": "auto", "fused_loss": "auto", "direct_linear": True}, gpu)
-    assert flags.compile and flags.fused_loss
+    assert flags.compile and flags.fused_loss and flags.inline_kernels
     worst = max(abs(a - b) / abs(b) for a, b in zip(on, off))
     assert worst <= 2e-2, (on, off)
+    if position["name"] == "fire":   # the inline kernels against the opaque op, both compiled
+        opaque, flags = _trace(tmp_path, "opaque", position, {**ON, "inline_kernels": False}, gpu)
+        assert flags.compile and not flags.inline_kernels
+        worst = max(abs(a - b) / abs(b) for a, b in zip(on, opaque))
+        assert worst <= 2e-2, (on, opaque)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.library import wrap_triton
 import triton.language as tl
 
 
@@ -138,7 +139,7 @@ def fire_tables(w1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.
     rank = torch.empty(W, device=dev, dtype=torch.int32)
     WP, NSP = triton.next_power_of_2(W), triton.next_power_of_2(NS)
     blk = max(16, min(256, 8192 // WP))
-    _fire_prep_kernel[(1,)](w1, b1, W2, b2, ft, it, rank, H, W, NS, nbins, WP=WP, NSP=NSP, BLK=blk, num_warps=4)
+    wrap_triton(_fire_prep_kernel)[(1,)](w1, b1, W2, b2, ft, it, rank, H, W, NS, nbins, WP=WP, NSP=NSP, BLK=blk, num_warps=4)
     return ft, it, rank
 
 
@@ -151,7 +152,7 @@ def fire_mlp_grads(tot: torch.Tensor, w1, b1, W2, rank):
     dW2 = torch.empty(H, W, device=dev, dtype=torch.float32)
     db2 = torch.empty(H, device=dev, dtype=torch.float32)
     WP, NSP = triton.next_power_of_2(W), triton.next_power_of_2(W + 1)
-    _fire_grad_kernel[(1,)](tot.contiguous(), w1, b1, W2, rank, dw1, db1, dW2, db2, H, W, W + 1,
-                            WP=WP, NSP=NSP, num_warps=4)
+    wrap_triton(_fire_grad_kernel)[(1,)](tot.contiguous(), w1, b1, W2, rank, dw1, db1, dW2, db2, H, W, W + 1,
+                                         WP=WP, NSP=NSP, num_warps=4)
     return dw1, db1, dW2, db2
 

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 from . import _kernels as K
 from ._fire_tables import fire_mlp_grads, fire_tables
@@ -89,10 +91,14 @@ def supports(encoding) -> bool:
 _T5_LUTS: dict = {}
 
 
-def _t5_tables(enc, device):
+def _t5_tables(enc, device, traced: bool = False):
     """LUT [RT + 1] bucket of r (r clamped to RT = max_distance), THR [NB] first r of bucket k.
-    They depend on the configuration alone: built once per (buckets, max distance, device)."""
+    They depend on the configuration alone: built once per (buckets, max distance, device);
+    ``traced`` (the op's body traced by the compiler): a few ops of the graph, never cached."""
     rt = int(enc.max_distance)
+    if traced:
+        it = _t5_luts(enc, device, rt)
+        return (it, it[:rt + 1].long()), rt
     key = (int(enc.num_buckets), rt, str(device))
     if key not in _T5_LUTS:
         it = _t5_luts(enc, device, rt)
@@ -215,9 +221,12 @@ def _bounds(p: torch.Tensor):
 _DUMMIES: dict = {}
 
 
-def _dummy(device, dtype=torch.float32):
+def _dummy(device, dtype=torch.float32, traced: bool = False):
     """A placeholder for a pointer argument the launch's constexpr branches never touch: one
-    cached tensor per (device, dtype), so a call makes no allocation or fill for them."""
+    cached tensor per (device, dtype), so a call makes no allocation or fill for them (in a
+    traced body, an empty tensor of the graph: a cached real tensor cannot enter a fake trace)."""
+    if traced:
+        return torch.empty(4, device=device, dtype=dtype)
     key = (str(device), dtype)
     if key not in _DUMMIES:
         _DUMMIES[key] = torch.zeros(4, device=device, dtype=dtype)
@@ -233,6 +242,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
            t5_buckets, t5_max_distance) -> _State:
     B, dev = q.shape[0], q.device
     st = _State()
+    st.traced = is_fake(q)
     st.name, st.mode = name, _NAMES.get(name, K.NONE)
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
@@ -241,13 +251,13 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.has_seg = seg_q is not None
     st.sq, st.sk = (seg_q, seg_k) if st.has_seg else (st.qp, st.kp)
     st.strides = tuple(_batch_stride(p, B) for p in (st.qp, st.kp, st.sq, st.sk))
-    d = _dummy(dev)
-    st.dummy_i, st.dummy_f = _dummy(dev, torch.int32), d
+    d = _dummy(dev, traced=st.traced)
+    st.dummy_i, st.dummy_f = _dummy(dev, torch.int32, st.traced), d
     st.p0 = params[0] if st.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
     st.p1 = params[1] if st.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
     st.ft, st.it, st.sc, st.rowf = d, st.dummy_i, d, d
     if st.mode == K.T5:
-        it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev)
+        it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced)
         st.NS, st.ft, st.it = t5_buckets, tables[0], it
     elif st.mode == K.FIRE:
         st.ft, st.it, st.rank = tables
@@ -264,10 +274,10 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     return st
 
 
-def _t5_tables_for(num_buckets: int, max_distance: int, device):
+def _t5_tables_for(num_buckets: int, max_distance: int, device, traced: bool = False):
     """(IT = [LUT | THR] int32, RT) of a T5 configuration (cached; see ``_t5_tables``)."""
     enc = _T5Config(num_buckets, max_distance)
-    (it, _lut), rt = _t5_tables(enc, device)
+    (it, _lut), rt = _t5_tables(enc, device, traced)
     return it, rt
 
 
@@ -279,7 +289,7 @@ class _T5Config:
 
 def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """FT = [W[bucket(r), h] for r = 0..RT (by head) | W^T] (fp32) of the T5 table ``weight`` [NB, H]."""
-    (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance), weight.device)
+    (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance), weight.device, is_fake(weight))
     return torch.cat([weight[lut].t().reshape(-1), weight.t().reshape(-1)]).contiguous()
 
 
@@ -297,7 +307,7 @@ def _forward(q, k, v, st, pgrad: bool):
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
     pres = resid and bool(cfg.get("pres", True))
-    K._fwd_kernel[(nqb, B * H)](
+    wrap_triton(K._fwd_kernel)[(nqb, B * H)](
         q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
         st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -320,7 +330,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     mode = st.mode
     resid = ores.numel() > 0
     delta = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
-    K._bwd_delta_kernel[(triton_cdiv(Tq, 64), B * H)](
+    wrap_triton(K._bwd_delta_kernel)[(triton_cdiv(Tq, 64), B * H)](
         o, ores if resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=resid, D=D, BM=64, num_warps=4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -330,12 +340,12 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     nmb = triton_cdiv(Tq, BM)
     W, NS = st.W, st.NS
     part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS if mode == K.T5 else 2
-    part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else _dummy(dev)
+    part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else st.dummy_f
     if pgrad and mode == K.FIRE:
         rowc = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
         rowx = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
     else:
-        rowc = rowx = _dummy(dev)
+        rowc = rowx = st.dummy_f
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
     common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
@@ -343,14 +353,14 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
     nkb = triton_cdiv(Tk, BN)
     tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-    K._bwd_dq_kernel[(nmb, B * H)](
+    wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
         q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
         H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
         PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
     BM, BN, warps, stages = cfg["dkdv"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-    K._bwd_dkdv_kernel[(nkb, B * HKV)](
+    wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
         q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
         H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
         BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
@@ -408,7 +418,7 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         spc = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
         blk = 16 if K.INTERPRET else 256
         qp_sb, kp_sb = st.strides[0], st.strides[1]
-        K._tile_table_kernel[(triton_cdiv(nqb * nkb, blk), bt)](
+        wrap_triton(K._tile_table_kernel)[(triton_cdiv(nqb * nkb, blk), bt)](
             st.qmin, st.qmax, st.kmin, st.kmax, st.ft, st.it, st.sc, tt, ta, spl, spc, qp_sb, kp_sb,
             H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
@@ -422,16 +432,22 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # --- the registered ops ----------------------------------------------------------------------
-# Two torch.library custom ops (forward, backward) with the autograd formula registered on the
-# forward: torch.compile traces a block that calls them into one graph (the ops stay opaque calls
-# inside it, the prologue and the parameter-gradient algebra around them fuse with the block's
-# other work), where an autograd.Function with Python-side state would break the graph.
+# The same forward and backward bodies, registered twice with the autograd formula on the forward:
+# * ``megafire::fused_bias_attention[_backward]`` (torch.library.triton_op): torch.compile traces
+#   *into* the body, so inductor sees the Triton kernels (through ``wrap_triton``) and launches them
+#   from its own generated code, and the tables around them (FIRE's kink tables, the tile tables,
+#   the parameter-gradient sums) become ops of the block's graph. The Python body never runs in a
+#   compiled step: its host cost (~0.5 ms forward, ~0.9 ms backward per layer, docs/benchmarks.md)
+#   is gone. Needs real Triton (a GPU): the interpreter's kernels cannot be traced.
+# * ``megafire::fused_bias_attention_opaque[_backward]`` (torch.library.custom_op): an opaque call in
+#   the graph whose Python body launches the kernels. Used under TRITON_INTERPRET (CPU tests) and
+#   when asked for (``inline=False``; ``perf.inline_kernels=false``).
+# An autograd.Function with Python-side state would instead break the compiled graph.
 
-@torch.library.custom_op("megafire::fused_bias_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, pos: list[Tensor], seg_q: Optional[Tensor],
-                  seg_k: Optional[Tensor], params: list[Tensor], aux: list[Tensor], name: str, causal: bool,
-                  scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
-                  pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, pos: list[Tensor], seg_q: Optional[Tensor],
+                    seg_k: Optional[Tensor], params: list[Tensor], aux: list[Tensor], name: str, causal: bool,
+                    scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
+                    pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """-> (o [B, Tq, H, D], ores (o's rounding residual, or empty), lse [B, H, Tq], tables): the
     encoding's derived tables (FIRE ``[ft, it, rank]``, T5 ``[ft]``), kept for the backward."""
     if name == "fire":
@@ -447,7 +463,6 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, pos: list[Tensor], seg_q: Opt
     return o, ores, lse, tables
 
 
-@_attention_op.register_fake
 def _attention_fake(q, k, v, pos, seg_q, seg_k, params, aux, name, causal, scale, eps, use_log,
                     t5_buckets, t5_max_distance, pgrad):
     B, Tq, H, _D = q.shape
@@ -465,19 +480,17 @@ def _attention_fake(q, k, v, pos, seg_q, seg_k, params, aux, name, causal, scale
     return torch.empty_like(q), ores, lse, tables
 
 
-@torch.library.custom_op("megafire::fused_bias_attention_backward", mutates_args=())
-def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ores: Tensor, lse: Tensor,
-                           pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor],
-                           params: list[Tensor], aux: list[Tensor], tables: list[Tensor], name: str, causal: bool,
-                           scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
-                           pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def _attention_backward_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ores: Tensor, lse: Tensor,
+                             pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor],
+                             params: list[Tensor], aux: list[Tensor], tables: list[Tensor], name: str, causal: bool,
+                             scale: float, eps: float, use_log: bool, t5_buckets: int, t5_max_distance: int,
+                             pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """-> (dq, dk, dv, extras) (``_backward``)."""
     st = _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
                 t5_buckets, t5_max_distance)
     return _backward(do, q, k, v, o, ores, lse, st, params, pgrad)
 
 
-@_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name,
                              causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
@@ -510,34 +523,55 @@ def _setup_context(ctx, inputs, output):
                           *params, *aux, *tables)
 
 
-def _attention_backward(ctx, do, _dores, _dlse, _dtables):
-    saved = list(ctx.saved_tensors)
-    q, k, v, o, ores, lse = saved[:6]
-    n_pos, n_params, n_aux, _n_tables = ctx.counts
-    pos, rest = saved[6:6 + n_pos], saved[6 + n_pos:]
-    seg_q, seg_k = (rest[0], rest[1]) if ctx.has_seg else (None, None)
-    rest = rest[2:] if ctx.has_seg else rest
-    params, aux, tables = rest[:n_params], rest[n_params:n_params + n_aux], rest[n_params + n_aux:]
-    name, causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad = ctx.static
-    dq, dk, dv, extras = torch.ops.megafire.fused_bias_attention_backward(
-        do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name, causal, scale, eps,
-        use_log, t5_buckets, t5_max_distance, pgrad)
-    # one entry per input, lists as lists (the registered autograd checks the structure)
-    return (dq, dk, dv, [None] * n_pos, None, None, _param_grads(name, params, extras, use_log), [None] * n_aux,
-            None, None, None, None, None, None, None, None)
+def _autograd_formula(backward_op):
+    """The registered backward of a forward op: ``backward_op`` (the matching registration) for
+    the kernels, then the parameter-gradient algebra in plain ops."""
+    def _attention_backward(ctx, do, _dores, _dlse, _dtables):
+        saved = list(ctx.saved_tensors)
+        q, k, v, o, ores, lse = saved[:6]
+        n_pos, n_params, n_aux, _n_tables = ctx.counts
+        pos, rest = saved[6:6 + n_pos], saved[6 + n_pos:]
+        seg_q, seg_k = (rest[0], rest[1]) if ctx.has_seg else (None, None)
+        rest = rest[2:] if ctx.has_seg else rest
+        params, aux, tables = rest[:n_params], rest[n_params:n_params + n_aux], rest[n_params + n_aux:]
+        name, causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad = ctx.static
+        dq, dk, dv, extras = backward_op(do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name,
+                                         causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
+        # one entry per input, lists as lists (the registered autograd checks the structure)
+        return (dq, dk, dv, [None] * n_pos, None, None, _param_grads(name, params, extras, use_log),
+                [None] * n_aux, None, None, None, None, None, None, None, None)
+    return _attention_backward
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+def _register(name: str, inline: bool):
+    """(forward op, backward op) registered as ``megafire::<name>[_backward]``."""
+    if inline:
+        fwd = torch.library.triton_op(f"megafire::{name}", mutates_args=())(_attention_impl)
+        bwd = torch.library.triton_op(f"megafire::{name}_backward", mutates_args=())(_attention_backward_impl)
+    else:
+        fwd = torch.library.custom_op(f"megafire::{name}", mutates_args=())(_attention_impl)
+        fwd.register_fake(_attention_fake)
+        bwd = torch.library.custom_op(f"megafire::{name}_backward", mutates_args=())(_attention_backward_impl)
+        bwd.register_fake(_attention_backward_fake)
+    fwd.register_autograd(_autograd_formula(bwd), setup_context=_setup_context)
+    return fwd, bwd
+
+
+_inline_op, _inline_backward_op = _register("fused_bias_attention", inline=True)
+_opaque_op, _opaque_backward_op = _register("fused_bias_attention_opaque", inline=False)
 
 
 def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True,
                          segment_ids_q=None, segment_ids_k=None, softmax_scale: Optional[float] = None,
-                         fire_grid: Optional[int] = None):
+                         fire_grid: Optional[int] = None, inline: bool = True):
     """Attention with a position bias computed inside Triton kernels (see package docstring).
 
-    Traceable by torch.compile (one graph with the caller's ops; the kernels run inside two
-    registered custom ops). ``fire_grid`` is accepted for compatibility with v1 (FIRE
-    interpolation grid) and ignored: FIRE is now exact."""
+    Traceable by torch.compile (one graph with the caller's ops). ``inline`` (default): the
+    kernels are launched by inductor's generated code inside the compiled graph
+    (``megafire::fused_bias_attention``, a triton_op); ``inline=False``, or under Triton's
+    interpreter: they run inside two opaque custom ops. Eagerly both are the same call.
+    ``fire_grid`` is accepted for compatibility with v1 (FIRE interpolation grid) and ignored:
+    FIRE is now exact."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -562,7 +596,8 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)
-    o, _ores, _lse, _tables = torch.ops.megafire.fused_bias_attention(
+    op = _inline_op if inline and not _interp() else _opaque_op
+    o, _ores, _lse, _tables = op(
         q.contiguous(), k.contiguous(), v.contiguous(), pos, seg_q, seg_k, params, aux,
         name, bool(causal), scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
     return o
