@@ -356,7 +356,8 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
         q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
         H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-        PGRAD=pgrad, BM=BM, BN=BN, num_warps=warps, num_stages=stages, **common)
+        PGRAD=pgrad, BM=BM, BN=BN, NSP=max(16, 1 << (NS - 1).bit_length()), num_warps=warps, num_stages=stages,
+        **common)
     BM, BN, warps, stages = cfg["dkdv"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)

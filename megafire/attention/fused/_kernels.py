@@ -165,6 +165,7 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_
     """
     pid = tl.program_id(0)
     bq = tl.program_id(1)
+    eps = tl.cast(eps, tl.float32)
     t = pid * BLK + tl.arange(0, BLK)
     ok = t < nqb * nkb
     qb = t // nkb
@@ -429,6 +430,7 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
     TABLE (T5, FIRE): tile scalars from the tile tables, loaded one tile ahead; key tiles from
     the first heavy one on (SPL) run in a second loop with runtime kink loops."""
     pid_m = tl.program_id(0)
+    scale2 = tl.cast(scale2, tl.float32)   # a launch from inductor's code passes Python floats as fp64
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -560,6 +562,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
     TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
     with runtime kink loops, the rest in the software-pipelined loop."""
     pid_n = tl.program_id(0)
+    scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
@@ -613,13 +616,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
 
 
 @triton.jit
+def _add_at(row, idx, val, NSP: tl.constexpr):
+    """``row[idx] += val`` (atomic) for a data-dependent ``idx`` in [0, NSP): one lane of a static
+    range, selected by the mask. The address is then ``row + arange``: inductor's analysis of a
+    traced launch (megafire::fused_bias_attention) follows an address back to the arguments it
+    is computed from, through loop-carried values to every input (it would take K, V and the
+    tables as written, and clone them or refuse leaf inputs); a mask it does not follow."""
+    lanes = tl.arange(0, NSP)
+    tl.atomic_add(row + lanes, tl.zeros([NSP], tl.float32) + val, mask=lanes == idx)
+
+
+@triton.jit
 def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
              dq, acc1, acc2, runP, runQ, cur,
              kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
              H, W, NS, RT, Tq, Tk, scale2,
              BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
-             TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+             TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel)."""
     offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
                                                      Tk, BN)
@@ -655,10 +670,10 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                     acc1 += a * tl.sum(dsd, 1)
                 acc2 += a * rowQ
             if s_lo != cur:  # flush the running sums of the previous segment / bucket
-                tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
+                _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
                 runP = runP * 0.0
                 if BIAS == 5:
-                    tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
+                    _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
                     runQ = runQ * 0.0
                 cur = s_lo
             runP += rowP
@@ -666,36 +681,37 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                 runQ += rowQ
                 if HEAVY:
                     for t in range(s_lo, s_hi):
-                        acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG)
+                        acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG,
+                                                     NSP)
                 else:
                     if s_hi > s_lo:
                         for u in tl.static_range(KU):
                             if s_lo + u < s_hi:
                                 acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
-                                                             USE_LOG)
+                                                             USE_LOG, NSP)
             else:
                 if HEAVY:
                     for kk in range(s_lo + 1, s_hi + 1):
-                        _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT)
+                        _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
                 else:
                     if s_hi > s_lo:
                         for u in tl.static_range(1, KU):
                             if s_lo + u <= s_hi:
-                                _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT)
+                                _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT, NSP)
     return dq, acc1, acc2, runP, runQ, cur
 
 
 @triton.jit
-def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: tl.constexpr):
+def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: tl.constexpr, NSP: tl.constexpr):
     """Sums over the scores past kink t (x > kink_t) of a tile: dS and dS x to G[t] / GQ[t];
     the slope jump's share of the per-row c and denominator sums."""
     kt = tl.load(FT + 2 * H * NS + H * W + t)
     da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
     on = x > kt
     dsm = tl.where(on, ds, 0.0)
-    tl.atomic_add(part + 2 * NS + t, tl.sum(tl.sum(dsm, 1), 0))
+    _add_at(part + 2 * NS, t, tl.sum(tl.sum(dsm, 1), 0), NSP)
     rq = tl.sum(dsm * x, 1)
-    tl.atomic_add(part + 2 * NS + W + t, tl.sum(rq, 0))
+    _add_at(part + 2 * NS + W, t, tl.sum(rq, 0), NSP)
     acc2 += da * rq
     if USE_LOG:
         acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
@@ -703,10 +719,10 @@ def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: t
 
 
 @triton.jit
-def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT):
+def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
     """T5: the sum of a tile's dS with r >= T_kk (first distance of bucket kk) to G[kk]."""
     thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
-    tl.atomic_add(part + NS + kk, tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0))
+    _add_at(part + NS, kk, tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0), NSP)
 
 
 @triton.jit
@@ -718,7 +734,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                    USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                    PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
-                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -729,8 +745,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     ``sum_j dS f'(x) r / (1 + c r)`` and ``sum_j dS f'(x) x``.
     Light tiles (at most KU kinks / boundaries): unrolled guarded blocks in the
     software-pipelined loop; from the first heavy tile on (SPL): a second loop.
+    NSP: a power of two >= NS, the lanes of ``_add_at`` (the sums at data-dependent indices).
     """
     pid_m = tl.program_id(0)
+    scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -772,7 +790,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
             start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
             dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
             kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
-            PGRAD, TABLE, KU, False, BM, BN)
+            PGRAD, TABLE, KU, False, NSP, BM, BN)
     if TABLE:
         for start_n in range(split, hi, BN):
             rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
@@ -780,7 +798,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                 start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
                 dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
                 kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
-                PGRAD, TABLE, KU, True, BM, BN)
+                PGRAD, TABLE, KU, True, NSP, BM, BN)
     dq = dq * scale
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
@@ -789,8 +807,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
             tl.store(part, tl.sum(acc1, 0))
             tl.store(part + 1, tl.sum(acc2, 0))
         elif BIAS >= 4:
-            tl.atomic_add(part + tl.maximum(cur, 0), tl.sum(runP, 0))
+            _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
             if BIAS == 5:
-                tl.atomic_add(part + NS + tl.maximum(cur, 0), tl.sum(runQ, 0))
+                _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
                 tl.store(ROWC + bh * Tq + offs_m, acc1, mask=mrow)
                 tl.store(ROWX + bh * Tq + offs_m, acc2, mask=mrow)
