@@ -178,6 +178,9 @@ class PerfConfig:
     # the fused attention kernels launched by inductor's generated code inside a compiled block
     # (torch.library.triton_op); false: an opaque custom op whose Python body launches them
     inline_kernels: bool = True
+    # ZeRO 1-2: the optimizer step's inf/NaN test and gradient norm as one multi-tensor norm each
+    # instead of DeepSpeed's loops of small kernels per gradient (megafire.parallel.ds_compat)
+    foreach_grad_checks: bool = True
 
 
 @dataclass

@@ -241,7 +241,7 @@ def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from megafire.parallel.ds_compat import patch_zero3_0d_params
+    from megafire.parallel.ds_compat import foreach_grad_checks, patch_zero3_0d_params
     _skip_shm_build()
     _broadcast_0d_params()
     patch_zero3_0d_params()
@@ -257,6 +257,8 @@ def initialize_engine(module: nn.Module, cfg: Config, ds_config: dict, ctx):
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                            mpu=None if isinstance(module, PipelineModule) else DeepSpeedMPU(ctx),
                                            dist_init_required=False)
+    if cfg.perf.foreach_grad_checks:
+        foreach_grad_checks(engine.optimizer)
     return engine
 
 

@@ -15,8 +15,10 @@ from megafire.model import perf
 from megafire.train.engine import ALIGN_ELEMENTS, aligned_order
 from megafire.train.loop import train
 
-ON = {"compile": "true", "fused_loss": "true", "direct_linear": True, "inline_kernels": True}
-OFF = {"compile": "false", "fused_loss": "false", "direct_linear": False, "inline_kernels": False}
+ON = {"compile": "true", "fused_loss": "true", "direct_linear": True, "inline_kernels": True,
+      "foreach_grad_checks": True}
+OFF = {"compile": "false", "fused_loss": "false", "direct_linear": False, "inline_kernels": False,
+       "foreach_grad_checks": False}
 ONE_STAGE = {"curriculum": {"stages": [{"seq_len": 32, "tokens": 100_000}]}, "train": {"max_steps": 4}}
 
 
@@ -118,3 +120,59 @@ def test_perf_on_equals_off_bf16_gpu(tmp_path, position):
         assert flags.compile and not flags.inline_kernels
         worst = max(abs(a - b) / abs(b) for a, b in zip(on, opaque))
         assert worst <= 2e-2, (on, opaque)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_foreach_grad_checks_equal_deepspeeds(monkeypatch, precision):
+    """ZeRO-1 (DeepSpeed 0.19.8, one process): the multi-tensor overflow test and gradient norm
+    (megafire.parallel.ds_compat.foreach_grad_checks) give DeepSpeed's own answers on the same
+    reduced gradients: finite, then with a NaN, then with an inf in one gradient; the norm to
+    1e-6 relative (both accumulate in fp64), its masking of a non-finite norm included."""
+    import deepspeed
+    from torch import nn
+
+    from megafire.parallel import destroy_parallel, init_parallel
+    from megafire.parallel.ds_compat import foreach_grad_checks
+    from megafire.train.engine import DeepSpeedMPU, _skip_shm_build
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ctx = init_parallel(tp=1, pp=1, backend="gloo")
+    _skip_shm_build()
+    try:
+        _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, DeepSpeedMPU)
+    finally:
+        destroy_parallel()
+
+
+def _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, DeepSpeedMPU):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 3, bias=False))
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}, "bf16": {"enabled": precision == "bf16"},
+          "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds,
+                                           mpu=DeepSpeedMPU(ctx), dist_init_required=False)
+    x = torch.randn(2, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    engine.backward(engine(x).float().pow(2).sum())
+    opt = engine.optimizer
+    grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+    assert len(grads) >= 3 and all(g is not None for g in grads)
+
+    def answers():
+        return bool(opt.has_overflow_partitioned_grads_serial()), float(opt.get_grad_norm_direct(grads, params))
+
+    theirs = [answers()]
+    for bad in (float("nan"), float("inf")):
+        saved = grads[2].clone()
+        grads[2].view(-1)[3] = bad
+        theirs.append(answers())
+        grads[2].copy_(saved)
+    assert foreach_grad_checks(opt) and opt.megafire_foreach_checks
+    ours = [answers()]
+    for bad in (float("nan"), float("inf")):
+        saved = grads[2].clone()
+        grads[2].view(-1)[3] = bad
+        ours.append(answers())
+        grads[2].copy_(saved)
+    assert [o for o, _ in theirs] == [o for o, _ in ours] == [False, True, True]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-6), (ours, theirs)
+    assert theirs[0][1] > 0
