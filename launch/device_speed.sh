@@ -7,6 +7,8 @@
 #   t2048     the same at T=2048, micro-batch 8
 #   m350      350M at T=2048 (FIRE, RoPE, compact)
 #   attn      the attention kernel table (megafire bench attention)
+#   p2048     T5 and FIRE alone at T=2048, one step of each profiled
+#   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
@@ -29,6 +31,10 @@ for part in "$@"; do
     m350) bench m350 560 --config configs/arms/350m-fire.yaml --peer compact,rope "$T2048" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
+    p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
+             --profile "$OUT/p_${e}2048"; done ;;
+    failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
+             | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;
   esac
 done

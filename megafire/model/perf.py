@@ -105,6 +105,12 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.megafire_direct = flags.direct_linear
     gpt.fused_loss = flags.fused_loss
+    if flags.compile and flags.inline_kernels:
+        # AOTAutograd's cache pickles each compiled graph on its first backward; with the Triton
+        # kernels of a triton_op in that graph the pickle segfaulted one GPU test run (torch
+        # 2.11; pytorch/pytorch#177442 is the same crash with an external-kernel op, its
+        # workaround is this switch). Inductor's own FX-graph cache still serves a re-run.
+        torch._functorch.config.enable_autograd_cache = False
     if flags.compile:   # after binding: a block's choice depends on its attention's backend
         for module in gpt.modules():
             if isinstance(module, Block):

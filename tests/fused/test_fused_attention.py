@@ -61,8 +61,16 @@ def _encoding(name, H, kinks=False, **opts):
     return enc
 
 
+def _packed(Tk, cuts):
+    """Positions restarting at each cut and segment ids 0, 1, ... ([Tk] each): one packed row."""
+    starts = [0, *cuts]
+    pos = torch.cat([torch.arange(e - s) for s, e in zip(starts, [*cuts, Tk])])
+    seg = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(zip(starts, [*cuts, Tk]))])
+    return pos, seg.long()
+
+
 def _run(name, *, B=2, Tq=21, Tk=21, H=2, HKV=1, D=16, causal=True, seg=False, batched_pos=False,
-         offset=0, tol=1e-5, enc_opts=None, kinks=False):
+         offset=0, tol=1e-5, enc_opts=None, kinks=False, cuts=None):
     torch.manual_seed(hash((name, Tq, Tk, H, HKV, seg)) % 1000)
     enc = _encoding(name, H, kinks=kinks, **(enc_opts or {}))
     q = torch.randn(B, Tq, H, D, requires_grad=True)
@@ -73,11 +81,11 @@ def _run(name, *, B=2, Tq=21, Tk=21, H=2, HKV=1, D=16, causal=True, seg=False, b
     sq = sk = None
     if batched_pos or seg:
         # packed documents: batch 0 has two documents (positions restart), batch 1 one
-        cut = Tk // 3
-        kp = torch.stack([torch.cat([torch.arange(cut), torch.arange(Tk - cut)]), torch.arange(Tk)]) + offset
+        p0, s0 = _packed(Tk, cuts or [Tk // 3])
+        kp = torch.stack([p0, torch.arange(Tk)]) + offset
         qp = kp[:, Tk - Tq:]
         if seg:
-            sk = torch.stack([torch.cat([torch.zeros(cut), torch.ones(Tk - cut)]), torch.zeros(Tk)]).long()
+            sk = torch.stack([s0, torch.zeros(Tk, dtype=torch.long)])
             sq = sk[:, Tk - Tq:]
     out = fused_bias_attention(q, k, v, enc, qp, kp, causal=causal, segment_ids_q=sq, segment_ids_k=sk)
     do = torch.randn_like(out)
@@ -114,6 +122,62 @@ def test_gqa_ragged(name):
 def test_segments_batched_positions(name):
     """Packed documents: [B, T] positions that restart, segment-id masks."""
     _run(name, B=2, Tq=19, Tk=19, seg=True)
+
+
+@pytest.mark.parametrize("ku", ["1", "32"])
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_packed_documents_dead_tiles(name, ku, monkeypatch):
+    """Four packed documents in batch row 0 (positions restart, 16-wide blocks): the query
+    blocks of the later documents start their key loops past the earlier documents' blocks
+    (dead tiles skipped), the key blocks end theirs before the later documents; row 1 is one
+    document. Light and heavy loops (KU). Equal to the reference, every gradient."""
+    monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=(name == "fire"))
+
+
+def test_tile_tables_packed_documents():
+    """T5's tile tables of packed documents against a literal computation from the positions:
+    each tile's bucket range is that of its own pairs' distances (``t5_causal_bucket`` of
+    ``max(min qpos - max kpos, 0)`` and of ``max qpos - min kpos`` over the two blocks), so a
+    tile inside one document spans only the buckets its distances reach, whatever the
+    positions did earlier in the row; the first live key block of each query block (KST) and
+    one past the last live query block of each key block (QEN) are those whose segments meet."""
+    from types import SimpleNamespace
+
+    from megafire.attention.fused import _function as Fn
+    from megafire.attention.fused import _kernels as K
+    from megafire.positional.t5 import t5_causal_bucket
+
+    T, BS, H = 75, 16, 2
+    pos, seg = _packed(T, [9, 33, 52])
+    qp = torch.stack([pos, torch.arange(T)]).to(torch.int32)
+    sg = torch.stack([seg, torch.zeros(T, dtype=torch.long)])
+    enc = _encoding("t5", H)
+    it, rt = Fn._t5_tables_for(enc.num_buckets, enc.max_distance, "cpu")
+    ft = Fn._t5_forward_table(enc.relative_attention_bias.weight.detach(), enc.num_buckets, enc.max_distance)
+    st = SimpleNamespace(table=True, tables={}, tab_bsz=2, qp=qp, kp=qp, has_seg=True, sq=sg, sk=sg,
+                         dummy_i=torch.zeros(4, dtype=torch.int32), causal=True, eps=0.0, ku=1, mode=K.T5,
+                         ft=ft, it=it, sc=torch.zeros(4), NS=enc.num_buckets, RT=rt, use_log=False)
+    tt, _ta, _spl, _spc, kst, qen = Fn._tile_tables(st, H, T, T, BS, BS)
+    nb = -(-T // BS)
+    tt, kst, qen = tt.view(2, nb, nb), kst.view(2, nb), qen.view(2, nb)
+
+    def bucket(r):
+        return int(t5_causal_bucket(torch.tensor(r), enc.num_buckets, enc.max_distance))
+
+    blocks = [slice(i * BS, min(T, i * BS + BS)) for i in range(nb)]
+    for b in range(2):
+        meets = [[bool(set(sg[b, qs].tolist()) & set(sg[b, ks].tolist())) for ks in blocks] for qs in blocks]
+        for qb, qs in enumerate(blocks):
+            assert int(kst[b, qb]) == min(kb for kb in range(nb) if meets[qb][kb]), (b, qb)
+            assert int(qen[b, qb]) == 1 + max(i for i in range(nb) if meets[i][qb]), (b, qb)
+            for kb, ks in enumerate(blocks):
+                r = qp[b, qs, None].long() - qp[b, None, ks].long()
+                rec = int(tt[b, qb, kb])
+                want = (bucket(max(int(r.min()), 0)), bucket(max(int(r.max()), 0)))
+                assert (rec & 4095, (rec >> 12) & 4095) == want, (b, qb, kb)
+    # the last document's query block [64, 75) starts at key block 3 ([48, 64) holds its first keys)
+    assert int(kst[0, nb - 1]) == 3 and not kst[1].any()
 
 
 @pytest.mark.parametrize("name", ["kerple_log", "fire"])

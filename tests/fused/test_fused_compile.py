@@ -43,7 +43,7 @@ def _expected_writes(name: str) -> list:
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
     dq = ["DQ"] + (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
-    table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
+    table = [["_tile_table_kernel", ["KST", "QEN", "SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
         ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + [
         ["_bwd_dq_kernel", dq], ["_bwd_dkdv_kernel", ["DK", "DV"]]]
@@ -157,10 +157,17 @@ def test_inductor_launches_the_kernels_inline(name):
             assert "_fwd_kernel" in source and "megafire.fused_bias_attention" not in source, source[-3000:]
         else:
             assert "megafire.fused_bias_attention_opaque" in source
-    for i, (a, b, c) in enumerate(zip(eager, results[True], results[False])):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"inline, tensor {i}: {m}")
+    names = ["out", "dq", "dk", "dv"] + ([n for n, _ in enc.named_parameters()] if enc is not None else [])
+    for name_, a, b, c in zip(names, eager, results[True], results[False]):
+        atol = 1e-6
+        if name_ == "mlp.2.bias":
+            # FIRE's output bias gets sum_ij dS_ij per head, and every row of dS = P (dP - D) sums
+            # to 0: the true gradient is 0, each path returns its own rounding (1.1e-6 seen)
+            assert a.abs().max() < 1e-5, a
+            atol = 1e-5
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=atol, msg=lambda m: f"inline, {name_}: {m}")
         # the opaque op's graph reassociates the parameter-gradient sums (FIRE's c: 1.3e-5 seen)
-        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=lambda m: f"opaque, tensor {i}: {m}")
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=atol, msg=lambda m: f"opaque, {name_}: {m}")
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

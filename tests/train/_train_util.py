@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+# the trainer runs on CUDA whenever it is there (megafire.train.engine picks nccl); DeepSpeed's
+# accelerator must agree, or its broadcast of CPU tensors meets an nccl-only group
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 TINY = {
     "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 2,

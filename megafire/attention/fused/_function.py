@@ -268,7 +268,8 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
     st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(name, 1))) if st.table else 1
-    st.tab_bsz = B if (st.strides[0] or st.strides[1]) else 1
+    # one tile table per batch row when positions or segments differ between rows
+    st.tab_bsz = B if any(st.strides) else 1
     st.tab_b = 1 if st.tab_bsz > 1 else 0
     st.tables = {}
     return st
@@ -305,11 +306,11 @@ def _forward(q, k, v, st, pgrad: bool):
     cfg = _config(D, st.name)
     BM, BN, warps, stages = cfg["fwd"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, spl, _spc, kst, _qen = _tile_tables(st, H, Tq, Tk, BM, BN)
     pres = resid and bool(cfg.get("pres", True))
     wrap_triton(K._fwd_kernel)[(nqb, B * H)](
         q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
-        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl,
+        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl, kst,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
@@ -352,17 +353,17 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
                   DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
     nkb = triton_cdiv(Tk, BN)
-    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, spl, _spc, kst, _qen = _tile_tables(st, H, Tq, Tk, BM, BN)
     wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
-        q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, part, rowc, rowx, *strides, st.tab_b,
+        q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
         H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
         PGRAD=pgrad, BM=BM, BN=BN, NSP=max(16, 1 << (NS - 1).bit_length()), num_warps=warps, num_stages=stages,
         **common)
     BM, BN, warps, stages = cfg["dkdv"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-    tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, _spl, spc, _kst, qen = _tile_tables(st, H, Tq, Tk, BM, BN)
     wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, *strides, st.tab_b,
+        q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
         H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
         BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
         **common)
@@ -407,7 +408,7 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
     and the heavy-tile splits per query block (SPL) and key block (SPC), built once per
     geometry and call (one small launch); dummies for the other encodings."""
     if not st.table:
-        return st.dummy_i, st.dummy_f, st.dummy_i, st.dummy_i
+        return st.dummy_i, st.dummy_f, st.dummy_i, st.dummy_i, st.dummy_i, st.dummy_i
     key = (BM, BN)
     if key not in st.tables:
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
@@ -417,15 +418,36 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         ta = torch.empty(bt * H * nqb * nkb * 2, device=dev, dtype=torch.float32)
         spl = torch.full((bt * nqb,), nkb, device=dev, dtype=torch.int32)
         spc = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
+        kst = torch.full((bt * nqb,), nkb, device=dev, dtype=torch.int32)
+        qen = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
         blk = 16 if K.INTERPRET else 256
-        qp_sb, kp_sb = st.strides[0], st.strides[1]
+        qlo, qhi, qb_sb = _block_bounds(st.qp, Tq, BM)
+        klo, khi, kb_sb = _block_bounds(st.kp, Tk, BN)
+        if st.has_seg:
+            sqlo, sqhi, sqb_sb = _block_bounds(st.sq, Tq, BM)
+            sklo, skhi, skb_sb = _block_bounds(st.sk, Tk, BN)
+        else:
+            sqlo = sqhi = sklo = skhi = st.dummy_i
+            sqb_sb = skb_sb = 0
         wrap_triton(K._tile_table_kernel)[(triton_cdiv(nqb * nkb, blk), bt)](
-            st.qmin, st.qmax, st.kmin, st.kmax, st.ft, st.it, st.sc, tt, ta, spl, spc, qp_sb, kp_sb,
-            H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
+            qlo, qhi, klo, khi, sqlo, sqhi, sklo, skhi, st.ft, st.it, st.sc, tt, ta, spl, spc, kst, qen,
+            qb_sb, kb_sb, sqb_sb, skb_sb, H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
             num_warps=4)
-        st.tables[key] = (tt, ta, spl, spc)
+        st.tables[key] = (tt, ta, spl, spc, kst, qen)
     return st.tables[key]
+
+
+def _block_bounds(p: torch.Tensor, T: int, bs: int):
+    """(min, max, row stride) of an int32 table ([T] or [rows, T]) over each block of ``bs``
+    along its last dim: ``[rows, cdiv(T, bs)]`` int32 each (a ragged last block is padded with
+    values that neither bound takes)."""
+    nb = triton_cdiv(T, bs)
+    rows = p.reshape(-1, T)
+    pad = nb * bs - T
+    lo = F.pad(rows, (0, pad), value=2 ** 31 - 1).view(-1, nb, bs).amin(-1)
+    hi = F.pad(rows, (0, pad), value=-2 ** 31).view(-1, nb, bs).amax(-1)
+    return lo.contiguous(), hi.contiguous(), (nb if rows.shape[0] > 1 else 0)
 
 
 def triton_cdiv(a: int, b: int) -> int:

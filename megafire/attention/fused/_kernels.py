@@ -10,13 +10,15 @@ Backward (per score, recomputed): ``dP = dO V^T``, ``dS = P * (dP - delta)`` wit
 ``dL/db_h(i, j) = dS_ij``, reduced in the ``dq`` kernel into a few sums per program
 (row sums in registers, one partial row per program, no atomics per score).
 
-Tiles. A tile's distances ``r = qpos - kpos`` are bounded from suffix-min / prefix-max
-arrays of the positions (``QMIN[i] = min(qpos[i:])``, ``QMAX[i] = max(qpos[:i+1]``), same
-for keys), exact for monotone positions and conservative otherwise. T5 and FIRE: a small
-kernel turns the bounds into per-tile tables (segment / bucket range, may-mask flag, per
-head the tile's scalars; ``_tile_table_kernel``) that the attention kernels read one tile
-ahead. The other encodings read ``QMIN`` / ``KMAX`` to decide whether a tile needs the mask
-at all (interior tiles skip it).
+Tiles. T5 and FIRE: a small kernel turns each block's position bounds (min / max of its
+query positions and of its key positions: exact inside one document, packed documents
+restarting positions included) into per-tile tables (segment / bucket range, may-mask flag,
+per head the tile's scalars; ``_tile_table_kernel``) that the attention kernels read one tile
+ahead, and, with segment ids, the range of live tiles per block (tiles whose query and key
+segment ranges are disjoint are fully masked: the loops skip them). The other encodings bound
+a tile's distances by suffix-min / prefix-max arrays of the positions (``QMIN[i] =
+min(qpos[i:])``, ``KMAX[j] = max(kpos[:j+1])``; exact for monotone positions, conservative
+otherwise) to decide whether a tile needs the mask at all (interior tiles skip it).
 
 * ALiBi ``b = -m_h r``; Kerple-log ``-r1 log(1 + r2 r)`` = ``-r1 ln2 lg2(1 + r2 r)``;
   Kerple-power ``-r1 r^r2`` = ``-r1 exp2(r2 lg2 r)`` (``lg2.approx``/``ex2.approx``, one MUFU
@@ -147,7 +149,8 @@ def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, S
 
 
 @triton.jit
-def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_sb, kp_sb,
+def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, TT, TA, SPL, SPC, KST, QEN,
+                       qb_sb, kb_sb, sqb_sb, skb_sb,
                        H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps, KU,
                        BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BLK: tl.constexpr):
@@ -162,6 +165,15 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_
     next to the diagonal): SPL[bq, qb] (preset nkb) becomes the first heavy key block of the
     query block, SPC[bq, kb] (preset 0) one past the last heavy query block of the key block;
     the kernels run the tiles past / before these splits in a second, general loop.
+    Bounds are those of each block (QLO/QHI[bq, qb]: min / max of the block's query positions;
+    KLO/KHI likewise per key block): exact for a block inside one document, whatever the positions
+    do elsewhere in the row (packed documents restart them: bounds over the whole prefix would make
+    nearly every tile span every bucket / kink).
+    Dead tiles (with segments: the query block's and key block's segment-id ranges are disjoint,
+    so every score is masked) are skipped: KST[bq, qb] (preset nkb) becomes the first live key
+    block of the query block, QEN[bq, kb] (preset 0) one past the last live query block of the
+    key block, and the kernels' loops start / end there. Dead tiles in between run as usual
+    (masked); they never count as heavy.
     """
     pid = tl.program_id(0)
     bq = tl.program_id(1)
@@ -172,10 +184,17 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_
     kb = t % nkb
     m0 = qb * BM
     n0 = kb * BN
-    qlo = tl.load(QMIN + bq * qp_sb + tl.minimum(m0, Tq - 1), mask=ok, other=0)
-    qhi = tl.load(QMAX + bq * qp_sb + tl.minimum(m0 + BM, Tq) - 1, mask=ok, other=0)
-    klo = tl.load(KMIN + bq * kp_sb + tl.minimum(n0, Tk - 1), mask=ok, other=0)
-    khi = tl.load(KMAX + bq * kp_sb + tl.minimum(n0 + BN, Tk) - 1, mask=ok, other=0)
+    qlo = tl.load(QLO + bq * qb_sb + qb, mask=ok, other=0)
+    qhi = tl.load(QHI + bq * qb_sb + qb, mask=ok, other=0)
+    klo = tl.load(KLO + bq * kb_sb + kb, mask=ok, other=0)
+    khi = tl.load(KHI + bq * kb_sb + kb, mask=ok, other=0)
+    live = ok
+    if HAS_SEG:
+        sqlo = tl.load(SQLO + bq * sqb_sb + qb, mask=ok, other=0)
+        sqhi = tl.load(SQHI + bq * sqb_sb + qb, mask=ok, other=0)
+        sklo = tl.load(SKLO + bq * skb_sb + kb, mask=ok, other=0)
+        skhi = tl.load(SKHI + bq * skb_sb + kb, mask=ok, other=0)
+        live = ok & (sklo <= sqhi) & (skhi >= sqlo)
     den_small = qlo.to(tl.float32) * 0.0 + 1.0
     den_big = den_small
     if BIAS == 5:
@@ -197,11 +216,13 @@ def _tile_table_kernel(QMIN, QMAX, KMIN, KMAX, FT, IT, SC, TT, TA, SPL, SPC, qp_
         need = need | (Tq >= 0)
     tl.store(TT + bq * nqb * nkb + t, s_lo | (s_hi << 12) | (need.to(tl.int32) << 24), mask=ok)
     if BIAS == 5:
-        heavy = ok & (s_hi - s_lo > KU)
+        heavy = live & (s_hi - s_lo > KU)
     else:
-        heavy = ok & (s_hi - s_lo >= KU)
+        heavy = live & (s_hi - s_lo >= KU)
     tl.atomic_min(SPL + bq * nqb + qb, kb, mask=heavy)
     tl.atomic_max(SPC + bq * nkb + kb, qb + 1, mask=heavy)
+    tl.atomic_min(KST + bq * nqb + qb, kb, mask=live)
+    tl.atomic_max(QEN + bq * nkb + kb, qb + 1, mask=live)
     for h in range(H):
         if BIAS == 5:
             a2 = tl.load(FT + h * NS + s_lo, mask=ok, other=0.0)
@@ -341,18 +362,20 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
 
 
 @triton.jit
-def _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b, H, Tq, Tk, nqb, nkb,
+def _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b, H, Tq, Tk, nqb, nkb,
                  CAUSAL: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """A query-block program's key range: (end of the visible keys, end of the pipelined
-    loop's light tiles, K and V bases, this row's tile-table rows)."""
+    """A query-block program's key range: (start of the live keys, end of the visible keys, end
+    of the pipelined loop's light tiles, K and V bases, this row's tile-table rows)."""
     hi = Tk
     if CAUSAL:
         hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     bt = b * tab_b
+    lo = hi * 0
     split = hi
     if TABLE:
-        split = tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN)
-    return (hi, split, K + b * skb + hk * skh, V + b * svb + hk * svh, TT + (bt * nqb + pid_m) * nkb,
+        lo = tl.minimum(hi, tl.load(KST + bt * nqb + pid_m) * BN)
+        split = tl.maximum(lo, tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN))
+    return (lo, hi, split, K + b * skb + hk * skh, V + b * svb + hk * svh, TT + (bt * nqb + pid_m) * nkb,
             TA + ((bt * H + h) * nqb + pid_m) * nkb * 2)
 
 
@@ -415,7 +438,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
-                SPL, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                SPL, KST, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                 H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
@@ -452,10 +475,10 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b,
-                                                   H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
-    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
-    for start_n in range(0, split, BN):
+    lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
+                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
+    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
+    for start_n in range(lo, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
         m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
@@ -550,7 +573,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC,
+                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                      H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale,
@@ -586,8 +609,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
         lo = (lo // BM) * BM
     bt = b * tab_b
     split = lo
+    end = Tq
     if TABLE:
-        split = tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM)
+        end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
+        split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         # tile tables down this key block's column: stride nkb between query blocks
@@ -601,7 +626,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
                                     sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
                                     HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN, BRANCHLESS)
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
-        for start_m in range(split, Tq, BM):
+        for start_m in range(split, end, BM):
             rec, a2, d2 = rec_n, a2_n, d2_n
             rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
             dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
@@ -727,7 +752,7 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, PART, ROWC, ROWX,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                    H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
@@ -780,10 +805,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     c = 0.0
     if BIAS == 5:
         c = tl.load(SC)
-    hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b,
-                                                   H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
-    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, pid_m * 0)
-    for start_n in range(0, split, BN):
+    lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
+                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
+    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
+    for start_n in range(lo, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
         dq, acc1, acc2, runP, runQ, cur = _dq_step(
