@@ -26,6 +26,13 @@ None of them changes the function computed, only how:
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
   logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
 
+* ``foreach_grad_checks`` (ZeRO 1-2; applied by ``megafire.train.engine``, see
+  ``megafire.parallel.ds_compat.foreach_grad_checks``): the step's inf/NaN test and gradient norm
+  as one multi-tensor norm each instead of DeepSpeed's per-gradient loops.
+
+With ``compile`` and ``inline_kernels`` together, ``apply`` turns AOTAutograd's cache off: it pickles
+the compiled backward, which segfaulted with the inline op's kernels in it.
+
 ``resolve(perf, ...)`` turns ``auto`` into on/off with the reason; ``apply(gpt, flags)``
 switches a built model. Both are called by the trainer before DeepSpeed wraps the model.
 """
