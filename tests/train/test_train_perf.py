@@ -67,6 +67,25 @@ def test_auto_resolves_off_on_cpu_and_refuses_impossible_choices():
     assert not z3.direct_linear         # ZeRO-3 gathers a weight in its own layer's forward hook
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_apply_turns_the_autograd_cache_off_only_for_inline_kernels(inline):
+    """``perf.apply`` with compiled blocks and the inline kernels switches AOTAutograd's cache off
+    (it pickles the compiled backward; that segfaulted with the inline op's Triton kernels in it);
+    with the opaque op the cache stays as it was."""
+    import torch._functorch.config as aot_config
+    from megafire.model import GPT
+    from megafire.parallel import init_parallel
+
+    from megafire.config import Config
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.max_positions = 64, 32, 1, 2, 2, 64
+    gpt = GPT.from_config(c, init_parallel(tp=1, pp=1, backend="gloo"), seed=0)
+    with aot_config.patch(enable_autograd_cache=True):   # restored on exit, whatever apply set
+        perf.apply(gpt, perf.PerfFlags(compile=True, inline_kernels=inline), "cpu")
+        assert aot_config.enable_autograd_cache is (not inline)
+
+
 def test_zero3_with_partitioned_weights_trains_as_zero1(tmp_path):
     """ZeRO-3 with the weight matrices partitioned (persistence threshold 100 elements: the tiny
     model's matrices are really split, its norms and FIRE's scalars stay whole): the perf switches
