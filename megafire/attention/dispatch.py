@@ -5,7 +5,9 @@ Every backend has the signature of :func:`megafire.attention.reference.reference
     fn(q, k, v, encoding, q_pos, k_pos, *, causal, segment_ids_q, segment_ids_k, softmax_scale)
 
 ``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
-otherwise ``reference``; encodings without a bias use ``sdpa``. ``flex`` (torch FlexAttention,
+otherwise ``reference``; encodings without a bias use ``sdpa``. ``fused`` also serves encodings
+without a bias (RoPE after its rotation, NoPE, absolute): the kernels with no bias term, which skip
+the tiles where packed documents cannot see each other (SDPA's boolean mask computes them). ``flex`` (torch FlexAttention,
 :mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
 forward only (torch has no CPU FlexAttention backward; a gradient there is a ConfigError at
 the call). Explicit choices that cannot work raise :class:`~megafire.config.ConfigError`
@@ -39,11 +41,11 @@ def _fused_module():
         return None
 
 
-def _fused_supports(encoding: PositionalEncoding) -> tuple[bool, str]:
+def _fused_supports(encoding: Optional[PositionalEncoding]) -> tuple[bool, str]:
     fused = _fused_module()
     if fused is None:
         return False, "megafire.attention.fused (Triton) cannot be imported"
-    if not fused.supports(encoding):
+    if encoding is not None and encoding.kind == "bias" and not fused.supports(encoding):
         return False, f"the fused kernels do not support encoding {encoding.name!r}"
     return True, ""
 
@@ -56,9 +58,6 @@ def check_backend(backend: str, encoding: Optional[PositionalEncoding]) -> None:
     if backend == "sdpa" and kind == "bias":
         raise ConfigError(f"attention.backend=sdpa cannot add the attention bias of encoding "
                           f"{encoding.name!r}; use reference, fused or auto")
-    if backend == "fused" and kind != "bias":
-        raise ConfigError(f"attention.backend=fused is for bias encodings; encoding "
-                          f"{getattr(encoding, 'name', 'none')!r} is of kind {kind!r} (use sdpa or auto)")
     if backend == "flex":
         from .flex import flex_available, flex_unsupported_reason
         why = flex_available() or flex_unsupported_reason(encoding)
@@ -92,6 +91,8 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
 
 def fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
     from megafire.attention.fused import fused_bias_attention   # lazy: Triton only when used
+    if encoding is not None and encoding.kind != "bias":         # rotated already / added at the input
+        encoding = None
     return fused_bias_attention(q, k, v, encoding, q_pos, k_pos, **kwargs)
 
 

@@ -24,6 +24,8 @@ def test_auto_on_cuda_uses_fused_only_when_supported(monkeypatch):
     assert resolve_backend("auto", BIAS, "cuda") == "fused"
     assert resolve_backend("fused", BIAS, "cuda") == "fused"
     assert resolve_backend("auto", ROT, "cuda") == "sdpa"
+    assert resolve_backend("fused", ROT, "cuda") == "fused"      # the kernels without a bias term
+    assert resolve_backend("fused", None, "cuda") == "fused"
     monkeypatch.setattr(dispatch, "_fused_supports", lambda enc: (False, "no kernel for random_bias"))
     assert resolve_backend("auto", BIAS, "cuda") == "reference"
     with pytest.raises(ConfigError, match="attention.backend=fused.*no kernel for random_bias"):
@@ -34,7 +36,7 @@ def test_auto_on_cuda_uses_fused_only_when_supported(monkeypatch):
     ("fused", BIAS, "cpu", "attention.backend=fused needs a CUDA device"),
     ("sdpa", BIAS, "cpu", "attention.backend=sdpa cannot add the attention bias"),
     ("sdpa", BIAS, "cuda", "attention.backend=sdpa cannot add the attention bias"),
-    ("fused", ROT, "cuda", "attention.backend=fused is for bias encodings"),
+    ("fused", ROT, "cpu", "attention.backend=fused needs a CUDA device"),
     ("flex", BIAS, "cuda", r"attention.backend=flex is impossible: no FlexAttention score_mod for encoding "
                            r"'random_bias' .*Use reference, fused or auto"),
     ("flex", build_encoding("fire", num_heads=4, head_dim=8, depth=2), "cpu",

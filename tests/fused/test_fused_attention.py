@@ -124,15 +124,58 @@ def test_segments_batched_positions(name):
     _run(name, B=2, Tq=19, Tk=19, seg=True)
 
 
-@pytest.mark.parametrize("ku", ["1", "32"])
-@pytest.mark.parametrize("name", ["t5", "fire"])
+@pytest.mark.parametrize("name,ku", [("none", "1"), ("alibi", "1"), ("kerple_log", "1"), ("t5", "1"), ("t5", "32"),
+                                     ("fire", "1"), ("fire", "32")])
 def test_packed_documents_dead_tiles(name, ku, monkeypatch):
     """Four packed documents in batch row 0 (positions restart, 16-wide blocks): the query
     blocks of the later documents start their key loops past the earlier documents' blocks
     (dead tiles skipped), the key blocks end theirs before the later documents; row 1 is one
-    document. Light and heavy loops (KU). Equal to the reference, every gradient."""
+    document. T5 / FIRE: light and heavy loops (KU). Equal to the reference, every gradient."""
     monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
     _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=(name == "fire"))
+
+
+@pytest.mark.parametrize("name", ["none", "t5"])
+def test_dead_tiles_are_not_computed(name):
+    """The skip is real: NaN values in the keys of key blocks 0-2 (documents 0-2; 16-wide blocks)
+    reach every query block that computes those tiles (0 * NaN in P V), and none of the last
+    query block [64, 75) (document 3: its loop starts at key block 3), forward and dQ."""
+    T = 75
+    pos, seg = _packed(T, [9, 33, 52])
+    q, k, v = (torch.randn(1, T, 2, 16) for _ in range(3))
+    v[:, :48] = float("nan")
+    q.requires_grad_()
+    enc = _encoding(name, 2)
+    out = fused_bias_attention(q, k, v, enc, pos[None], pos[None], segment_ids_q=seg[None], segment_ids_k=seg[None])
+    assert out[0, :64].isnan().any(dim=-1).all()          # computed tiles with NaN values: NaN rows
+    assert out[0, 64:].isfinite().all()
+    out[0, 64:].sum().backward()
+    assert q.grad[0, 64:].isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["rope", "nope", "learned"])
+def test_fused_backend_for_encodings_without_bias(name):
+    """``attention.backend=fused`` with an encoding that adds no bias (RoPE rotates q, k before
+    the call; NoPE; absolute embeddings at the input): the dispatch's fused function runs the
+    kernels with no bias term, equal to the reference backend with the same encoding (packed
+    documents, output and q/k/v gradients)."""
+    from megafire.attention.dispatch import fused_attention
+    from megafire.attention.reference import reference_attention
+    from megafire.positional import build_encoding
+
+    enc = build_encoding(name, num_heads=2, head_dim=16)
+    T = 40
+    pos, seg = _packed(T, [11, 27])
+    q, k, v = (torch.randn(2, T, 2, 16).requires_grad_() for _ in range(3))
+    kw = dict(causal=True, segment_ids_q=seg[None], segment_ids_k=seg[None])
+    out = fused_attention(q, k, v, enc, pos[None], pos[None], **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(q2, k2, v2, enc.double(), pos[None], pos[None], **kw)
+    ref_grads = torch.autograd.grad(ref, (q2, k2, v2), g.double())
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        assert _rel(a, b) < 1e-5
 
 
 def test_tile_tables_packed_documents():
@@ -158,7 +201,8 @@ def test_tile_tables_packed_documents():
     st = SimpleNamespace(table=True, tables={}, tab_bsz=2, qp=qp, kp=qp, has_seg=True, sq=sg, sk=sg,
                          dummy_i=torch.zeros(4, dtype=torch.int32), causal=True, eps=0.0, ku=1, mode=K.T5,
                          ft=ft, it=it, sc=torch.zeros(4), NS=enc.num_buckets, RT=rt, use_log=False)
-    tt, _ta, _spl, _spc, kst, qen = Fn._tile_tables(st, H, T, T, BS, BS)
+    tt, _ta, _spl, _spc = Fn._tile_tables(st, H, T, T, BS, BS)
+    kst, qen = Fn._live_ranges(st, T, T, BS, BS)
     nb = -(-T // BS)
     tt, kst, qen = tt.view(2, nb, nb), kst.view(2, nb), qen.view(2, nb)
 

@@ -43,7 +43,7 @@ def _expected_writes(name: str) -> list:
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
     dq = ["DQ"] + (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
-    table = [["_tile_table_kernel", ["KST", "QEN", "SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
+    table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
         ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + [
         ["_bwd_dq_kernel", dq], ["_bwd_dkdv_kernel", ["DK", "DV"]]]

@@ -306,7 +306,8 @@ def _forward(q, k, v, st, pgrad: bool):
     cfg = _config(D, st.name)
     BM, BN, warps, stages = cfg["fwd"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-    tt, ta, spl, _spc, kst, _qen = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    kst, _qen = _live_ranges(st, Tq, Tk, BM, BN)
     pres = resid and bool(cfg.get("pres", True))
     wrap_triton(K._fwd_kernel)[(nqb, B * H)](
         q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
@@ -353,7 +354,8 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
                   DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
     nkb = triton_cdiv(Tk, BN)
-    tt, ta, spl, _spc, kst, _qen = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    kst, _qen = _live_ranges(st, Tq, Tk, BM, BN)
     wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
         q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
         H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
@@ -361,7 +363,8 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         **common)
     BM, BN, warps, stages = cfg["dkdv"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-    tt, ta, _spl, spc, _kst, qen = _tile_tables(st, H, Tq, Tk, BM, BN)
+    tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
     wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
         q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
         H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
@@ -408,7 +411,7 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
     and the heavy-tile splits per query block (SPL) and key block (SPC), built once per
     geometry and call (one small launch); dummies for the other encodings."""
     if not st.table:
-        return st.dummy_i, st.dummy_f, st.dummy_i, st.dummy_i, st.dummy_i, st.dummy_i
+        return st.dummy_i, st.dummy_f, st.dummy_i, st.dummy_i
     key = (BM, BN)
     if key not in st.tables:
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
@@ -418,23 +421,48 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         ta = torch.empty(bt * H * nqb * nkb * 2, device=dev, dtype=torch.float32)
         spl = torch.full((bt * nqb,), nkb, device=dev, dtype=torch.int32)
         spc = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
-        kst = torch.full((bt * nqb,), nkb, device=dev, dtype=torch.int32)
-        qen = torch.zeros(bt * nkb, device=dev, dtype=torch.int32)
         blk = 16 if K.INTERPRET else 256
         qlo, qhi, qb_sb = _block_bounds(st.qp, Tq, BM)
         klo, khi, kb_sb = _block_bounds(st.kp, Tk, BN)
-        if st.has_seg:
-            sqlo, sqhi, sqb_sb = _block_bounds(st.sq, Tq, BM)
-            sklo, skhi, skb_sb = _block_bounds(st.sk, Tk, BN)
-        else:
-            sqlo = sqhi = sklo = skhi = st.dummy_i
-            sqb_sb = skb_sb = 0
+        sqlo, sqhi, sqb_sb, sklo, skhi, skb_sb = _segment_bounds(st, Tq, Tk, BM, BN)
         wrap_triton(K._tile_table_kernel)[(triton_cdiv(nqb * nkb, blk), bt)](
-            qlo, qhi, klo, khi, sqlo, sqhi, sklo, skhi, st.ft, st.it, st.sc, tt, ta, spl, spc, kst, qen,
+            qlo, qhi, klo, khi, sqlo, sqhi, sklo, skhi, st.ft, st.it, st.sc, tt, ta, spl, spc,
             qb_sb, kb_sb, sqb_sb, skb_sb, H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
             num_warps=4)
-        st.tables[key] = (tt, ta, spl, spc, kst, qen)
+        st.tables[key] = (tt, ta, spl, spc)
+    return st.tables[key]
+
+
+def _segment_bounds(st, Tq: int, Tk: int, BM: int, BN: int):
+    """``(sqlo, sqhi, sq_row_stride, sklo, skhi, sk_row_stride)``: the segment ids' min / max per
+    query block and per key block (``_block_bounds``); dummies without segment ids."""
+    if not st.has_seg:
+        return st.dummy_i, st.dummy_i, 0, st.dummy_i, st.dummy_i, 0
+    key = ("seg", BM, BN)
+    if key not in st.tables:
+        st.tables[key] = (*_block_bounds(st.sq, Tq, BM), *_block_bounds(st.sk, Tk, BN))
+    return st.tables[key]
+
+
+def _live_ranges(st, Tq: int, Tk: int, BM: int, BN: int):
+    """``(KST [tab rows * nqb], QEN [tab rows * nkb])`` int32 for the BM x BN geometry, with segment
+    ids: the first key block whose segment range meets each query block's, and one past the
+    last query block whose range meets each key block's (``nkb`` / ``0`` where none does).
+    Tiles outside these ranges are fully masked (disjoint segment ranges hold no equal pair), so
+    the kernels' loops skip them: with packed documents, every tile of a later document's
+    queries against an earlier document's keys. Dummies without segment ids (nothing skipped)."""
+    if not st.has_seg:
+        return st.dummy_i, st.dummy_i
+    key = ("live", BM, BN)
+    if key not in st.tables:
+        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+        sqlo, sqhi, _, sklo, skhi, _ = _segment_bounds(st, Tq, Tk, BM, BN)
+        meets = (sklo[:, None, :] <= sqhi[:, :, None]) & (skhi[:, None, :] >= sqlo[:, :, None])  # [rows, nqb, nkb]
+        meets = meets.expand(st.tab_bsz, nqb, nkb).to(torch.int32)
+        kst = torch.where(meets.amax(2) > 0, meets.argmax(2), nkb)                 # first live key block
+        qen = torch.where(meets.amax(1) > 0, nqb - meets.flip(1).argmax(1), 0)     # one past the last live
+        st.tables[key] = (kst.to(torch.int32).reshape(-1).contiguous(), qen.to(torch.int32).reshape(-1).contiguous())
     return st.tables[key]
 
 

@@ -149,7 +149,7 @@ def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, S
 
 
 @triton.jit
-def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, TT, TA, SPL, SPC, KST, QEN,
+def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, TT, TA, SPL, SPC,
                        qb_sb, kb_sb, sqb_sb, skb_sb,
                        H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps, KU,
                        BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
@@ -170,10 +170,8 @@ def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, T
     do elsewhere in the row (packed documents restart them: bounds over the whole prefix would make
     nearly every tile span every bucket / kink).
     Dead tiles (with segments: the query block's and key block's segment-id ranges are disjoint,
-    so every score is masked) are skipped: KST[bq, qb] (preset nkb) becomes the first live key
-    block of the query block, QEN[bq, kb] (preset 0) one past the last live query block of the
-    key block, and the kernels' loops start / end there. Dead tiles in between run as usual
-    (masked); they never count as heavy.
+    so every score is masked) never count as heavy; the kernels' loops skip those before the first
+    live key block / after the last live query block (KST / QEN, ``_live_ranges``).
     """
     pid = tl.program_id(0)
     bq = tl.program_id(1)
@@ -221,8 +219,6 @@ def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, T
         heavy = live & (s_hi - s_lo >= KU)
     tl.atomic_min(SPL + bq * nqb + qb, kb, mask=heavy)
     tl.atomic_max(SPC + bq * nkb + kb, qb + 1, mask=heavy)
-    tl.atomic_min(KST + bq * nqb + qb, kb, mask=live)
-    tl.atomic_max(QEN + bq * nkb + kb, qb + 1, mask=live)
     for h in range(H):
         if BIAS == 5:
             a2 = tl.load(FT + h * NS + s_lo, mask=ok, other=0.0)
@@ -363,7 +359,8 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
 
 @triton.jit
 def _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b, H, Tq, Tk, nqb, nkb,
-                 CAUSAL: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                 CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr):
     """A query-block program's key range: (start of the live keys, end of the visible keys, end
     of the pipelined loop's light tiles, K and V bases, this row's tile-table rows)."""
     hi = Tk
@@ -371,9 +368,10 @@ def _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb, svh
         hi = tl.minimum(Tk, m0 + BM + (Tk - Tq))
     bt = b * tab_b
     lo = hi * 0
+    if HAS_SEG:   # key blocks before KST hold other documents only (``_live_ranges``)
+        lo = tl.minimum(hi, tl.load(KST + bt * nqb + pid_m) * BN)
     split = hi
     if TABLE:
-        lo = tl.minimum(hi, tl.load(KST + bt * nqb + pid_m) * BN)
         split = tl.maximum(lo, tl.minimum(hi, tl.load(SPL + bt * nqb + pid_m) * BN))
     return (lo, hi, split, K + b * skb + hk * skh, V + b * svb + hk * svh, TT + (bt * nqb + pid_m) * nkb,
             TA + ((bt * H + h) * nqb + pid_m) * nkb * 2)
@@ -476,7 +474,8 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
-                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
+                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
+                                                       BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
     for start_n in range(lo, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
@@ -610,8 +609,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
     bt = b * tab_b
     split = lo
     end = Tq
-    if TABLE:
+    if HAS_SEG:   # query blocks from QEN on hold other documents only (``_live_ranges``)
         end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
+    if TABLE:
         split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
@@ -806,7 +806,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     if BIAS == 5:
         c = tl.load(SC)
     lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
-                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, TABLE, BM, BN)
+                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
+                                                       BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
     for start_n in range(lo, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
