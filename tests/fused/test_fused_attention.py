@@ -334,11 +334,13 @@ def test_fire_tables_exact():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("name", ENCS)
-def test_gpu_bf16(name, D):
+def test_gpu_bf16(name, D, packed):
     """bf16 on the GPU vs the float64 reference: rel err <= 1e-2 for out and every gradient
-    (FIRE: every MLP weight, c_raw, L_mult; with kinks crossing tiles)."""
+    (FIRE: every MLP weight, c_raw, L_mult; with kinks crossing tiles). ``packed``: four
+    documents per row (positions restart, segment ids; the dead tiles skipped)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     B, T, H, HKV = 2, 777, 8, 2
@@ -349,8 +351,10 @@ def test_gpu_bf16(name, D):
     q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, HKV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, HKV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.arange(T, device=dev)
-    out = fused_bias_attention(q, k, v, enc, pos, pos)
+    pos, seg = torch.arange(T, device=dev), None
+    if packed:
+        pos, seg = (t[None].expand(B, T).to(dev) for t in _packed(T, [130, 400, 610]))
+    out = fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
     do = torch.randn_like(out)
     out.backward(do)
     import copy
@@ -358,7 +362,7 @@ def test_gpu_bf16(name, D):
     for p in ([] if e2 is None else e2.parameters()):
         p.grad = None
     qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference(qs, ks, vs, e2, pos, pos)
+    ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
     ref.backward(do.double())
     assert _rel(out, ref) < 1e-2 and _rel(q.grad, qs.grad) < 1e-2
     assert _rel(k.grad, ks.grad) < 1e-2 and _rel(v.grad, vs.grad) < 1e-2
