@@ -14,8 +14,9 @@ Tiles. T5 and FIRE: a small kernel turns each block's position bounds (min / max
 query positions and of its key positions: exact inside one document, packed documents
 restarting positions included) into per-tile tables (segment / bucket range, may-mask flag,
 per head the tile's scalars; ``_tile_table_kernel``) that the attention kernels read one tile
-ahead, and, with segment ids, the range of live tiles per block (tiles whose query and key
-segment ranges are disjoint are fully masked: the loops skip them). The other encodings bound
+ahead. Every encoding, with segment ids: the range of live tiles per block (KST / QEN; tiles
+whose query and key segment ranges are disjoint are fully masked: the loops skip those before
+the first / after the last live one). The other encodings bound
 a tile's distances by suffix-min / prefix-max arrays of the positions (``QMIN[i] =
 min(qpos[i:])``, ``KMAX[j] = max(kpos[:j+1])``; exact for monotone positions, conservative
 otherwise) to decide whether a tile needs the mask at all (interior tiles skip it).
