@@ -8,6 +8,8 @@
 #   m350      350M at T=2048 (FIRE, RoPE, compact)
 #   attn      the attention kernel table (megafire bench attention)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
+#   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
+#             against the compact peer and RoPE on SDPA: whether auto should pick it
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -33,6 +35,10 @@ for part in "$@"; do
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
              --profile "$OUT/p_${e}2048"; done ;;
+    ropefused) for t in 512 2048; do   # overrides apply to every arm: RoPE on SDPA is a run of its own
+             st="--curriculum.stages=[{seq_len: $t, tokens: 1000000000}]"
+             bench "rf$t" 200 --config configs/arms/125m-rope.yaml --peer compact --attention.backend=fused "$st"
+             bench "rs$t" 150 --config configs/arms/125m-rope.yaml --peer none "$st"; done ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;
