@@ -23,7 +23,8 @@ bench() {   # tag timeout args...
 for part in "$@"; do
   case $part in
     tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused tests/model/test_model_gpu.py \
-             tests/train/test_train_perf.py tests/positional/test_rotary_triton.py 2>&1 | tee "$OUT/gpu_tests.log" \
+             tests/train/test_train_perf.py tests/train/test_bench_memory.py tests/positional/test_rotary_triton.py 2>&1 \
+             | tee "$OUT/gpu_tests.log" \
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     quick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;

@@ -52,7 +52,7 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     step ``warmup + 1``."""
     from megafire.config import load_config
     from megafire.train.loop import train
-    fresh_arm()
+    held = fresh_arm()
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="megafire-bench-") as tmp:
         base = [f"--run.dir={Path(tmp) / 'run'}", "--data.corpus=synthetic", "--tracking.enabled=false",
@@ -82,17 +82,36 @@ def bench_config(config: str, overrides: list[str], steps: int, warmup: int, pos
     summary["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in kept)
     if profiler is not None and profiler.summary is not None:
         summary["profile"] = profiler.summary
-    return summary
+    return own_peak(summary, held)
 
 
-def fresh_arm() -> None:
+def fresh_arm() -> float:
     """Start an arm as a process of its own would: dynamo's caches emptied (the arms' blocks share
     Block.forward's code object: after a few arms, dynamo's recompile limit would silently run the
-    later arms' blocks eagerly) and the peak-memory counter reset (it would report the largest arm so far)."""
+    later arms' blocks eagerly), the earlier arms' garbage collected and the peak-memory counter
+    reset (it would report the largest arm so far). Returns the GiB still allocated after that
+    (what earlier arms hold): the arm's own peak is the counter's peak minus it. Without the
+    subtraction, peaks rose with the arms' order in every multi-arm run (docs/benchmarks.md)."""
+    import gc
+
     import torch
     torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def own_peak(summary: dict, held_gib: float) -> dict:
+    """``summary`` with each length's ``max_memory_gib`` reduced by what earlier arms held at the
+    arm's start (kept as ``held_gib``)."""
+    summary["held_gib"] = held_gib
+    for s in summary["by_seq_len"].values():
+        if s.get("max_memory_gib"):
+            s["max_memory_gib"] -= held_gib
+    return summary
 
 
 def ratio_at_matched_lengths(main: dict, peer: dict) -> float:
@@ -199,6 +218,8 @@ def _print(summary: dict) -> None:
     for seq_len, s in summary["by_seq_len"].items():
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"
         mem = f"{s['max_memory_gib']:.1f} GiB" if s.get("max_memory_gib") else "n/a"
+        if summary.get("held_gib"):
+            mem += f" (+{summary['held_gib']:.1f} held by earlier arms)"
         print(f"{summary['label']:<15} seq_len {seq_len:>6}: {s['tokens_per_s']:>12,.0f} tokens/s  "
               f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  peak {mem}  ({s['num_steps']} steps)")
 
@@ -211,7 +232,9 @@ def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
         from megafire.config import load_config
 
         from .compact import bench_compact
-        summary = bench_compact(load_config(args.config, overrides), args.steps, args.warmup, seq_lens)
+        held = fresh_arm()
+        summary = own_peak(bench_compact(load_config(args.config, overrides), args.steps, args.warmup, seq_lens),
+                           held)
         summary["label"] = "compact"
         _print(summary)
         return {"": summary}
