@@ -7,8 +7,8 @@ Every backend has the signature of :func:`megafire.attention.reference.reference
 ``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
 otherwise ``reference``; encodings without a bias use ``sdpa``. ``fused`` also serves encodings
 without a bias (RoPE after its rotation, NoPE, absolute): the kernels with no bias term, which skip
-the tiles where packed documents cannot see each other (SDPA's boolean mask computes them). ``flex`` (torch FlexAttention,
-:mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
+the tiles where packed documents cannot see each other (SDPA's boolean mask computes them).
+``flex`` (torch FlexAttention, :mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
 forward only (torch has no CPU FlexAttention backward; a gradient there is a ConfigError at
 the call). Explicit choices that cannot work raise :class:`~megafire.config.ConfigError`
 naming ``attention.backend``, the reason and the alternatives. The resolved choice is logged

@@ -191,19 +191,21 @@ def _positions(p: torch.Tensor, B: int, T: int, name: str):
 
 
 def position_tables(q_pos: torch.Tensor, k_pos: torch.Tensor, B: int, Tq: int, Tk: int) -> list[torch.Tensor]:
-    """``[qp, qmin, qmax, kp, kmin, kmax]``: int32 positions ([T] or [B, T]) with their suffix
-    minima and prefix maxima, what the kernels and their tile tables read. Inside a compiled
-    graph they are a few traced ops (every layer's graph computes them; the identity cache below
-    cannot see through the graph's inputs); eagerly, they come from that cache (one computation
-    per step for all layers)."""
+    """``[qp, qmin, kp, kmax]``: int32 positions ([T] or [B, T]), the queries' suffix minima and
+    the keys' prefix maxima, what the kernels read (the tile tables take per-block bounds,
+    ``_block_bounds``). Inside a compiled graph they are a few traced ops (every layer's graph
+    computes them; the identity cache below cannot see through the graph's inputs); eagerly,
+    they come from that cache (one computation per step for all layers)."""
     if torch.compiler.is_compiling():
         qp = _pos(q_pos, B, Tq, "q_pos")[0]
-        qt = [qp, *_bounds(qp)]
-        kt = qt if k_pos is q_pos else [kp := _pos(k_pos, B, Tk, "k_pos")[0], *_bounds(kp)]
-        return qt + kt
-    qp, _, qmin, qmax = _positions(q_pos, B, Tq, "q_pos")
-    kp, _, kmin, kmax = _positions(k_pos, B, Tk, "k_pos")
-    return [qp, qmin, qmax, kp, kmin, kmax]
+        qmin, qmax = _bounds(qp)
+        if k_pos is q_pos:
+            return [qp, qmin, qp, qmax]
+        kp = _pos(k_pos, B, Tk, "k_pos")[0]
+        return [qp, qmin, kp, _bounds(kp)[1]]
+    qp, _, qmin, _qmax = _positions(q_pos, B, Tq, "q_pos")
+    kp, _, _kmin, kmax = _positions(k_pos, B, Tk, "k_pos")
+    return [qp, qmin, kp, kmax]
 
 
 def _batch_stride(p: torch.Tensor, B: int) -> int:
@@ -247,7 +249,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    st.qp, st.qmin, st.qmax, st.kp, st.kmin, st.kmax = pos
+    st.qp, st.qmin, st.kp, st.kmax = pos
     st.has_seg = seg_q is not None
     st.sq, st.sk = (seg_q, seg_k) if st.has_seg else (st.qp, st.kp)
     st.strides = tuple(_batch_stride(p, B) for p in (st.qp, st.kp, st.sq, st.sk))
