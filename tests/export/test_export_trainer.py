@@ -5,8 +5,6 @@ layout the trainer writes.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,7 +13,6 @@ from export_testlib import EVAL_LENGTH, relative_diff
 
 @pytest.mark.parametrize("precision,zero", [("fp32", 0), ("bf16", 1)])
 def test_trained_run_exports(precision, zero, tmp_path):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import megafire
     from megafire.config import load_config
     from megafire.export import consolidated_state_dict, export_checkpoint

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[2]
 ENCODINGS = {   # the six families, with options that suit 16-32 token training

@@ -3,14 +3,12 @@ ZeRO-1 the position encoding's own parameters stay fp32 (init, every step, check
 while every other parameter is bf16; the layouts where that was not checked are refused."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))   # the trainer tests' tiny config
 
 import _train_util  # noqa: E402

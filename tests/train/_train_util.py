@@ -1,14 +1,6 @@
 """Helpers shared by the trainer tests (imported by name: tests/train is on sys.path)."""
 from __future__ import annotations
 
-import os
-
-import torch
-
-# the trainer runs on CUDA whenever it is there (megafire.train.engine picks nccl); DeepSpeed's
-# accelerator must agree, or its broadcast of CPU tensors meets an nccl-only group
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-
 TINY = {
     "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
               "position": {"name": "fire", "options": {"init_L": 16}}},
