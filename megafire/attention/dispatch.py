@@ -5,9 +5,11 @@ Every backend has the signature of :func:`megafire.attention.reference.reference
     fn(q, k, v, encoding, q_pos, k_pos, *, causal, segment_ids_q, segment_ids_k, softmax_scale)
 
 ``auto``: on CUDA, bias encodings use ``fused`` when the fused kernels support the encoding,
-otherwise ``reference``; encodings without a bias use ``sdpa``. ``fused`` also serves encodings
-without a bias (RoPE after its rotation, NoPE, absolute): the kernels with no bias term, which skip
-the tiles where packed documents cannot see each other (SDPA's boolean mask computes them).
+otherwise ``reference``. Encodings without a bias (RoPE after its rotation, NoPE, absolute) use
+``sdpa/fused`` on CUDA: a choice per call, :func:`sdpa_or_fused_attention` (packed documents ->
+the fused kernels with no bias term, which skip the tiles where two documents cannot see each
+other, where SDPA's boolean mask computes them on a slower path; one document -> SDPA-flash with
+``is_causal``); ``sdpa`` on CPU. ``attention.backend=sdpa`` or ``fused`` fixes either choice.
 ``flex`` (torch FlexAttention, :mod:`megafire.attention.flex`) is only used when asked for: compiled on CUDA; on CPU it runs
 forward only (torch has no CPU FlexAttention backward; a gradient there is a ConfigError at
 the call). Explicit choices that cannot work raise :class:`~megafire.config.ConfigError`
@@ -72,7 +74,7 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
     is_bias = encoding is not None and encoding.kind == "bias"
     if backend == "auto":
         if not is_bias:
-            return "sdpa"
+            return "sdpa/fused" if device_type == "cuda" and _fused_module() is not None else "sdpa"
         if device_type == "cuda" and _fused_supports(encoding)[0]:
             return "fused"
         return "reference"
@@ -89,11 +91,34 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
     return backend
 
 
+#: head dims the fused kernels compile for (megafire.attention.fused.fused_bias_attention)
+FUSED_HEAD_DIMS = (16, 32, 64, 128)
+
+
 def fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
     from megafire.attention.fused import fused_bias_attention   # lazy: Triton only when used
     if encoding is not None and encoding.kind != "bias":         # rotated already / added at the input
         encoding = None
     return fused_bias_attention(q, k, v, encoding, q_pos, k_pos, **kwargs)
+
+
+def sdpa_or_fused_attention(q, k, v, encoding, q_pos, k_pos, *, segment_ids_q=None, segment_ids_k=None,
+                            inline: bool = True, **kwargs):
+    """``auto`` for an encoding without a bias on CUDA (resolved only there; Triton's interpreter
+    runs it on CPU in tests): the fused kernels when the call packs documents (segment ids, a
+    square causal block, a head dim they compile for), else SDPA.
+
+    Why per call: with segment ids SDPA needs a boolean mask, which takes it off its flash path
+    (cuDNN / memory-efficient kernels, every masked tile computed), while the fused kernels skip
+    the tiles whose documents cannot meet (with two documents per row a third of the causal
+    tiles); without them SDPA-flash with ``is_causal`` is the faster kernel (fused f+b 0.93-0.96
+    of it, docs/benchmarks.md). The branch reads only Python-level facts (None-ness, shapes), so
+    a compiled block traces one side of it."""
+    if (segment_ids_q is not None and segment_ids_k is not None and q.shape[1] == k.shape[1] and q.shape[-1] in FUSED_HEAD_DIMS):
+        return fused_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,
+                               segment_ids_k=segment_ids_k, inline=inline, **kwargs)
+    return sdpa_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,
+                          segment_ids_k=segment_ids_k, **kwargs)
 
 
 def _flex_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
@@ -102,7 +127,8 @@ def _flex_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
 
 
 _FUNCTIONS: dict[str, Callable] = {"reference": reference_attention, "sdpa": sdpa_attention,
-                                   "fused": fused_attention, "flex": _flex_attention}
+                                   "fused": fused_attention, "flex": _flex_attention,
+                                   "sdpa/fused": sdpa_or_fused_attention}
 
 
 def get_attention_fn(backend: str, encoding: Optional[PositionalEncoding], device_type: str) -> Callable:

@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megafire.attention import check_backend, get_attention_fn, sdpa_attention
-from megafire.attention.dispatch import fused_attention
+from megafire.attention.dispatch import fused_attention, sdpa_or_fused_attention
 from megafire.config import ModelConfig
 from megafire.parallel.context import ParallelContext
 from megafire.positional import PositionalEncoding
@@ -117,7 +117,7 @@ class Attention(nn.Module):
             attend = bound[1]
         else:
             attend = get_attention_fn(self.backend, self.encoding, q.device.type)
-        extra = {"inline": self.fused_inline} if attend is fused_attention else {}
+        extra = {"inline": self.fused_inline} if attend in FUSED else {}
         return attend(q, k, v, self.encoding, q_pos, k_pos, causal=True, segment_ids_q=segment_ids_q,
                       segment_ids_k=segment_ids_k, softmax_scale=self.softmax_scale, **extra)
 
@@ -146,8 +146,10 @@ class Attention(nn.Module):
         return self.project_out(o)
 
 
-#: backends torch.compile traces into the block's graph: SDPA (with a document mask it takes a
-#: boolean mask, which cuDNN's fused attention runs at flash speed on Hopper: docs/benchmarks.md)
-#: and the fused Triton kernels (two registered custom ops, megafire.attention.fused._function)
-TRACEABLE = (sdpa_attention, fused_attention)
+#: backends torch.compile traces into the block's graph: SDPA, the fused Triton kernels (a
+#: registered triton_op / custom ops, megafire.attention.fused._function) and auto's per-call
+#: choice between the two for encodings without a bias
+TRACEABLE = (sdpa_attention, fused_attention, sdpa_or_fused_attention)
+#: the backends that take ``inline`` (megafire.model.perf.inline_kernels)
+FUSED = (fused_attention, sdpa_or_fused_attention)
 

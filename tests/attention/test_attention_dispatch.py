@@ -21,13 +21,19 @@ def test_auto_choices_on_cpu():
 
 def test_auto_on_cuda_uses_fused_only_when_supported(monkeypatch):
     monkeypatch.setattr(dispatch, "_fused_supports", lambda enc: (True, ""))
+    monkeypatch.setattr(dispatch, "_fused_module", lambda: object())
     assert resolve_backend("auto", BIAS, "cuda") == "fused"
     assert resolve_backend("fused", BIAS, "cuda") == "fused"
-    assert resolve_backend("auto", ROT, "cuda") == "sdpa"
+    assert resolve_backend("auto", ROT, "cuda") == "sdpa/fused"    # per call: packed documents -> fused
+    assert resolve_backend("auto", None, "cuda") == "sdpa/fused"
+    assert get_attention_fn("auto", ROT, "cuda") is dispatch.sdpa_or_fused_attention
+    assert resolve_backend("sdpa", ROT, "cuda") == "sdpa"          # the off switch
     assert resolve_backend("fused", ROT, "cuda") == "fused"      # the kernels without a bias term
     assert resolve_backend("fused", None, "cuda") == "fused"
     monkeypatch.setattr(dispatch, "_fused_supports", lambda enc: (False, "no kernel for random_bias"))
     assert resolve_backend("auto", BIAS, "cuda") == "reference"
+    monkeypatch.setattr(dispatch, "_fused_module", lambda: None)   # no Triton: SDPA alone
+    assert resolve_backend("auto", ROT, "cuda") == "sdpa"
     with pytest.raises(ConfigError, match="attention.backend=fused.*no kernel for random_bias"):
         resolve_backend("fused", BIAS, "cuda")
 

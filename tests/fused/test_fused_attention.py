@@ -178,6 +178,49 @@ def test_fused_backend_for_encodings_without_bias(name):
         assert _rel(a, b) < 1e-5
 
 
+def test_auto_without_bias_picks_the_kernel_per_call(monkeypatch):
+    """``auto`` for an encoding without a bias on CUDA (dispatch.sdpa_or_fused_attention): packed
+    documents (segment ids, Tq == Tk, a compiled head dim) go to the fused kernels, everything
+    else to SDPA; each branch equals the float64 reference with the same masks (output and
+    q/k/v gradients). Which branch ran is counted, so a wrong routing fails even when both
+    would give the same numbers."""
+    from megafire.attention import dispatch
+    from megafire.attention.reference import reference_attention
+
+    calls = {"fused": 0, "sdpa": 0}
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(dispatch, "fused_attention", spy("fused", dispatch.fused_attention))
+    monkeypatch.setattr(dispatch, "sdpa_attention", spy("sdpa", dispatch.sdpa_attention))
+
+    def check(Tq, Tk, D, segments, expect):
+        T = Tk
+        pos, seg = _packed(T, [11, 27])
+        q = torch.randn(2, Tq, 2, D).requires_grad_()
+        k, v = (torch.randn(2, Tk, 2, D).requires_grad_() for _ in range(2))
+        kw = dict(causal=True, segment_ids_q=seg[None, T - Tq:].expand(2, -1) if segments else None,
+                  segment_ids_k=seg[None].expand(2, -1) if segments else None)
+        before = dict(calls)
+        out = dispatch.sdpa_or_fused_attention(q, k, v, None, pos[None, T - Tq:], pos[None], **kw)
+        assert {n: calls[n] - before[n] for n in calls} == {n: int(n == expect) for n in calls}
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = reference_attention(q2, k2, v2, None, pos[None, T - Tq:], pos[None], **kw)
+        ref_grads = torch.autograd.grad(ref, (q2, k2, v2), g.double())
+        for a, b in zip((out, *grads), (ref, *ref_grads)):
+            assert _rel(a, b) < 1e-5
+
+    check(40, 40, 16, True, "fused")       # the trainer's packed rows
+    check(40, 40, 16, False, "sdpa")       # one document: SDPA-flash with is_causal on a GPU
+    check(8, 40, 16, True, "sdpa")         # decoding / a KV cache: not a square block
+    check(40, 40, 24, True, "sdpa")        # a head dim the kernels do not compile for
+
+
 def test_tile_tables_packed_documents():
     """T5's tile tables of packed documents against a literal computation from the positions:
     each tile's bucket range is that of its own pairs' distances (``t5_causal_bucket`` of

@@ -124,9 +124,15 @@ def test_zero_flat_buffers_keep_weights_aligned(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("position", [{"name": "rope", "options": {}}, {"name": "fire", "options": {"init_L": 16}}],
                          ids=["rope", "fire"])
-def test_perf_on_equals_off_bf16_gpu(tmp_path, position):
+def test_perf_on_equals_off_bf16_gpu(tmp_path, monkeypatch, position):
     """bf16 on one GPU (compiled blocks, SDPA / the fused kernels, compiled cross entropy): the
-    loss traces agree within 2e-2 relative over 6 steps (bf16 rounding, reassociated norms)."""
+    loss traces agree within 2e-2 relative over 6 steps (bf16 rounding, reassociated norms).
+    RoPE under ``auto`` runs the fused kernels (packed documents): equal, within the same bound,
+    to ``attention.backend=sdpa`` (SDPA with the boolean document mask)."""
+    from megafire.attention import dispatch
+    fused_calls = []
+    real = dispatch.fused_attention
+    monkeypatch.setattr(dispatch, "fused_attention", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
     gpu = {"attention": {"backend": "auto"}, "model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
            "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
     off, _ = _trace(tmp_path, "off", position, OFF, gpu)
@@ -134,6 +140,12 @@ def test_perf_on_equals_off_bf16_gpu(tmp_path, position):
     assert flags.compile and flags.fused_loss and flags.inline_kernels
     worst = max(abs(a - b) / abs(b) for a, b in zip(on, off))
     assert worst <= 2e-2, (on, off)
+    if position["name"] == "rope":
+        assert fused_calls, "auto did not route RoPE's packed documents to the fused kernels"
+        sdpa, _ = _trace(tmp_path, "sdpa", position, {"compile": "auto", "fused_loss": "auto", "direct_linear": True},
+                         {**gpu, "attention": {"backend": "sdpa"}})
+        worst = max(abs(a - b) / abs(b) for a, b in zip(on, sdpa))
+        assert worst <= 2e-2, (on, sdpa)
     if position["name"] == "fire":   # the inline kernels against the opaque op, both compiled
         opaque, flags = _trace(tmp_path, "opaque", position, {**ON, "inline_kernels": False}, gpu)
         assert flags.compile and not flags.inline_kernels
