@@ -3,13 +3,16 @@
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches
 #   quick     of those, the compiled-op and perf-switch tests only
-#   t512      every bias encoding and RoPE vs the compact peer, 125M, T=512, micro-batch 32 (FIRE profiled)
+#   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
+#             micro-batch 32 (FIRE profiled)
 #   t2048     the same at T=2048, micro-batch 8
 #   m350      350M at T=2048 (FIRE, RoPE, compact)
 #   attn      the attention kernel table (megafire bench attention)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
 #             against the compact peer and RoPE on SDPA: whether auto should pick it
+#   order     RoPE auto vs SDPA at T=512 in alternating order (arm-order effects)
+#   graphs    FIRE and RoPE with perf.cuda_graphs=true at T=512 and 2048 (full logs kept)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -18,7 +21,7 @@ filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
 bench() {   # tag timeout args...
   local tag=$1 t=$2; shift 2; echo "=== $tag"
   timeout "$t" python3 -m megafire.cli bench train --steps 8 --warmup 3 --train.tokens_per_step=65536 \
-     --out "$OUT/$tag.json" "$@" 2>&1 | filter | grep -E "tokens/s|throughput|profile|ms  |ms .*x  |host|Error|error" | tail -60
+     --out "$OUT/$tag.json" "$@" 2>&1 | { if [ -n "$LOG" ]; then tee "$OUT/$tag.log"; else cat; fi; } | filter | grep -E "tokens/s|throughput|profile|ms  |ms .*x  |host|Error|error" | tail -60
 }
 for part in "$@"; do
   case $part in
@@ -28,10 +31,11 @@ for part in "$@"; do
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     quick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
-    t512) bench t512 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
+    t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 \
              --profile "$OUT/p_fire512" ;;
-    t2048) bench t2048 560 --config configs/arms/125m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 "$T2048" ;;
-    m350) bench m350 560 --config configs/arms/350m-fire.yaml --peer compact,rope "$T2048" ;;
+    t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
+    m350) bench m350 560 --config configs/arms/350m-fire.yaml --peer compact,rope,rope@sdpa "$T2048"
+          bench m350_512 300 --config configs/arms/350m-fire.yaml --peer compact,rope "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
@@ -40,6 +44,9 @@ for part in "$@"; do
              st="--curriculum.stages=[{seq_len: $t, tokens: 1000000000}]"
              bench "rf$t" 200 --config configs/arms/125m-rope.yaml --peer compact --attention.backend=fused "$st"
              bench "rs$t" 150 --config configs/arms/125m-rope.yaml --peer none "$st"; done ;;
+    order) bench ab512 200 --config configs/arms/125m-rope.yaml --peer rope@sdpa,rope@fused,rope@sdpa ;;
+    graphs) LOG=1 bench cg512 240 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true
+            LOG=1 bench cg2048 150 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true "$T2048" ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

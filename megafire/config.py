@@ -181,6 +181,9 @@ class PerfConfig:
     # ZeRO 1-2: the optimizer step's inf/NaN test and gradient norm as one multi-tensor norm each
     # instead of DeepSpeed's loops of small kernels per gradient (megafire.parallel.ds_compat)
     foreach_grad_checks: bool = True
+    # with compile on CUDA: each compiled block replays CUDA graphs (inductor's cudagraph trees,
+    # torch.compile mode "reduce-overhead") instead of launching its kernels from Python
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -15,6 +15,8 @@ cost against RoPE on flash attention on the same shapes. ``--peer compact`` runs
 reference arm of :mod:`megafire.bench.compact` instead: a compact ``torch.compile`` GPT of
 the same shape and micro-batch (SDPA causal, fused AdamW, bf16 autocast), the speed a
 researcher gets outside megafire. Several peers: ``--peer compact,rope``. ``--peer none`` skips it.
+``NAME@BACKEND`` runs that peer with ``attention.backend=BACKEND`` (e.g. ``--peer rope,rope@sdpa``:
+RoPE under ``auto`` and on SDPA in one run).
 ``--profile DIR`` traces one optimizer step of the main arm after the warm-up with
 torch.profiler: ``DIR/trace.json.gz`` (chrome trace) and ``DIR/profile.json`` + a printed
 table (GPU kernel time by category, GPU busy time against the step's wall time).
@@ -37,7 +39,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the medians")
-    p.add_argument("--peer", default="rope", help="encoding to compare against ('none' to skip)")
+    p.add_argument("--peer", default="rope", help="encoding(s) to compare against, comma-separated; "
+                   "NAME@BACKEND sets attention.backend for that arm; 'compact' is the reference GPT, 'none' skips")
     p.add_argument("--rope-variants", action="store_true",
                    help="time the rope arm with model.position.fused_rotary=false and =true")
     p.add_argument("--profile", help="trace one step of the main arm into this directory")
@@ -228,6 +231,10 @@ def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
              seq_lens: list[int] | None = None) -> dict[str, dict]:
     """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants.
     ``seq_lens``: the lengths the main arm ran (the compact peer times only those)."""
+    encoding, _, backend = encoding.partition("@")
+    if backend:
+        overrides = [*overrides, f"--attention.backend={backend}"]
+    label = f"{encoding}@{backend}" if backend else encoding
     if encoding == "compact":
         from megafire.config import load_config
 
@@ -244,7 +251,7 @@ def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
         profile = args.profile if position is None and not suffix else None
         summary = bench_config(args.config, overrides + extra, args.steps, args.warmup, position=position,
                                profile_dir=profile)
-        summary["label"] = f"{encoding} ({suffix})" if suffix else encoding
+        summary["label"] = f"{label} ({suffix})" if suffix else label
         _print(summary)
         runs[suffix] = summary
     if len(runs) > 1:
@@ -262,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     encoding = load_config(args.config, overrides).model.position.name
     names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
+    from megafire.attention import BACKENDS
+    from megafire.config import ConfigError
+    for name in names:
+        enc, at, backend = name.partition("@")
+        if at and (enc == "compact" or backend not in BACKENDS):
+            raise ConfigError(f"megafire bench train --peer {name}: the part after '@' is an attention.backend of a "
+                              f"megafire arm (allowed: {', '.join(BACKENDS)}); the compact peer has none")
     if "compact" in names:
         import torch
         if not torch.cuda.is_available():   # before the main arm runs, not after
@@ -274,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     mains = {k: v for k, v in result.items() if k.startswith("main")}
     seq_lens = sorted({int(n) for main in mains.values() for n in main["by_seq_len"]})
     for name in names:
-        peers = _run_arm(args, overrides, name, None if name == "compact" else name, seq_lens)
+        enc = name.partition("@")[0]
+        peers = _run_arm(args, overrides, name, None if enc == "compact" else enc, seq_lens)
         for suffix, peer in peers.items():
-            key = "peer" + (f"_{suffix}" if suffix else "") + (f"_{name}" if len(names) > 1 else "")
+            key = "peer" + (f"_{suffix}" if suffix else "") + (f"_{name.replace('@', '_')}" if len(names) > 1 else "")
             result[key] = peer
             for main_key, main in mains.items():
                 ratio = ratio_at_matched_lengths(main, peer)

@@ -26,6 +26,13 @@ None of them changes the function computed, only how:
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
   logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
 
+* ``cuda_graphs`` (off by default; with ``compile`` on CUDA): each compiled block is captured
+  into CUDA graphs (inductor's cudagraph trees) and replayed: one launch per graph instead of the
+  generated code's Python launching each kernel. The trainer marks each micro-step's start
+  (``torch.compiler.cudagraph_mark_step_begin``) so gradient accumulation starts a new replay,
+  and the parameters' gradients are copied out of the graphs' memory once per optimizer step
+  (:func:`own_graph_gradients`).
+
 * ``foreach_grad_checks`` (ZeRO 1-2; applied by ``megafire.train.engine``, see
   ``megafire.parallel.ds_compat.foreach_grad_checks``): the step's inf/NaN test and gradient norm
   as one multi-tensor norm each instead of DeepSpeed's per-gradient loops.
@@ -53,10 +60,11 @@ class PerfFlags:
     fused_loss: bool = False
     direct_linear: bool = False
     inline_kernels: bool = False
+    cuda_graphs: bool = False
     why: str = ""                 # why an ``auto`` switch resolved off, for the run log
 
     def describe(self) -> str:
-        on = [k for k in ("compile", "fused_loss", "direct_linear", "inline_kernels") if getattr(self, k)]
+        on = [k for k in ("compile", "fused_loss", "direct_linear", "inline_kernels", "cuda_graphs") if getattr(self, k)]
         return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
 
 
@@ -88,13 +96,17 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
             return False
         return True
 
-    return PerfFlags(compile=pick("compile", perf.compile, False),
+    compiled = pick("compile", perf.compile, False)
+    if perf.cuda_graphs and not compiled:
+        reasons.append("cuda_graphs off: they replay the compiled blocks, and compile is off")
+    return PerfFlags(compile=compiled,
                      fused_loss=pick("fused_loss", perf.fused_loss, True),
                      # ZeRO-3 gathers weights in module hooks: keep megatron's layer call there (the
                      # plain call was seen to work in one process; not relied on across ranks)
                      direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel and zero_stage < 3,
                      # the kernels need a GPU (the interpreter's cannot be traced into)
                      inline_kernels=bool(perf.inline_kernels) and device_type == "cuda",
+                     cuda_graphs=bool(perf.cuda_graphs) and compiled and device_type == "cuda",
                      why="; ".join(reasons))
 
 
@@ -121,20 +133,42 @@ def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:
     if flags.compile:   # after binding: a block's choice depends on its attention's backend
         for module in gpt.modules():
             if isinstance(module, Block):
-                compile_block(module)
+                compile_block(module, cuda_graphs=flags.cuda_graphs)
+    if flags.cuda_graphs:
+        own_graph_gradients(gpt)
     return gpt
 
 
-def compile_block(block) -> None:
+def own_graph_gradients(module: nn.Module) -> None:
+    """Make every parameter's ``.grad`` a tensor of its own, not a CUDA graph's output.
+
+    A parameter whose ``.grad`` is None takes the backward graph's output tensor itself
+    (AccumulateGrad steals it); with CUDA graphs that tensor lives in the graph's memory pool
+    and the next micro-step's replay overwrites it before gradient accumulation adds to it
+    (torch raises "accessing tensor output of CUDAGraphs that has been overwritten"). After
+    each accumulation a hook copies a ``.grad`` it has not made itself (once per parameter per
+    optimizer step, when the optimizer has set the gradients to None); later micro-steps add
+    into that copy in place."""
+    def own(p: torch.Tensor) -> None:
+        if p.grad is not None and p.grad is not getattr(p, "_megafire_own_grad", None):
+            p.grad = p.grad.clone()
+            p._megafire_own_grad = p.grad
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(own)
+
+
+def compile_block(block, cuda_graphs: bool = False) -> None:
     """Compile one Block for training: whole (one graph forward, one backward) when its attention
     is traceable (SDPA, fused); otherwise its two halves around the eager attention call, compiled
     explicitly (letting dynamo break the graph at the call nests a resumed frame per call level,
     five compiled regions per block, each with its guards and runtime wrappers)."""
+    mode = "reduce-overhead" if cuda_graphs else None
     if block.attn.traceable:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
     else:
-        block.split_compiled = (torch.compile(block.pre_attention, dynamic=False),
-                                torch.compile(block.post_attention, dynamic=False))
+        block.split_compiled = (torch.compile(block.pre_attention, dynamic=False, mode=mode),
+                                torch.compile(block.post_attention, dynamic=False, mode=mode))
 
 
 def direct(layer: nn.Module) -> bool:

@@ -231,6 +231,8 @@ class Trainer:
         for _ in range(self.curriculum.grad_accum):
             batch = self.data.source.next_batch(stage.micro_batch_size, stage.seq_len)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+            if self.perf.cuda_graphs:   # a new replay of the blocks' graphs (megafire.model.perf)
+                torch.compiler.cudagraph_mark_step_begin()
             loss = engine(**batch)
             losses.append(loss.detach().float())
             boundary = engine.is_gradient_accumulation_boundary()

@@ -250,6 +250,18 @@ def test_bench_train_rope_variants(monkeypatch, capsys, tmp_path):
     assert [r[0] for r in runs] == [None, "alibi", "rope"]
     result = json.loads(out_json.read_text())
     assert result["ratio_vs_peer_alibi"] == 0.5 and result["ratio_vs_peer_rope"] == 0.5
+    runs.clear()
+    seen = []
+    monkeypatch.setattr(bench_train, "bench_config", lambda c, o, *a, position=None, **k: (
+        seen.append((position, [x for x in o if "backend" in x])), fake_bench(c, o, *a, position=position, **k))[1])
+    assert bench_train.main(argv + ["--peer", "rope,rope@sdpa", "--out", str(out_json)]) == 0   # NAME@BACKEND
+    assert seen == [(None, []), ("rope", []), ("rope", ["--attention.backend=sdpa"])]
+    assert "fire / rope@sdpa: 0.500" in capsys.readouterr().out
+    assert "ratio_vs_peer_rope_sdpa" in json.loads(out_json.read_text())
+    from megafire.config import ConfigError
+    for bad in ("rope@magic", "compact@sdpa"):
+        with pytest.raises(ConfigError, match=f"--peer {bad}: the part after '@' is an attention.backend"):
+            bench_train.main(argv + ["--peer", bad])
 
 
 def test_bench_ratio_at_matched_lengths():

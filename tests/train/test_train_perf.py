@@ -48,6 +48,37 @@ def test_perf_on_equals_off(tmp_path, position):
     assert off[-1] < off[0]          # it trained: a trace that does not move would compare equal trivially
 
 
+def test_graph_gradients_are_copied_once_per_step():
+    """perf.own_graph_gradients: a gradient that AccumulateGrad stole from the backward (with CUDA
+    graphs: the graph's output memory) is replaced by a copy of the same values; the next
+    micro-step accumulates into that copy in place; after the optimizer sets it to None the
+    next one is copied again. Without the hook the stolen tensor is the .grad (the control)."""
+    from torch import nn
+    x = torch.randn(4, 3)
+
+    def backward_ptr(lin):
+        ptrs = []
+        handle = lin.weight.register_hook(lambda g: ptrs.append(g.data_ptr()))   # no reference kept
+        lin(x).square().sum().backward()
+        handle.remove()
+        return ptrs[0]
+
+    torch.manual_seed(0)
+    plain = nn.Linear(3, 2)
+    assert backward_ptr(plain) == plain.weight.grad.data_ptr()        # stolen: the backward's own tensor
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    perf.own_graph_gradients(lin)
+    assert backward_ptr(lin) != lin.weight.grad.data_ptr()
+    torch.testing.assert_close(lin.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    first = lin.weight.grad
+    backward_ptr(lin)
+    assert lin.weight.grad is first                                  # accumulated in place, not copied
+    torch.testing.assert_close(first, 2 * plain.weight.grad)
+    lin.weight.grad = None                                           # the optimizer's zero_grad
+    assert backward_ptr(lin) != lin.weight.grad.data_ptr()
+
+
 def test_auto_resolves_off_on_cpu_and_refuses_impossible_choices():
     flags = perf.resolve(PerfConfig(), device_type="cpu", tp=1, sequence_parallel=False, zero_stage=1)
     assert not flags.compile and not flags.fused_loss and flags.direct_linear and not flags.inline_kernels
@@ -56,6 +87,15 @@ def test_auto_resolves_off_on_cpu_and_refuses_impossible_choices():
     assert cuda.compile and cuda.fused_loss and cuda.inline_kernels
     assert not perf.resolve(PerfConfig(inline_kernels=False), device_type="cuda", tp=1, sequence_parallel=False,
                             zero_stage=1).inline_kernels
+    assert not cuda.cuda_graphs                                      # off unless asked for
+    graphs = perf.resolve(PerfConfig(cuda_graphs=True), device_type="cuda", tp=1, sequence_parallel=False,
+                          zero_stage=1)
+    assert graphs.cuda_graphs and graphs.compile
+    no_compile = perf.resolve(PerfConfig(cuda_graphs=True, compile="false"), device_type="cuda", tp=1,
+                              sequence_parallel=False, zero_stage=1)
+    assert not no_compile.cuda_graphs and "cuda_graphs off" in no_compile.why
+    assert not perf.resolve(PerfConfig(cuda_graphs=True), device_type="cpu", tp=1, sequence_parallel=False,
+                            zero_stage=1).cuda_graphs
     z3 = perf.resolve(PerfConfig(), device_type="cuda", tp=1, sequence_parallel=False, zero_stage=3)
     assert not z3.compile and "ZeRO-3" in z3.why
     tp2 = perf.resolve(PerfConfig(), device_type="cuda", tp=2, sequence_parallel=False, zero_stage=1)
@@ -146,6 +186,11 @@ def test_perf_on_equals_off_bf16_gpu(tmp_path, monkeypatch, position):
                          {**gpu, "attention": {"backend": "sdpa"}})
         worst = max(abs(a - b) / abs(b) for a, b in zip(on, sdpa))
         assert worst <= 2e-2, (on, sdpa)
+    graphs, flags = _trace(tmp_path, "graphs", position, {"compile": "auto", "fused_loss": "auto", "direct_linear": True,
+                                                            "cuda_graphs": True}, gpu)
+    assert flags.cuda_graphs       # two micro-steps per step: accumulation into gradients made by the graphs
+    worst = max(abs(a - b) / abs(b) for a, b in zip(graphs, on))
+    assert worst <= 5e-3, (graphs, on)   # the same kernels replayed (FIRE's dq atomics reorder sums)
     if position["name"] == "fire":   # the inline kernels against the opaque op, both compiled
         opaque, flags = _trace(tmp_path, "opaque", position, {**ON, "inline_kernels": False}, gpu)
         assert flags.compile and not flags.inline_kernels
