@@ -29,7 +29,7 @@ for part in "$@"; do
              tests/train/test_train_perf.py tests/train/test_bench_memory.py tests/positional/test_rotary_triton.py 2>&1 \
              | tee "$OUT/gpu_tests.log" \
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
-    quick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
+    quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 \
              --profile "$OUT/p_fire512" ;;
@@ -45,8 +45,8 @@ for part in "$@"; do
              bench "rf$t" 200 --config configs/arms/125m-rope.yaml --peer compact --attention.backend=fused "$st"
              bench "rs$t" 150 --config configs/arms/125m-rope.yaml --peer none "$st"; done ;;
     order) bench ab512 200 --config configs/arms/125m-rope.yaml --peer rope@sdpa,rope@fused,rope@sdpa ;;
-    graphs) LOG=1 bench cg512 240 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true
-            LOG=1 bench cg2048 150 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true "$T2048" ;;
+    graphs) LOG=1 bench cg512 170 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true
+            LOG=1 bench cg2048 120 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true "$T2048" ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;
