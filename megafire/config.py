@@ -168,8 +168,8 @@ class PerfConfig:
     device, tp = 1 without sequence parallelism, ZeRO 0-2 (the compiled regions trace
     through module hooks, which ZeRO-3 uses to gather parameters).
     """
-    # torch.compile of each block's dense parts (norms, projections, SwiGLU, residuals, RoPE);
-    # the attention kernels stay outside the compiled graphs
+    # torch.compile of each block (regional): with SDPA or the fused kernels one graph per block,
+    # forward and backward; with the eager backends the two halves around the attention call
     compile: str = choice("auto", "auto", "true", "false")
     # cross entropy from bf16 logits in one compiled reduction (no fp32 [tokens, vocab] copies)
     fused_loss: str = choice("auto", "auto", "true", "false")
@@ -181,9 +181,10 @@ class PerfConfig:
     # ZeRO 1-2: the optimizer step's inf/NaN test and gradient norm as one multi-tensor norm each
     # instead of DeepSpeed's loops of small kernels per gradient (megafire.parallel.ds_compat)
     foreach_grad_checks: bool = True
-    # with compile on CUDA: each compiled block replays CUDA graphs (inductor's cudagraph trees,
-    # torch.compile mode "reduce-overhead") instead of launching its kernels from Python
-    cuda_graphs: bool = False
+    # each compiled block replays CUDA graphs (inductor's cudagraph trees, torch.compile mode
+    # "reduce-overhead") instead of launching its kernels from Python; auto: on with compile on
+    # CUDA, tp = 1, pp = 1, ZeRO 0-1 (megafire.model.perf)
+    cuda_graphs: str = choice("auto", "auto", "true", "false")
 
 
 @dataclass

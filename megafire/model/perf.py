@@ -26,7 +26,7 @@ None of them changes the function computed, only how:
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
   logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
 
-* ``cuda_graphs`` (off by default; with ``compile`` on CUDA): each compiled block is captured
+* ``cuda_graphs`` (``auto``: on with ``compile`` on CUDA, tp = 1, pp = 1, ZeRO 0-1): each compiled block is captured
   into CUDA graphs (inductor's cudagraph trees) and replayed: one launch per graph instead of the
   generated code's Python launching each kernel. The trainer marks each micro-step's start
   (``torch.compiler.cudagraph_mark_step_begin``) so gradient accumulation starts a new replay,
@@ -68,7 +68,7 @@ class PerfFlags:
         return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
 
 
-def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_stage: int) -> PerfFlags:
+def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_stage: int, pp: int = 1) -> PerfFlags:
     """``perf`` (a PerfConfig) -> concrete flags for this run; impossible ``true`` choices raise."""
     reasons = []
     blockers = []
@@ -97,17 +97,45 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
         return True
 
     compiled = pick("compile", perf.compile, False)
-    if perf.cuda_graphs and not compiled:
-        reasons.append("cuda_graphs off: they replay the compiled blocks, and compile is off")
+    inline = bool(perf.inline_kernels) and device_type == "cuda"
+    graphs = _cuda_graphs(perf.cuda_graphs, compiled, inline, device_type, tp, sequence_parallel, zero_stage, pp,
+                          reasons)
     return PerfFlags(compile=compiled,
                      fused_loss=pick("fused_loss", perf.fused_loss, True),
                      # ZeRO-3 gathers weights in module hooks: keep megatron's layer call there (the
                      # plain call was seen to work in one process; not relied on across ranks)
                      direct_linear=bool(perf.direct_linear) and tp == 1 and not sequence_parallel and zero_stage < 3,
                      # the kernels need a GPU (the interpreter's cannot be traced into)
-                     inline_kernels=bool(perf.inline_kernels) and device_type == "cuda",
-                     cuda_graphs=bool(perf.cuda_graphs) and compiled and device_type == "cuda",
+                     inline_kernels=inline,
+                     cuda_graphs=graphs,
                      why="; ".join(reasons))
+
+
+def _cuda_graphs(value: str, compiled: bool, inline: bool, device_type: str, tp: int, sequence_parallel: bool,
+                 zero_stage: int, pp: int, reasons: list) -> bool:
+    """perf.cuda_graphs -> on / off. On where it was validated: compiled blocks on CUDA with the
+    inline kernels, tp = 1, one pipeline stage, ZeRO 0-1 (gradients stay in ``.grad`` until the
+    step). Not there: the opaque fused op (``inline_kernels=false``) keeps tensors cached across
+    calls in its Python body, which a replay would not refresh; ZeRO-2's gradient hooks move
+    ``.grad`` into DeepSpeed's buffers, which the copy-out of :func:`own_graph_gradients` would
+    undo; the pipeline schedule has no micro-step mark; TP's collectives inside captured graphs
+    are not tested."""
+    blockers = [why for bad, why in ((device_type != "cuda", "not on CUDA"), (not compiled, "compile is off"),
+                                     (not inline, "inline_kernels is off"),
+                                     (tp > 1 or sequence_parallel, "tp > 1"), (pp > 1, "pp > 1"),
+                                     (zero_stage >= 2, f"ZeRO-{zero_stage} moves gradients in hooks"))
+                if bad]
+    if value == "false":
+        return False
+    if value == "true" and blockers:
+        raise ConfigError(f"perf.cuda_graphs=true is not supported here ({'; '.join(blockers)}); it needs "
+                          f"perf.compile and perf.inline_kernels on CUDA, parallel.tp=1, parallel.pp=1 and "
+                          f"parallel.zero_stage <= 1; "
+                          f"allowed here: auto, false")
+    if blockers:
+        reasons.append(f"cuda_graphs off: {', '.join(blockers)}")
+        return False
+    return True
 
 
 def apply(gpt: nn.Module, flags: PerfFlags, device_type: str) -> nn.Module:

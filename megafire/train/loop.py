@@ -126,7 +126,7 @@ class Trainer:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         flags = perf.resolve(self.cfg.perf, device_type=device_type, tp=self.ctx.tp_size,
                              sequence_parallel=self.cfg.parallel.sequence_parallel,
-                             zero_stage=self.cfg.parallel.zero_stage)
+                             zero_stage=self.cfg.parallel.zero_stage, pp=self.ctx.pp_size)
         perf.apply(self.model, flags, device_type)
         log(flags.describe(), self.rank)
         return flags
