@@ -183,7 +183,7 @@ class PerfConfig:
     foreach_grad_checks: bool = True
     # each compiled block replays CUDA graphs (inductor's cudagraph trees, torch.compile mode
     # "reduce-overhead") instead of launching its kernels from Python; auto: on with compile on
-    # CUDA, tp = 1, pp = 1, ZeRO 0-1 (megafire.model.perf)
+    # CUDA, tp = 1, pp = 1, ZeRO 0-1, no activation checkpointing (megafire.model.perf)
     cuda_graphs: str = choice("auto", "auto", "true", "false")
 
 

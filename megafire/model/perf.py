@@ -26,7 +26,8 @@ None of them changes the function computed, only how:
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
   logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
 
-* ``cuda_graphs`` (``auto``: on with ``compile`` on CUDA, tp = 1, pp = 1, ZeRO 0-1): each compiled block is captured
+* ``cuda_graphs`` (``auto``: on with ``compile`` and ``inline_kernels`` on CUDA, tp = 1, pp = 1, ZeRO 0-1,
+  no activation checkpointing): each compiled block is captured
   into CUDA graphs (inductor's cudagraph trees) and replayed: one launch per graph instead of the
   generated code's Python launching each kernel. The trainer marks each micro-step's start
   (``torch.compiler.cudagraph_mark_step_begin``) so gradient accumulation starts a new replay,
@@ -68,7 +69,8 @@ class PerfFlags:
         return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
 
 
-def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_stage: int, pp: int = 1) -> PerfFlags:
+def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_stage: int, pp: int = 1,
+            activation_checkpointing: bool = False) -> PerfFlags:
     """``perf`` (a PerfConfig) -> concrete flags for this run; impossible ``true`` choices raise."""
     reasons = []
     blockers = []
@@ -99,7 +101,7 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
     compiled = pick("compile", perf.compile, False)
     inline = bool(perf.inline_kernels) and device_type == "cuda"
     graphs = _cuda_graphs(perf.cuda_graphs, compiled, inline, device_type, tp, sequence_parallel, zero_stage, pp,
-                          reasons)
+                          activation_checkpointing, reasons)
     return PerfFlags(compile=compiled,
                      fused_loss=pick("fused_loss", perf.fused_loss, True),
                      # ZeRO-3 gathers weights in module hooks: keep megatron's layer call there (the
@@ -112,25 +114,26 @@ def resolve(perf, *, device_type: str, tp: int, sequence_parallel: bool, zero_st
 
 
 def _cuda_graphs(value: str, compiled: bool, inline: bool, device_type: str, tp: int, sequence_parallel: bool,
-                 zero_stage: int, pp: int, reasons: list) -> bool:
+                 zero_stage: int, pp: int, activation_checkpointing: bool, reasons: list) -> bool:
     """perf.cuda_graphs -> on / off. On where it was validated: compiled blocks on CUDA with the
     inline kernels, tp = 1, one pipeline stage, ZeRO 0-1 (gradients stay in ``.grad`` until the
     step). Not there: the opaque fused op (``inline_kernels=false``) keeps tensors cached across
     calls in its Python body, which a replay would not refresh; ZeRO-2's gradient hooks move
     ``.grad`` into DeepSpeed's buffers, which the copy-out of :func:`own_graph_gradients` would
-    undo; the pipeline schedule has no micro-step mark; TP's collectives inside captured graphs
-    are not tested."""
+    undo; the pipeline schedule has no micro-step mark; activation checkpointing re-runs the
+    blocks' forward inside the backward, and TP's collectives inside captured graphs: not tested."""
     blockers = [why for bad, why in ((device_type != "cuda", "not on CUDA"), (not compiled, "compile is off"),
                                      (not inline, "inline_kernels is off"),
                                      (tp > 1 or sequence_parallel, "tp > 1"), (pp > 1, "pp > 1"),
-                                     (zero_stage >= 2, f"ZeRO-{zero_stage} moves gradients in hooks"))
+                                     (zero_stage >= 2, f"ZeRO-{zero_stage} moves gradients in hooks"),
+                                     (activation_checkpointing, "activation checkpointing"))
                 if bad]
     if value == "false":
         return False
     if value == "true" and blockers:
         raise ConfigError(f"perf.cuda_graphs=true is not supported here ({'; '.join(blockers)}); it needs "
-                          f"perf.compile and perf.inline_kernels on CUDA, parallel.tp=1, parallel.pp=1 and "
-                          f"parallel.zero_stage <= 1; "
+                          f"perf.compile and perf.inline_kernels on CUDA, parallel.tp=1, parallel.pp=1, "
+                          f"parallel.zero_stage <= 1 and no parallel.activation_checkpointing; "
                           f"allowed here: auto, false")
     if blockers:
         reasons.append(f"cuda_graphs off: {', '.join(blockers)}")

@@ -126,7 +126,8 @@ class Trainer:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         flags = perf.resolve(self.cfg.perf, device_type=device_type, tp=self.ctx.tp_size,
                              sequence_parallel=self.cfg.parallel.sequence_parallel,
-                             zero_stage=self.cfg.parallel.zero_stage, pp=self.ctx.pp_size)
+                             zero_stage=self.cfg.parallel.zero_stage, pp=self.ctx.pp_size,
+                             activation_checkpointing=self.cfg.parallel.activation_checkpointing)
         perf.apply(self.model, flags, device_type)
         log(flags.describe(), self.rank)
         return flags

@@ -91,7 +91,8 @@ def test_auto_resolves_off_on_cpu_and_refuses_impossible_choices():
     assert not perf.resolve(PerfConfig(cuda_graphs="false"), device_type="cuda", tp=1, sequence_parallel=False,
                             zero_stage=1).cuda_graphs
     for kw, why in ((dict(zero_stage=2), "ZeRO-2 moves gradients"), (dict(zero_stage=1, pp=2), "pp > 1"),
-                    (dict(zero_stage=1, tp=2), "tp > 1")):
+                    (dict(zero_stage=1, tp=2), "tp > 1"),
+                    (dict(zero_stage=1, activation_checkpointing=True), "activation checkpointing")):
         kw = {"tp": 1, "sequence_parallel": False, **kw}
         off = perf.resolve(PerfConfig(), device_type="cuda", **kw)
         assert not off.cuda_graphs and why in off.why.split("cuda_graphs off: ")[1]
