@@ -6,7 +6,8 @@
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
 #             micro-batch 32 (FIRE profiled)
 #   t2048     the same at T=2048, micro-batch 8
-#   m350      350M at T=2048 (FIRE, RoPE, compact)
+#   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
+#   m350s     the same at T=512 (micro-batch 16)
 #   attn      the attention kernel table (megafire bench attention)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
@@ -34,8 +35,9 @@ for part in "$@"; do
     t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 \
              --profile "$OUT/p_fire512" ;;
     t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
-    m350) bench m350 560 --config configs/arms/350m-fire.yaml --peer compact,rope,rope@sdpa "$T2048"
-          bench m350_512 300 --config configs/arms/350m-fire.yaml --peer compact,rope "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
+    m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
+    m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
+             "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
