@@ -12,6 +12,7 @@
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
 #             against the compact peer and RoPE on SDPA: whether auto should pick it
+#   p350      350M RoPE at T=2048 profiled, with the compact peer (where the 0.93 of 12-04 goes)
 #   order     RoPE auto vs SDPA at T=512 in alternating order (arm-order effects)
 #   graphs    FIRE and RoPE with perf.cuda_graphs=true at T=512 and 2048 (full logs kept)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
@@ -46,6 +47,7 @@ for part in "$@"; do
              st="--curriculum.stages=[{seq_len: $t, tokens: 1000000000}]"
              bench "rf$t" 200 --config configs/arms/125m-rope.yaml --peer compact --attention.backend=fused "$st"
              bench "rs$t" 150 --config configs/arms/125m-rope.yaml --peer none "$st"; done ;;
+    p350) bench p350 300 --config configs/arms/350m-rope.yaml --peer compact "$T2048" --profile "$OUT/p_rope350" ;;
     order) bench ab512 200 --config configs/arms/125m-rope.yaml --peer rope@sdpa,rope@fused,rope@sdpa ;;
     graphs) LOG=1 bench cg512 170 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true
             LOG=1 bench cg2048 120 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true "$T2048" ;;
