@@ -105,8 +105,8 @@ def fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
 def sdpa_or_fused_attention(q, k, v, encoding, q_pos, k_pos, *, segment_ids_q=None, segment_ids_k=None,
                             inline: bool = True, **kwargs):
     """``auto`` for an encoding without a bias on CUDA (resolved only there; Triton's interpreter
-    runs it on CPU in tests): the fused kernels when the call packs documents (segment ids, a
-    square causal block, a head dim they compile for), else SDPA.
+    runs it on CPU in tests): the fused kernels when the call packs documents (segment ids, as
+    many queries as keys, a head dim they compile for), else SDPA.
 
     Why per call: with segment ids SDPA needs a boolean mask, which takes it off its flash path
     (cuDNN / memory-efficient kernels, every masked tile computed), while the fused kernels skip
@@ -114,7 +114,8 @@ def sdpa_or_fused_attention(q, k, v, encoding, q_pos, k_pos, *, segment_ids_q=No
     tiles); without them SDPA-flash with ``is_causal`` is the faster kernel (fused f+b 0.93-0.96
     of it, docs/benchmarks.md). The branch reads only Python-level facts (None-ness, shapes), so
     a compiled block traces one side of it."""
-    if (segment_ids_q is not None and segment_ids_k is not None and q.shape[1] == k.shape[1] and q.shape[-1] in FUSED_HEAD_DIMS):
+    if (segment_ids_q is not None and segment_ids_k is not None and q.shape[1] == k.shape[1]
+            and q.shape[-1] in FUSED_HEAD_DIMS):
         return fused_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,
                                segment_ids_k=segment_ids_k, inline=inline, **kwargs)
     return sdpa_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,
