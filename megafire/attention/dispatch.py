@@ -91,10 +91,6 @@ def resolve_backend(backend: str, encoding: Optional[PositionalEncoding], device
     return backend
 
 
-#: head dims the fused kernels compile for (megafire.attention.fused.fused_bias_attention)
-FUSED_HEAD_DIMS = (16, 32, 64, 128)
-
-
 def fused_attention(q, k, v, encoding, q_pos, k_pos, **kwargs):
     from megafire.attention.fused import fused_bias_attention   # lazy: Triton only when used
     if encoding is not None and encoding.kind != "bias":         # rotated already / added at the input
@@ -114,8 +110,9 @@ def sdpa_or_fused_attention(q, k, v, encoding, q_pos, k_pos, *, segment_ids_q=No
     tiles); without them SDPA-flash with ``is_causal`` is the faster kernel (fused f+b 0.93-0.96
     of it, docs/benchmarks.md). The branch reads only Python-level facts (None-ness, shapes), so
     a compiled block traces one side of it."""
+    from megafire.attention.fused import HEAD_DIMS   # lazy, as in fused_attention
     if (segment_ids_q is not None and segment_ids_k is not None and q.shape[1] == k.shape[1]
-            and q.shape[-1] in FUSED_HEAD_DIMS):
+            and q.shape[-1] in HEAD_DIMS):
         return fused_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,
                                segment_ids_k=segment_ids_k, inline=inline, **kwargs)
     return sdpa_attention(q, k, v, encoding, q_pos, k_pos, segment_ids_q=segment_ids_q,

@@ -34,6 +34,6 @@ rounding and the hardware ``lg2.approx`` / ``ex2.approx``, relative error ~1e-7)
 """
 from __future__ import annotations
 
-from ._function import CONFIGS, FIRE_BINS, encoding_inputs, fused_bias_attention, supports
+from ._function import CONFIGS, FIRE_BINS, HEAD_DIMS, encoding_inputs, fused_bias_attention, supports
 
-__all__ = ["fused_bias_attention", "supports", "encoding_inputs", "FIRE_BINS", "CONFIGS"]
+__all__ = ["fused_bias_attention", "supports", "encoding_inputs", "FIRE_BINS", "CONFIGS", "HEAD_DIMS"]

@@ -44,6 +44,9 @@ for _key in [(d, n) for d in (64, 128) for n in ("kerple_log", "kerple_power", "
     CONFIGS.setdefault(_key, {})["pres"] = False
 del _key
 
+#: head dims the kernels compile for
+HEAD_DIMS = (16, 32, 64, 128)
+
 #: FIRE: number of bins of [0, 1] in the tile -> kink-range table
 FIRE_BINS = K.FIRE_BINS
 
@@ -631,8 +634,8 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     B, Tq, H, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[2]:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (Hq must be a multiple of Hkv)")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {D} not supported (16, 32, 64, 128)")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported {HEAD_DIMS}")
     if (segment_ids_q is None) != (segment_ids_k is None):
         raise ValueError("give both segment_ids_q and segment_ids_k, or neither")
     if not supports(encoding):
