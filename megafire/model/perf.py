@@ -26,10 +26,10 @@ None of them changes the function computed, only how:
   vocab-parallel cross entropy instead makes fp32 copies of the whole ``[tokens, vocab]``
   logits and keeps the fp32 softmax for backward (4 bytes x tokens x vocab).
 
-* ``cuda_graphs`` (``auto``: on with ``compile`` and ``inline_kernels`` on CUDA, tp = 1, pp = 1, ZeRO 0-1,
-  no activation checkpointing): each compiled block is captured
-  into CUDA graphs (inductor's cudagraph trees) and replayed: one launch per graph instead of the
-  generated code's Python launching each kernel. The trainer marks each micro-step's start
+* ``cuda_graphs`` (``auto``: on with ``compile`` and ``inline_kernels`` on CUDA, tp = 1, pp = 1,
+  ZeRO 0-1, no activation checkpointing): each compiled block is captured into CUDA graphs
+  (inductor's cudagraph trees) and replayed: one launch per graph instead of the generated
+  code's Python launching each kernel. The trainer marks each micro-step's start
   (``torch.compiler.cudagraph_mark_step_begin``) so gradient accumulation starts a new replay,
   and the parameters' gradients are copied out of the graphs' memory once per optimizer step
   (:func:`own_graph_gradients`).
@@ -46,6 +46,7 @@ switches a built model. Both are called by the trainer before DeepSpeed wraps th
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,8 @@ class PerfFlags:
     why: str = ""                 # why an ``auto`` switch resolved off, for the run log
 
     def describe(self) -> str:
-        on = [k for k in ("compile", "fused_loss", "direct_linear", "inline_kernels", "cuda_graphs") if getattr(self, k)]
+        on = [k for k in ("compile", "fused_loss", "direct_linear", "inline_kernels", "cuda_graphs")
+              if getattr(self, k)]
         return f"perf: {', '.join(on) or 'no optimization'} on" + (f" ({self.why})" if self.why else "")
 
 
@@ -181,9 +183,11 @@ def own_graph_gradients(module: nn.Module) -> None:
     optimizer step, when the optimizer has set the gradients to None); later micro-steps add
     into that copy in place."""
     def own(p: torch.Tensor) -> None:
-        if p.grad is not None and p.grad is not getattr(p, "_megafire_own_grad", None):
+        mine = getattr(p, "_megafire_own_grad", None)
+        if p.grad is not None and (mine is None or p.grad is not mine()):
             p.grad = p.grad.clone()
-            p._megafire_own_grad = p.grad
+            # a weak reference: once the optimizer drops the gradient, its memory goes with it
+            p._megafire_own_grad = weakref.ref(p.grad)
     for p in module.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(own)

@@ -75,7 +75,11 @@ def test_graph_gradients_are_copied_once_per_step():
     backward_ptr(lin)
     assert lin.weight.grad is first                                  # accumulated in place, not copied
     torch.testing.assert_close(first, 2 * plain.weight.grad)
+    import weakref
+    dropped = weakref.ref(first)
+    del first
     lin.weight.grad = None                                           # the optimizer's zero_grad
+    assert dropped() is None                                         # the hook keeps no gradient alive
     assert backward_ptr(lin) != lin.weight.grad.data_ptr()
 
 
