@@ -15,6 +15,9 @@
 #   p350      350M RoPE at T=2048 profiled, with the compact peer (where the 0.93 of 12-04 goes)
 #   order     RoPE auto vs SDPA at T=512 in alternating order (arm-order effects)
 #   graphs    FIRE and RoPE with perf.cuda_graphs=true at T=512 and 2048 (full logs kept)
+#   tune      launch-config tuning of T5 and FIRE on packed rows (2 documents, N=2048, the trainer's
+#             D=64, H=12), then the attention table on packed rows at N=512 and 2048 (committed configs)
+#   tuned     after tune: T5 and FIRE alone at T=2048 in the trainer, committed configs vs the tuned ones
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -51,6 +54,15 @@ for part in "$@"; do
     order) bench ab512 200 --config configs/arms/125m-rope.yaml --peer rope@sdpa,rope@fused,rope@sdpa ;;
     graphs) LOG=1 bench cg512 170 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true
             LOG=1 bench cg2048 120 --config configs/arms/125m-fire.yaml --peer rope --perf.cuda_graphs=true "$T2048" ;;
+    tune) timeout 300 python3 -m megafire.bench.attention --tune --encodings t5,fire --seqlens 2048 --head-dims 64 \
+             --heads 12 --tokens 16384 --documents 2 --json "$OUT/tune.json" 2>&1 | filter | tail -60
+          timeout 150 python3 -m megafire.bench.attention --seqlens 512,2048 --head-dims 64 --heads 12 --tokens 16384 \
+             --documents 2 --reference-max-n 0 --json "$OUT/attn_docs.json" 2>&1 | filter | tail -24 ;;
+    tuned) for e in t5 fire; do
+             cfg=$(python3 launch/pick_tuned.py "$OUT/tune_tune.json" "$e") || continue; echo "tuned $e: $cfg"
+             bench "base_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
+             MEGAFIRE_FUSED_CONFIGS="$cfg" bench "tuned_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
+           done ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

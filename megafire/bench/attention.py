@@ -7,6 +7,12 @@ ms fwd+bwd (gradients to q, k, v and every learnable encoding parameter), TFLOP/
 (causal attention FLOPs: 2 * 2 * B * H * N^2 * D / 2 forward, 2.5x that backward), peak
 memory of fwd+bwd above the inputs, and the ratio of throughput to SDPA-flash. Also a
 correctness check of the fused kernels against a float32 reference (``--check``).
+
+``--documents K``: the fused variants (and ``--tune``) run on packed rows as the trainer feeds
+them: K documents per row, cut at seeded random points, positions restarting at 0 and segment
+ids masking attention across documents (the tile tables skip the dead tiles; FIRE / T5 tiles
+next to a restart cover wide distance ranges). ``sdpa-flash`` stays plain causal attention over
+the whole row (the speed reference; it masks nothing); reference and Flex rows are not run.
 """
 from __future__ import annotations
 
@@ -33,6 +39,24 @@ def _build(name, H, D, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         return build_encoding(name, num_heads=H, head_dim=D, **opts).to(device)
+
+
+def packed_positions(B, N, documents, device, seed=0):
+    """([B, N] positions restarting at each document, [B, N] int32 segment ids), or (arange(N), None)
+    for one document. Cuts: documents - 1 distinct random points in [1, N) per row, seeded."""
+    if documents <= 1:
+        return torch.arange(N, device=device), None
+    if documents > N:
+        raise ValueError(f"--documents {documents} > sequence length {N}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(N)
+    pos, seg = torch.empty(B, N, dtype=torch.long), torch.empty(B, N, dtype=torch.int32)
+    for b in range(B):
+        cuts = torch.sort(torch.randperm(N - 1, generator=g)[:documents - 1] + 1).values  # [K-1]
+        s = torch.bucketize(idx, cuts, right=True)                                         # [N] doc index
+        start = torch.cat([torch.zeros(1, dtype=torch.long), cuts])[s]                     # [N]
+        pos[b], seg[b] = idx - start, s.to(torch.int32)
+    return pos.to(device), seg.to(device)
 
 
 def _params(enc):
@@ -82,8 +106,8 @@ def variants(args, enc_names):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True).transpose(1, 2)
 
-    def fused(q, k, v, enc, pos):
-        return fused_bias_attention(q, k, v, enc, pos, pos)
+    def fused(q, k, v, enc, pos, seg=None):
+        return fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
 
     def reference(q, k, v, enc, pos):
         N = q.shape[1]
@@ -162,7 +186,9 @@ def _tune_candidates(D):
         [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
     bwd = [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
            ((128, 64, 8, 2), (64, 128, 8, 2)), ((64, 32, 4, 3), (32, 128, 4, 3)),
-           ((64, 64, 8, 2), (32, 64, 4, 3)), ((128, 32, 8, 2), (64, 64, 4, 2))] if D == 64 else \
+           ((64, 64, 8, 2), (32, 64, 4, 3)), ((128, 32, 8, 2), (64, 64, 4, 2)),
+           # no spills for FIRE's dq / dkdv (ptxas for sm_90: docs/kernels.md)
+           ((128, 32, 8, 2), (64, 64, 8, 2)), ((32, 64, 4, 2), (32, 64, 4, 2))] if D == 64 else \
         [((64, 64, 4, 2), (64, 64, 8, 2)), ((64, 64, 8, 2), (64, 128, 8, 2)),
          ((128, 64, 8, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3))]
     out = []
@@ -177,16 +203,16 @@ def _tune_candidates(D):
 def _tune_one(job):
     """Runs in a worker process: compile (and run once) one (D, encoding, config)."""
     import os
-    D, N, H, tokens, enc_name, cfg = job
+    D, N, H, tokens, enc_name, cfg, documents = job
     os.environ["MEGAFIRE_FUSED_CONFIGS"] = json.dumps({str(D): cfg})
     from megafire.attention.fused import fused_bias_attention
     dev = torch.device("cuda")
     B = max(1, tokens // N)
     enc = _build(enc_name, H, D, dev)
     q, k, v = [torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    pos = torch.arange(N, device=dev)
+    pos, seg = packed_positions(B, N, documents, dev)
     try:
-        fused_bias_attention(q, k, v, enc, pos, pos).sum().backward()
+        fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg).sum().backward()
         torch.cuda.synchronize()
         return "ok"
     except Exception as e:  # noqa
@@ -204,7 +230,7 @@ def tune(args):
     for D in [int(x) for x in args.head_dims.split(",")]:
         for e in encs:
             for kind, cfg in _tune_candidates(D):
-                jobs.append((D, N, args.heads, args.tokens, e, cfg))
+                jobs.append((D, N, args.heads, args.tokens, e, cfg, args.documents))
     t0 = time.time()
     ctx = mp.get_context("spawn")
     with ctx.Pool(min(14, len(jobs))) as pool:
@@ -214,15 +240,15 @@ def tune(args):
     from megafire.attention.fused import fused_bias_attention
     dev = torch.device("cuda")
     res = []
-    for (D, N_, H, tokens, e, cfg), st_ in zip(jobs, status):
+    for (D, N_, H, tokens, e, cfg, docs), st_ in zip(jobs, status):
         if st_ != "ok":
             continue
         os.environ["MEGAFIRE_FUSED_CONFIGS"] = json.dumps({str(D): cfg})
         B = max(1, tokens // N_)
         enc = _build(e, H, D, dev)
         q, k, v = [torch.randn(B, N_, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-        pos = torch.arange(N_, device=dev)
-        fn = lambda: fused_bias_attention(q, k, v, enc, pos, pos)  # noqa
+        pos, seg = packed_positions(B, N_, docs, dev)
+        fn = lambda: fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)  # noqa
         if "fwd" in cfg:
             with torch.no_grad():
                 ms = _time(fn, 100)
@@ -236,7 +262,7 @@ def tune(args):
                     t.grad = None
                 fn().backward(do)
             ms = _time(fb, 150)
-        row = dict(D=D, N=N_, enc=e, cfg=cfg, ms=ms)
+        row = dict(D=D, N=N_, documents=docs, enc=e, cfg=cfg, ms=ms)
         res.append(row)
         print(json.dumps(row), flush=True)
     os.environ.pop("MEGAFIRE_FUSED_CONFIGS", None)
@@ -268,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs (first seqlen) and exit")
     ap.add_argument("--no-table", action="store_true", help="only --check (and --tune)")
+    ap.add_argument("--documents", type=int, default=1,
+                    help="packed rows: documents per row, positions restarting (fused variants and --tune)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         from megafire.config import ConfigError
@@ -294,21 +322,22 @@ def main(argv=None) -> int:
         for N in [int(x) for x in args.seqlens.split(",")]:
             B, H = max(1, args.tokens // N), args.heads
             f_fwd, f_fb = _flops(B, H, N, D)
-            pos = torch.arange(N, device=dev)
+            pos, seg = packed_positions(B, N, args.documents, dev)
             mk = lambda: torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)  # noqa
             q, k, v = mk(), mk(), mk()
             plan = [("sdpa-flash", sdpa, None)]
             plan += [(f"fused-{e}", fused, e) for e in encs]
-            if N <= args.reference_max_n:
+            if N <= args.reference_max_n and seg is None:
                 plan += [(f"reference-{e}", reference, e) for e in ("alibi", "fire")]
-            if args.flex:
+            if args.flex and seg is None:
                 plan += [(f"flex-{e}", _flex(), e) for e in encs if e != "none"]
             table = []
             for label, fn, ename in plan:
                 enc = _build(ename, H, D, dev) if ename and ename != "none" else None
                 try:
-                    ms_f, ms_fb, peak = _measure(lambda: fn(q, k, v, enc, pos), [q, k, v], _params(enc))
-                    row = dict(D=D, N=N, B=B, H=H, variant=label, ms_fwd=ms_f, ms_fwdbwd=ms_fb,
+                    run = (lambda: fn(q, k, v, enc, pos, seg)) if fn is fused else (lambda: fn(q, k, v, enc, pos))
+                    ms_f, ms_fb, peak = _measure(run, [q, k, v], _params(enc))
+                    row = dict(D=D, N=N, B=B, H=H, documents=args.documents, variant=label, ms_fwd=ms_f, ms_fwdbwd=ms_fb,
                                tflops=f_fb / ms_fb / 1e9, tflops_fwd=f_fwd / ms_f / 1e9, peak_gib=peak / 2**30)
                 except Exception as e:  # OOM, compile failure: record and go on
                     row = dict(D=D, N=N, B=B, H=H, variant=label, error=f"{type(e).__name__}: {str(e)[:120]}")
@@ -323,7 +352,8 @@ def main(argv=None) -> int:
     for table in tables:
         base = next((r for r in table if r["variant"] == "sdpa-flash" and "error" not in r), None)
         r0 = table[0]
-        print(f"\nB={r0['B']} N={r0['N']} H={r0['H']} D={r0['D']} bf16 causal")
+        docs = f", {args.documents} documents per row (fused rows)" if args.documents > 1 else ""
+        print(f"\nB={r0['B']} N={r0['N']} H={r0['H']} D={r0['D']} bf16 causal{docs}")
         print(f"{'variant':22s} {'fwd ms':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'x sdpa f':>9s} {'x sdpa fb':>9s}")
         for r in table:
             if "error" in r:
