@@ -4,11 +4,13 @@
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches
 #   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
-#             micro-batch 32 (FIRE profiled)
+#             micro-batch 32
 #   t2048     the same at T=2048, micro-batch 8
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
-#   attn      the attention kernel table (megafire bench attention)
+#   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
+#   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12),
+#             GPU time of CUDA-graph replays (--graphs)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
 #             against the compact peer and RoPE on SDPA: whether auto should pick it
@@ -36,14 +38,15 @@ for part in "$@"; do
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
-    t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 \
-             --profile "$OUT/p_fire512" ;;
+    t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 ;;
     t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
     m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
     m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
              "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
+    attnp) timeout 300 python3 -m megafire.bench.attention --seqlens 512,2048 --head-dims 64 --heads 12 \
+             --tokens 16384 --documents 2 --graphs --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
              --profile "$OUT/p_${e}2048"; done ;;
     ropefused) for t in 512 2048; do   # overrides apply to every arm: RoPE on SDPA is a run of its own

@@ -1,11 +1,12 @@
-"""``megafire bench {attention,train,rotary,overhead} ...``."""
+"""``megafire bench {attention,train,rotary,overhead,resources} ...``."""
 from __future__ import annotations
 
 import importlib
 import sys
 
 BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train",
-           "rotary": "megafire.bench.rotary", "overhead": "megafire.bench.overhead"}
+           "rotary": "megafire.bench.rotary", "overhead": "megafire.bench.overhead",
+           "resources": "megafire.bench.resources"}
 
 
 def main(argv: list[str]) -> int:

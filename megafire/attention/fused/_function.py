@@ -35,6 +35,12 @@ CONFIGS = {
     (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3)),
     128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=False),
     (128, "t5"): dict(fwd=(128, 128, 8, 2), skip_bwd=True),
+    # T5 / FIRE at D=64: 64x64 forward tiles. At 128x64 / 4 warps both forwards spill (T5 3.4 KB per
+    # thread, FIRE 0.5 KB: `megafire bench resources`); on packed rows (2 documents, N=2048, H=12,
+    # the trainer's shape) T5's forward took 4.57 ms against 0.81 here, its whole training step 1.61x
+    # faster (docs/benchmarks.md, 2026-12-04; `--tune --documents 2`: fastest fwd and bwd candidates)
+    (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False),
+    (64, "fire"): dict(fwd=(64, 64, 4, 3)),
     (128, "fire"): dict(skip_bwd=True),
 }
 # Kerple / T5 without the P-residual MMA: it is 13-15% of their fwd+bwd (N=4096, D=64) and their

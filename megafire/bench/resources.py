@@ -1,0 +1,154 @@
+"""``megafire bench resources``: what the fused attention kernels cost in registers, compiled for a
+Hopper GPU on any machine (no GPU needed).
+
+For each encoding and head dim it records the launches of one forward and one backward of
+``fused_bias_attention`` (nothing runs: Triton's driver is swapped for one that names an sm_90
+GPU), compiles each attention kernel with the launch configuration the run would use (the
+committed ``CONFIGS``, or ``MEGAFIRE_FUSED_CONFIGS``), assembles its PTX with the ``ptxas``
+that Triton ships (``-v``) and prints registers per thread, spill stores / loads and stack
+frame bytes per kernel. A kernel at the 255-register limit that spills keeps part of its tile
+state in local memory (L1 / L2 round trips inside the key loop): on packed rows (two documents)
+T5's forward at 128x64 / 4 warps spilled 3.4 KB per thread and ran 5.7x slower than at 64x64
+(docs/benchmarks.md, 2026-12-04). Use it before timing candidates on a GPU.
+
+Example: ``megafire bench resources --encodings t5,fire --head-dims 64,128``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+
+
+class _Hopper:
+    """The part of a Triton driver that compiling for a target asks for."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _ptxas() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ptxas not found at {path} (Triton's NVIDIA backend ships it)")
+    return path
+
+
+def parse_ptxas(text: str) -> dict:
+    """ptxas -v output -> {registers, spill_stores, spill_loads, stack} (bytes; 0 when absent)."""
+    def num(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
+                serialized_wgmma="wgmma.mma_async instructions are serialized" in text)
+
+
+def _launches(name: str, D: int, N: int, H: int, documents: int) -> list:
+    """(JITFunction, args, kwargs) of one forward and one backward, recorded without running."""
+    from megafire.attention.fused import _fire_tables, _function
+    from megafire.bench.attention import _build, packed_positions
+    launches: list = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    saved = _function.wrap_triton, _fire_tables.wrap_triton
+    _function.wrap_triton = _fire_tables.wrap_triton = Record
+    try:
+        B = 1
+        enc = _build(name, H, D, "cpu")
+        q, k, v = [torch.randn(B, N, H, D).to(torch.bfloat16) for _ in range(3)]
+        pos, seg = packed_positions(B, N, documents, "cpu")
+        nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(enc, pos, N, q.device)
+        pt = _function.position_tables(pos, pos, B, N, N)
+        static = (nm, True, D ** -0.5, eps, use_log, nb, md, nm in _function.LEARNED)
+        o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
+        _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg, params, aux,
+                                           tables, *static)
+    finally:
+        _function.wrap_triton, _fire_tables.wrap_triton = saved
+    return launches
+
+
+def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2) -> list[dict]:
+    """One row per attention kernel of encoding ``name`` at head dim ``D``: the launch config and
+    ptxas' resource usage for sm_90a."""
+    import triton
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("megafire bench resources compiles real kernels: unset TRITON_INTERPRET")
+    drivers = triton.runtime.driver
+    saved = getattr(drivers, "_active", None)   # None on a machine without a GPU driver
+    drivers.set_active(_Hopper())
+    rows = []
+    try:
+        for kernel, args, kwargs in _launches(name, D, N, H, documents):
+            kname = kernel.fn.__name__
+            if kname not in ATTENTION_KERNELS:
+                continue
+            warps, stages = kwargs.get("num_warps", 4), kwargs.get("num_stages", 2)
+            const = {key: val for key, val in kwargs.items() if key not in ("num_warps", "num_stages")}
+            compiled = kernel.warmup(*args, grid=(1,), num_warps=warps, num_stages=stages, **const)
+            named = dict(zip(kernel.arg_names, args), **const)
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = os.path.join(tmp, "k.ptx")
+                with open(ptx, "w") as f:
+                    f.write(compiled.asm["ptx"])
+                out = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                     capture_output=True, text=True, check=True)
+            rows.append(dict(encoding=name, D=D, kernel=kname, BM=named.get("BM"), BN=named.get("BN"),
+                             warps=warps, stages=stages, **parse_ptxas(out.stderr)))
+    finally:
+        drivers._active = saved
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megafire bench resources", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encodings", default="none,alibi,kerple_log,kerple_power,t5,fire")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--documents", type=int, default=2, help="packed rows (the trainer's HAS_SEG kernels)")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"{'encoding':13s} {'D':>4s} {'kernel':17s} {'tile':>8s} {'warps':>5s} {'stg':>3s} {'regs':>5s} "
+          f"{'spill st':>8s} {'spill ld':>8s} {'stack':>6s}  wgmma")
+    for D in [int(x) for x in args.head_dims.split(",")]:
+        for name in args.encodings.split(","):
+            for r in resources(name, D, documents=args.documents):
+                rows.append(r)
+                print(f"{r['encoding']:13s} {r['D']:4d} {r['kernel']:17s} {r['BM']:>4}x{r['BN']:<3} {r['warps']:5d} "
+                      f"{r['stages']:3d} {r['registers']:5d} {r['spill_stores']:8d} {r['spill_loads']:8d} "
+                      f"{r['stack']:6d}  {'serialized' if r['serialized_wgmma'] else ''}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
