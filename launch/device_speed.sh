@@ -9,8 +9,8 @@
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
 #   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
-#   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12),
-#             GPU time of CUDA-graph replays (--graphs)
+#   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12;
+#             eager calls: at N=512 the per-call table launches dominate the fused rows)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
 #             against the compact peer and RoPE on SDPA: whether auto should pick it
@@ -20,6 +20,8 @@
 #   tune      launch-config tuning of T5 and FIRE on packed rows (2 documents, N=2048, the trainer's
 #             D=64, H=12), then the attention table on packed rows at N=512 and 2048 (committed configs)
 #   tuned     after tune: T5 and FIRE alone at T=2048 in the trainer, committed configs vs the tuned ones
+#   defer     T5's deferred boundary sums in dq (config defer): the trainer's T5 arm at T=2048 off / on,
+#             and the GPU bf16 test of T5 with it on
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -46,7 +48,7 @@ for part in "$@"; do
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     attnp) timeout 300 python3 -m megafire.bench.attention --seqlens 512,2048 --head-dims 64 --heads 12 \
-             --tokens 16384 --documents 2 --graphs --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
+             --tokens 16384 --documents 2 --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
              --profile "$OUT/p_${e}2048"; done ;;
     ropefused) for t in 512 2048; do   # overrides apply to every arm: RoPE on SDPA is a run of its own
@@ -66,6 +68,11 @@ for part in "$@"; do
              bench "base_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
              MEGAFIRE_FUSED_CONFIGS="$cfg" bench "tuned_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
            done ;;
+    defer) for d in false true; do
+             MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"defer\": $d}}" bench "defer_$d" 150 --config configs/arms/125m-t5.yaml \
+               --peer none "$T2048"; done
+           MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true}, "128": {"defer": true}}' timeout 200 python3 -m pytest -q -m gpu \
+             -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16 and t5" 2>&1 | tail -3 ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

@@ -349,6 +349,34 @@ def test_light_and_heavy_tile_loops(name, ku, monkeypatch):
     _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
 
 
+def test_t5_deferred_boundary_sums(monkeypatch):
+    """``defer`` (T5): the dq kernel's heavy tiles keep per-boundary row sums in a register tile
+    and add them to the bucket gradients once per program. Same gradients as the reference on
+    packed documents (heavy tiles next to each restart), a decode offset and a ragged tail; the
+    launches are recorded to show the deferred variant is the one that ran."""
+    from megafire.attention.fused import CONFIGS, _function
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], defer=True))
+    seen = []
+    real = _function.wrap_triton
+
+    def recording(kernel):
+        launch = real(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    seen.append((kernel.fn.__name__, kwargs.get("DEFER")))
+                    return launch[grid](*args, **kwargs)
+                return run
+        return Grid()
+
+    monkeypatch.setattr(_function, "wrap_triton", recording)
+    _run("t5", B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52])
+    _run("t5", B=1, Tq=6, Tk=35, offset=3)
+    _run("t5", B=1, Tq=37, Tk=37)
+    assert ("_bwd_dq_kernel", True) in seen and ("_bwd_dq_kernel", False) not in seen, seen
+
+
 def test_fire_tables_exact():
     """The segment tables reproduce f on a dense grid (incl. kinks outside [0, 1], w1 = 0)."""
     from megafire.attention.fused._fire_tables import fire_tables

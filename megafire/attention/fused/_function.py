@@ -23,6 +23,8 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: pres: with parameter gradients in half precision, P V also adds the probabilities' rounding
 #: residual (one more MMA in the forward; exact delta for the parameter gradients; default on).
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
+#: defer (T5): the dq kernel's heavy tiles keep per-boundary row sums in a [BM, buckets] register
+#: tile and reduce them once per program (default off until timed: docs/kernels.md).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -370,8 +372,8 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
         q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
         H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-        PGRAD=pgrad, BM=BM, BN=BN, NSP=max(16, 1 << (NS - 1).bit_length()), num_warps=warps, num_stages=stages,
-        **common)
+        PGRAD=pgrad, BM=BM, BN=BN, NSP=max(16, 1 << (NS - 1).bit_length()), DEFER=bool(cfg.get("defer", False)),
+        num_warps=warps, num_stages=stages, **common)
     BM, BN, warps, stages = cfg["dkdv"]
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)

@@ -654,14 +654,16 @@ def _add_at(row, idx, val, NSP: tl.constexpr):
 
 @triton.jit
 def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-             dq, acc1, acc2, runP, runQ, cur,
+             dq, acc1, acc2, runP, runQ, cur, gacc,
              kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
              H, W, NS, RT, Tq, Tk, scale2,
              BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr):
-    """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel)."""
+             BN: tl.constexpr, DEFER: tl.constexpr = False):
+    """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel).
+    gacc (T5, DEFER, heavy tiles): [BM, NSP] per-row sums per bucket boundary, reduced over rows
+    once after the heavy loop; elsewhere passed through untouched."""
     offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
                                                      Tk, BN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
@@ -717,14 +719,24 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                                                              USE_LOG, NSP)
             else:
                 if HEAVY:
-                    for kk in range(s_lo + 1, s_hi + 1):
-                        _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
+                    if DEFER:
+                        # per boundary a row sum only (in-warp); the rows' cross-warp sum and the
+                        # atomic run once per program instead of once per boundary (~50 per row
+                        # program next to the diagonal at 64x64 tiles)
+                        lanes = tl.arange(0, NSP)
+                        for kk in range(s_lo + 1, s_hi + 1):
+                            thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
+                            rs = tl.sum(tl.where(rf >= thr, ds, 0.0), 1)
+                            gacc += tl.where(lanes[None, :] == kk, rs[:, None], 0.0)
+                    else:
+                        for kk in range(s_lo + 1, s_hi + 1):
+                            _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
                 else:
                     if s_hi > s_lo:
                         for u in tl.static_range(1, KU):
                             if s_lo + u <= s_hi:
                                 _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT, NSP)
-    return dq, acc1, acc2, runP, runQ, cur
+    return dq, acc1, acc2, runP, runQ, cur, gacc
 
 
 @triton.jit
@@ -760,7 +772,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                    USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                    PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
-                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16):
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
+                   DEFER: tl.constexpr = False):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -772,6 +785,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     Light tiles (at most KU kinks / boundaries): unrolled guarded blocks in the
     software-pipelined loop; from the first heavy tile on (SPL): a second loop.
     NSP: a power of two >= NS, the lanes of ``_add_at`` (the sums at data-dependent indices).
+    DEFER (T5): the heavy loop keeps its per-boundary sums as [BM, NSP] row partials and adds
+    them to ``G`` after the loop (one cross-row reduction), not per boundary and tile.
     """
     pid_m = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
@@ -810,22 +825,29 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                                                        svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
                                                        BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
+    nogacc = 0.0
     for start_n in range(lo, split, BN):
         rec, a2, d2 = rec_n, a2_n, d2_n
         rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-        dq, acc1, acc2, runP, runQ, cur = _dq_step(
+        dq, acc1, acc2, runP, runQ, cur, nogacc = _dq_step(
             start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-            dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
-            kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
-            PGRAD, TABLE, KU, False, NSP, BM, BN)
+            dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+            svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+            SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN)
     if TABLE:
+        gacc = nogacc
+        if DEFER and PGRAD and (BIAS == 4):
+            gacc = tl.zeros([BM, NSP], tl.float32)
         for start_n in range(split, hi, BN):
             rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-            dq, acc1, acc2, runP, runQ, cur = _dq_step(
+            dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
                 start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-                dq, acc1, acc2, runP, runQ, cur, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
-                kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP,
-                PGRAD, TABLE, KU, True, NSP, BM, BN)
+                dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER)
+        if DEFER and PGRAD and (BIAS == 4):
+            lanes = tl.arange(0, NSP)
+            tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
     dq = dq * scale
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
