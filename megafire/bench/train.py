@@ -227,11 +227,23 @@ def _print(summary: dict) -> None:
               f"{1000 * s['step_time_s']:>9.1f} ms/step  MFU {mfu}  peak {mem}  ({s['num_steps']} steps)")
 
 
+def parse_arm(name: str) -> tuple[str, str]:
+    """``--peer`` entry -> (encoding, attention backend or ""): ``rope@sdpa`` -> ("rope", "sdpa").
+    ConfigError for a backend megafire does not have, or one given to the compact peer."""
+    from megafire.attention import BACKENDS
+    from megafire.config import ConfigError
+    encoding, at, backend = name.partition("@")
+    if at and (encoding == "compact" or backend not in BACKENDS):
+        raise ConfigError(f"megafire bench train --peer {name}: the part after '@' is an attention.backend of a "
+                          f"megafire arm (allowed: {', '.join(BACKENDS)}); the compact peer has none")
+    return encoding, backend
+
+
 def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
              seq_lens: list[int] | None = None) -> dict[str, dict]:
     """{suffix: summary}: one run, or one per fused_rotary variant for rope under --rope-variants.
     ``seq_lens``: the lengths the main arm ran (the compact peer times only those)."""
-    encoding, _, backend = encoding.partition("@")
+    encoding, backend = parse_arm(encoding)
     if backend:
         overrides = [*overrides, f"--attention.backend={backend}"]
     label = f"{encoding}@{backend}" if backend else encoding
@@ -269,13 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     encoding = load_config(args.config, overrides).model.position.name
     names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
-    from megafire.attention import BACKENDS
-    from megafire.config import ConfigError
-    for name in names:
-        enc, at, backend = name.partition("@")
-        if at and (enc == "compact" or backend not in BACKENDS):
-            raise ConfigError(f"megafire bench train --peer {name}: the part after '@' is an attention.backend of a "
-                              f"megafire arm (allowed: {', '.join(BACKENDS)}); the compact peer has none")
+    for name in names:   # every entry checked before the first arm runs
+        parse_arm(name)
     if "compact" in names:
         import torch
         if not torch.cuda.is_available():   # before the main arm runs, not after
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     mains = {k: v for k, v in result.items() if k.startswith("main")}
     seq_lens = sorted({int(n) for main in mains.values() for n in main["by_seq_len"]})
     for name in names:
-        enc = name.partition("@")[0]
+        enc = parse_arm(name)[0]
         peers = _run_arm(args, overrides, name, None if enc == "compact" else enc, seq_lens)
         for suffix, peer in peers.items():
             key = "peer" + (f"_{suffix}" if suffix else "") + (f"_{name.replace('@', '_')}" if len(names) > 1 else "")
