@@ -194,7 +194,9 @@ def _tune_candidates(D):
            # no spills for FIRE's dq / dkdv (ptxas for sm_90: docs/kernels.md)
            ((128, 32, 8, 2), (64, 64, 8, 2)), ((32, 64, 4, 2), (32, 64, 4, 2))] if D == 64 else \
         [((64, 64, 4, 2), (64, 64, 8, 2)), ((64, 64, 8, 2), (64, 128, 8, 2)),
-         ((128, 64, 8, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3))]
+         ((128, 64, 8, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3)),
+         # dkdv with (almost) no spills at D=128 (`megafire bench resources`: 64x64/4 spills 264-972 bytes)
+         ((128, 64, 8, 2), (64, 64, 8, 2)), ((128, 64, 8, 2), (64, 32, 4, 2))]
     out = []
     for skip in (1, 0):
         for f in fwd:
