@@ -9,8 +9,8 @@
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
 #   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
-#   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12;
-#             eager calls: at N=512 the per-call table launches dominate the fused rows)
+#   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12),
+#             GPU kernel time per call (--kernel-time: the eager calls' host launch cost is not in it)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
 #   ropefused RoPE with attention.backend=fused (no bias term, dead tiles skipped) at T=512 and 2048,
 #             against the compact peer and RoPE on SDPA: whether auto should pick it
@@ -35,7 +35,8 @@ bench() {   # tag timeout args...
 for part in "$@"; do
   case $part in
     tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused tests/model/test_model_gpu.py \
-             tests/train/test_train_perf.py tests/train/test_bench_memory.py tests/positional/test_rotary_triton.py 2>&1 \
+             tests/train/test_train_perf.py tests/train/test_bench_memory.py tests/positional/test_rotary_triton.py \
+             tests/attention/test_bench_packed_rows.py 2>&1 \
              | tee "$OUT/gpu_tests.log" \
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
@@ -48,7 +49,7 @@ for part in "$@"; do
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     attnp) timeout 300 python3 -m megafire.bench.attention --seqlens 512,2048 --head-dims 64 --heads 12 \
-             --tokens 16384 --documents 2 --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
+             --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
     p2048) for e in t5 fire; do bench "p2048_$e" 280 --config "configs/arms/125m-$e.yaml" --peer none "$T2048" \
              --profile "$OUT/p_${e}2048"; done ;;
     ropefused) for t in 512 2048; do   # overrides apply to every arm: RoPE on SDPA is a run of its own

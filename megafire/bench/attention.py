@@ -15,8 +15,10 @@ next to a restart cover wide distance ranges). ``sdpa-flash`` stays plain causal
 the whole row (the speed reference; it masks nothing); reference and Flex rows are not run. Each
 call is timed eagerly: at small N (B=32, N=512) the per-call position / tile tables' launches
 dominate a fused row (the trainer traces them into its compiled graph); ``--tune`` at N=2048
-ranked T5's forward configs 4.57 vs 0.81 ms, kernel time. A CUDA-graph timing of the backward
-failed on an H200 (capture error, then the RNG offset left inside the capture): not offered.
+ranked T5's forward configs 4.57 vs 0.81 ms, kernel time. ``--kernel-time`` reports the summed
+GPU time of each call's kernels instead (torch.profiler), which that launch cost is not in. (A
+CUDA-graph timing of the backward failed on an H200: capture error, then the RNG offset left
+inside the capture.)
 """
 from __future__ import annotations
 
@@ -77,10 +79,31 @@ def _time(fn, reps_ms=200):
     return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
 
 
+#: ``--kernel-time``: ms = GPU time of the call's kernels (torch.profiler, summed), not wall time
+KERNEL_TIME = {"on": False}
+
+
+def kernel_ms(fn, reps: int = 20) -> float:
+    """Mean GPU time per call of ``fn``: the device time of every kernel / copy it launches,
+    summed over ``reps`` calls (torch.profiler, CUDA activity) and divided by ``reps``. Host launch
+    cost is not in it (the eager call's table launches are, as GPU work): what a step replayed
+    as CUDA graphs pays. Idle gaps between kernels are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return us / reps / 1000.0
+
+
 def _measure(run_fwd, inputs, params):
     """run_fwd() -> out; returns (ms_fwd, ms_fwdbwd, peak_bytes)."""
+    timer = kernel_ms if KERNEL_TIME["on"] else _time
     with torch.no_grad():
-        ms_f = _time(run_fwd)
+        ms_f = timer(run_fwd)
     grads_of = [t for t in inputs if t.requires_grad] + params
     out = run_fwd()
     do = torch.randn_like(out)
@@ -91,7 +114,7 @@ def _measure(run_fwd, inputs, params):
         run_fwd().backward(do)
     fb()
     torch.cuda.synchronize()
-    ms_fb = _time(fb)
+    ms_fb = timer(fb)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -257,7 +280,7 @@ def tune(args):
         fn = lambda: fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)  # noqa
         if "fwd" in cfg:
             with torch.no_grad():
-                ms = _time(fn, 100)
+                ms = kernel_ms(fn) if KERNEL_TIME["on"] else _time(fn, 100)
         else:
             out = fn()
             do = torch.randn_like(out)
@@ -267,7 +290,7 @@ def tune(args):
                 for t in ps:
                     t.grad = None
                 fn().backward(do)
-            ms = _time(fb, 150)
+            ms = kernel_ms(fb) if KERNEL_TIME["on"] else _time(fb, 150)
         row = dict(D=D, N=N_, documents=docs, enc=e, cfg=cfg, ms=ms)
         res.append(row)
         print(json.dumps(row), flush=True)
@@ -300,9 +323,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs (first seqlen) and exit")
     ap.add_argument("--no-table", action="store_true", help="only --check (and --tune)")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="ms = summed GPU time of each call's kernels (torch.profiler), not wall time")
     ap.add_argument("--documents", type=int, default=1,
                     help="packed rows: documents per row, positions restarting (fused variants and --tune)")
     args = ap.parse_args(argv)
+    KERNEL_TIME["on"] = args.kernel_time
     if not torch.cuda.is_available():
         from megafire.config import ConfigError
         raise ConfigError("megafire bench attention needs a CUDA GPU")
@@ -359,7 +385,8 @@ def main(argv=None) -> int:
         base = next((r for r in table if r["variant"] == "sdpa-flash" and "error" not in r), None)
         r0 = table[0]
         docs = f", {args.documents} documents per row (fused rows)" if args.documents > 1 else ""
-        print(f"\nB={r0['B']} N={r0['N']} H={r0['H']} D={r0['D']} bf16 causal{docs}")
+        kt = ", GPU kernel time (--kernel-time)" if args.kernel_time else ""
+        print(f"\nB={r0['B']} N={r0['N']} H={r0['H']} D={r0['D']} bf16 causal{docs}{kt}")
         print(f"{'variant':22s} {'fwd ms':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'x sdpa f':>9s} {'x sdpa fb':>9s}")
         for r in table:
             if "error" in r:

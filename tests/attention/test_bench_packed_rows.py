@@ -29,3 +29,34 @@ def test_one_document_is_plain_positions_and_too_many_is_an_error():
     assert seg is None and torch.equal(pos, torch.arange(16))
     with pytest.raises(ValueError, match="--documents 17 > sequence length 16"):
         packed_positions(2, 16, 17, "cpu")
+
+
+@pytest.mark.gpu
+def test_kernel_time_excludes_host_gaps():
+    """``--kernel-time``: a call that is one large matmul has kernel time close to its wall time;
+    the same matmul behind 20 ms of host sleep keeps its kernel time while the wall time grows."""
+    import time
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from megafire.bench.attention import kernel_ms
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def matmul():
+        return a @ a
+
+    def slow():
+        time.sleep(0.02)
+        return a @ a
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    matmul()
+    start.record()
+    for _ in range(10):
+        matmul()
+    end.record()
+    torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / 10
+    k_fast, k_slow = kernel_ms(matmul, 10), kernel_ms(slow, 10)
+    assert 0.7 * wall < k_fast < 1.1 * wall, (k_fast, wall)
+    assert abs(k_slow - k_fast) < 0.2 * k_fast and k_slow < 5.0, (k_slow, k_fast)   # not the 20 ms sleep
