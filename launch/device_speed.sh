@@ -22,6 +22,9 @@
 #   tuned     after tune: T5 and FIRE alone at T=2048 in the trainer, committed configs vs the tuned ones
 #   defer     T5's deferred boundary sums in dq (config defer): the trainer's T5 arm at T=2048 off / on,
 #             and the GPU bf16 test of T5 with it on
+#   layouts   (kind nvidia-h200-x2) the issue's DP=2 / TP=2 / PP=2 goal: the 125M FIRE arm in the layouts one,
+#             dp2, tp2, pp2 (launch/eight_gpu.sh), as the 2026-11-22 table, at the current trainer (perf switches
+#             on where they apply: graphs only at tp = pp = 1)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -74,6 +77,10 @@ for part in "$@"; do
                --peer none "$T2048"; done
            MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true}, "128": {"defer": true}}' timeout 200 python3 -m pytest -q -m gpu \
              -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16 and t5" 2>&1 | tail -3 ;;
+    layouts) NPROC_PER_NODE=2 MEGAFIRE_PYTHON=python3 timeout 560 bash launch/eight_gpu.sh --steps 30 \
+             --out "$OUT/layouts" --config configs/arms/125m-fire.yaml --layouts "one dp2 tp2 pp2" -- \
+             --train.tokens_per_step=131072 --train.micro_batch_tokens=16384 --data.corpus=synthetic \
+             --tracking.enabled=false 2>&1 | filter | grep -E "tokens/s|layout|rel|MFU|Error|error" | tail -40 ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;
