@@ -20,8 +20,10 @@
 #   tune      launch-config tuning of T5 and FIRE on packed rows (2 documents, N=2048, the trainer's
 #             D=64, H=12), then the attention table on packed rows at N=512 and 2048 (committed configs)
 #   tuned     after tune: T5 and FIRE alone at T=2048 in the trainer, committed configs vs the tuned ones
-#   defer     T5's deferred boundary sums in dq (config defer): the trainer's T5 arm at T=2048 off / on,
-#             and the GPU bf16 test of T5 with it on
+#   variants  the prepared, untimed kernel options, each arm alone at 125M T=2048 (then T=512): T5 with
+#             `defer` and `segment_bounds` (configs), FIRE with `segment_bounds` and KU=2 (MEGAFIRE_FUSED_KU;
+#             on CPU tables they move FIRE's heavy-loop share of live tiles from 86% to 0.3%); then the GPU
+#             bf16 tests of T5 / FIRE with all of them on
 #   layouts   (kind nvidia-h200-x2) the issue's DP=2 / TP=2 / PP=2 goal: the 125M FIRE arm in the layouts one,
 #             dp2, tp2, pp2 (launch/eight_gpu.sh), as the 2026-11-22 table, at the current trainer (perf switches
 #             on where they apply: graphs only at tp = pp = 1)
@@ -72,11 +74,17 @@ for part in "$@"; do
              bench "base_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
              MEGAFIRE_FUSED_CONFIGS="$cfg" bench "tuned_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
            done ;;
-    defer) for d in false true; do
-             MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"defer\": $d}}" bench "defer_$d" 150 --config configs/arms/125m-t5.yaml \
-               --peer none "$T2048"; done
-           MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true}, "128": {"defer": true}}' timeout 200 python3 -m pytest -q -m gpu \
-             -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16 and t5" 2>&1 | tail -3 ;;
+    variants) for len in 2048 512; do
+             st="--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]"
+             for v in "t5 1 {}" "t5 1 {\"defer\":true}" "t5 1 {\"defer\":true,\"segment_bounds\":true}" \
+                      "fire 1 {}" "fire 1 {\"segment_bounds\":true}" "fire 2 {\"segment_bounds\":true}" "fire 2 {}"; do
+               set -- $v; tag="v${len}_$1_ku$2_$(echo "$3" | tr -cd 'a-z_')"
+               MEGAFIRE_FUSED_KU=$2 MEGAFIRE_FUSED_CONFIGS="{\"64\": $3}" bench "$tag" 90 \
+                 --config "configs/arms/125m-$1.yaml" --peer none "$st"
+             done; done
+           MEGAFIRE_FUSED_KU=2 MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true, "segment_bounds": true}, "128": {"defer": true, "segment_bounds": true}}' \
+             timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
+             -k "gpu_bf16 and (t5 or fire)" 2>&1 | tail -3 ;;
     layouts) NPROC_PER_NODE=2 MEGAFIRE_PYTHON=python3 timeout 560 bash launch/eight_gpu.sh --steps 30 \
              --out "$OUT/layouts" --config configs/arms/125m-fire.yaml --layouts "one dp2 tp2 pp2" -- \
              --train.tokens_per_step=131072 --train.micro_batch_tokens=16384 --data.corpus=synthetic \

@@ -1,4 +1,4 @@
-"""``megafire bench {attention,train,rotary,overhead,resources} ...``."""
+"""``megafire bench {attention,train,rotary,overhead,resources,tiles} ...``."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +6,7 @@ import sys
 
 BENCHES = {"attention": "megafire.bench.attention", "train": "megafire.bench.train",
            "rotary": "megafire.bench.rotary", "overhead": "megafire.bench.overhead",
-           "resources": "megafire.bench.resources"}
+           "resources": "megafire.bench.resources", "tiles": "megafire.bench.tiles"}
 
 
 def main(argv: list[str]) -> int:

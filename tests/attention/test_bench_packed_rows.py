@@ -60,3 +60,34 @@ def test_kernel_time_excludes_host_gaps():
     k_fast, k_slow = kernel_ms(matmul, 10), kernel_ms(slow, 10)
     assert 0.7 * wall < k_fast < 1.1 * wall, (k_fast, wall)
     assert abs(k_slow - k_fast) < 0.2 * k_fast and k_slow < 5.0, (k_slow, k_fast)   # not the 20 ms sleep
+
+
+def _tiles(tmp_path, *extra):
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / f"tiles{len(list(tmp_path.iterdir()))}.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGAFIRE_FUSED_KU", "MEGAFIRE_FUSED_CONFIGS")}
+    done = subprocess.run([sys.executable, "-m", "megafire.cli", "bench", "tiles", "--encodings", "fire,t5",
+                           "--seqlens", "512", "--ku", "1,2", "--segment-bounds", "0,1", "--json", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {(r["encoding"], r["ku"], r["segment_bounds"]): r for r in json.loads(out.read_text())}
+
+
+def test_bench_tiles_general_loop_share(tmp_path):
+    """``megafire bench tiles`` on the trainer's packed rows (two documents): the narrower
+    per-segment tile bounds take tiles out of FIRE's general loop, more so with KU=2; T5's
+    boundary-crossing share falls too. One document per row: segment bounds change nothing."""
+    pytest.importorskip("triton")
+    rows = _tiles(tmp_path)
+    assert len({r["live_tiles"] for r in rows.values()}) == 1           # the same tiles in every variant
+    fire = {k[1:]: r["heavy_share"] for k, r in rows.items() if k[0] == "fire"}
+    assert fire[(2, True)] < fire[(1, True)] < fire[(1, False)] and fire[(2, True)] < fire[(2, False)]
+    t5 = {k[1:]: r for k, r in rows.items() if k[0] == "t5"}
+    assert t5[(1, True)]["crossing_share"] < t5[(1, False)]["crossing_share"]
+    mono = _tiles(tmp_path, "--monotone")
+    for (enc, ku, _sb), r in mono.items():
+        other = mono[(enc, ku, not _sb)]
+        assert (r["heavy_share"], r["crossing_share"]) == (other["heavy_share"], other["crossing_share"])

@@ -267,6 +267,70 @@ def test_tile_tables_packed_documents():
     assert int(kst[0, nb - 1]) == 3 and not kst[1].any()
 
 
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_tile_tables_segment_bounds(rowwise):
+    """``segment_bounds``: where a query block and a key block share exactly one segment id, the
+    tile's bucket range is that of the pairs inside that segment (literal, from the positions),
+    not of the whole blocks; elsewhere it covers every pair. Blocks of 16 straddle the restarts at
+    9, 33 and 52, and the shared-position case (one positions row for every batch row) is run too."""
+    from types import SimpleNamespace
+
+    from megafire.attention.fused import _function as Fn
+    from megafire.attention.fused import _kernels as K
+    from megafire.positional.t5 import t5_causal_bucket
+
+    T, BS, H = 75, 16, 2
+    pos, seg = _packed(T, [9, 33, 52])
+    qp = torch.stack([pos, torch.arange(T)]).to(torch.int32) if rowwise else torch.arange(T, dtype=torch.int32)
+    sg = torch.stack([seg, torch.zeros(T, dtype=torch.long)]) if rowwise else torch.stack([seg, seg])
+    enc = _encoding("t5", H)
+    it, rt = Fn._t5_tables_for(enc.num_buckets, enc.max_distance, "cpu")
+    ft = Fn._t5_forward_table(enc.relative_attention_bias.weight.detach(), enc.num_buckets, enc.max_distance)
+    recs = {}
+    for segb in (False, True):
+        st = SimpleNamespace(table=True, tables={}, tab_bsz=2, qp=qp, kp=qp, has_seg=True, sq=sg, sk=sg,
+                             dummy_i=torch.zeros(4, dtype=torch.int32), causal=True, eps=0.0, ku=1, mode=K.T5,
+                             ft=ft, it=it, sc=torch.zeros(4), NS=enc.num_buckets, RT=rt, use_log=False, segb=segb)
+        recs[segb] = Fn._tile_tables(st, H, T, T, BS, BS)[0].view(2, -1)
+
+    def bucket(r):
+        return int(t5_causal_bucket(torch.tensor(r), enc.num_buckets, enc.max_distance))
+
+    nb = -(-T // BS)
+    blocks = [slice(i * BS, min(T, i * BS + BS)) for i in range(nb)]
+    narrowed = 0
+    for b in range(2):
+        p = qp[b] if rowwise else qp
+        for qb, qs in enumerate(blocks):
+            for kb, ks in enumerate(blocks[:qb + 1]):
+                common = set(sg[b, qs].tolist()) & set(sg[b, ks].tolist())
+                r = p[qs, None].long() - p[None, ks].long()
+                same = sg[b, qs, None] == sg[b, None, ks]
+                old, new = recs[False][b, qb * nb + kb], recs[True][b, qb * nb + kb]
+                got = (int(new) & 4095, (int(new) >> 12) & 4095)
+                if len(common) == 1:
+                    live = r[same]
+                    assert got == (bucket(max(int(live.min()), 0)), bucket(max(int(live.max()), 0))), (b, qb, kb)
+                    narrowed += got != (int(old) & 4095, (int(old) >> 12) & 4095)
+                else:   # two shared segments (or none: dead tile): the whole blocks' bounds
+                    assert int(new) == int(old), (b, qb, kb)
+                assert (int(new) >> 24) == (int(old) >> 24)   # the mask decision is unchanged
+    if rowwise:   # restarting positions: the straddling key blocks' tiles against later documents' queries
+        assert narrowed >= 3, narrowed
+
+
+@pytest.mark.parametrize("ku", ["1", "32"])
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_segment_bounds_equal_the_reference(name, ku, monkeypatch):
+    """The narrower tile bounds give the same outputs and every gradient as the float64 reference
+    (packed documents, light and heavy loops, a decode offset with segments)."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], segment_bounds=True))
+    monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=(name == "fire"))
+    _run(name, B=2, Tq=19, Tk=19, seg=True)
+
+
 @pytest.mark.parametrize("name", ["kerple_log", "fire"])
 def test_decode_offset(name):
     """Tq < Tk, positions offset (KV-cache style): end-aligned causal mask, FIRE rows >= L."""

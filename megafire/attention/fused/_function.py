@@ -23,6 +23,9 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: pres: with parameter gradients in half precision, P V also adds the probabilities' rounding
 #: residual (one more MMA in the forward; exact delta for the parameter gradients; default on).
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
+#: segment_bounds (T5 / FIRE with segment ids): a tile's distance bounds over the one segment its
+#: two blocks share, so a key block straddling a document restart does not make the later
+#: document's tiles heavy (default off until timed: docs/kernels.md).
 #: defer (T5): the dq kernel's heavy tiles keep per-boundary row sums in a [BM, buckets] register
 #: tile and reduce them once per program (default off until timed: docs/kernels.md).
 #: (D, encoding name) entries override D's. Override for tuning:
@@ -278,6 +281,8 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
         st.NS = st.W + 1
         st.sc, st.rowf = aux
     st.table = st.mode in (K.T5, K.FIRE)
+    # tile bounds over the one segment two blocks share (packed documents; CONFIGS "segment_bounds")
+    st.segb = st.table and st.has_seg and bool(_config(q.shape[-1], name).get("segment_bounds", False))
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
     st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(name, 1))) if st.table else 1
@@ -438,11 +443,18 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         qlo, qhi, qb_sb = _block_bounds(st.qp, Tq, BM)
         klo, khi, kb_sb = _block_bounds(st.kp, Tk, BN)
         sqlo, sqhi, sqb_sb, sklo, skhi, skb_sb = _segment_bounds(st, Tq, Tk, BM, BN)
+        if getattr(st, "segb", False):
+            qsb, qsb_ps, qsb_sb = _segment_position_bounds(st.qp, st.sq, Tq, BM)
+            ksb, ksb_ps, ksb_sb = _segment_position_bounds(st.kp, st.sk, Tk, BN)
+        else:
+            qsb = ksb = st.dummy_i
+            qsb_ps = qsb_sb = ksb_ps = ksb_sb = 0
         wrap_triton(K._tile_table_kernel)[(triton_cdiv(nqb * nkb, blk), bt)](
             qlo, qhi, klo, khi, sqlo, sqhi, sklo, skhi, st.ft, st.it, st.sc, tt, ta, spl, spc,
             qb_sb, kb_sb, sqb_sb, skb_sb, H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
+            qsb, ksb, qsb_ps, qsb_sb, ksb_ps, ksb_sb,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
-            num_warps=4)
+            SEGB=getattr(st, "segb", False), num_warps=4)
         st.tables[key] = (tt, ta, spl, spc)
     return st.tables[key]
 
@@ -477,6 +489,29 @@ def _live_ranges(st, Tq: int, Tk: int, BM: int, BN: int):
         qen = torch.where(meets.amax(1) > 0, nqb - meets.flip(1).argmax(1), 0)     # one past the last live
         st.tables[key] = (kst.to(torch.int32).reshape(-1).contiguous(), qen.to(torch.int32).reshape(-1).contiguous())
     return st.tables[key]
+
+
+def _segment_position_bounds(p: torch.Tensor, s: torch.Tensor, T: int, bs: int):
+    """``(bounds [4, rows, nb] int32, plane stride, row stride)``: per block of ``bs``, the min / max
+    of the positions ``p`` over the entries whose segment id ``s`` is the block's smallest (its
+    first segment), then over those whose id is its largest (its last); rows as in
+    ``_block_bounds`` (``p`` may be shared by every row). Padding of a ragged last block takes
+    neither role."""
+    nb = triton_cdiv(T, bs)
+    ps, ss = p.reshape(-1, T), s.reshape(-1, T)
+    rows = max(ps.shape[0], ss.shape[0])
+    ps, ss = ps.expand(rows, T), ss.expand(rows, T)
+    pad = nb * bs - T
+    pp = F.pad(ps, (0, pad)).view(rows, nb, bs)
+    valid = F.pad(torch.ones_like(ss, dtype=torch.bool), (0, pad)).view(rows, nb, bs)
+    sv = F.pad(ss, (0, pad)).view(rows, nb, bs)
+    big = 2 ** 31 - 1
+    out = []
+    for sid in (torch.where(valid, sv, big).amin(-1), torch.where(valid, sv, -big).amax(-1)):   # [rows, nb]
+        mine = valid & (sv == sid[..., None])
+        out += [torch.where(mine, pp, big).amin(-1), torch.where(mine, pp, -big).amax(-1)]
+    bounds = torch.stack(out).to(torch.int32).contiguous()                    # [4, rows, nb]
+    return bounds, rows * nb, (nb if rows > 1 else 0)
 
 
 def _block_bounds(p: torch.Tensor, T: int, bs: int):

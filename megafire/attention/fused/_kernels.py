@@ -153,8 +153,9 @@ def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, S
 def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, TT, TA, SPL, SPC,
                        qb_sb, kb_sb, sqb_sb, skb_sb,
                        H, Tq, Tk, NS, RT, NBINS, nqb, nkb, eps, KU,
+                       QSB, KSB, qsb_ps, qsb_sb, ksb_ps, ksb_sb,
                        BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BLK: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BLK: tl.constexpr, SEGB: tl.constexpr = False):
     """Per-tile scalars of a launch geometry (BM x BN tiles), read by the attention kernels
     with one independent load per tile instead of a dependent chain of table lookups.
 
@@ -173,6 +174,14 @@ def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, T
     Dead tiles (with segments: the query block's and key block's segment-id ranges are disjoint,
     so every score is masked) never count as heavy; the kernels' loops skip those before the first
     live key block / after the last live query block (KST / QEN, ``_live_ranges``).
+    SEGB (with segments): when the two blocks share exactly one segment id s, the distance and
+    denominator bounds are taken over the entries of s only (QSB / KSB [4, rows, blocks]: each
+    block's position min / max over its first segment's entries, then over its last's), since
+    only same-segment pairs are unmasked. A key block that straddles a document restart then no
+    longer gives the later document's queries the earlier document's positions (distance range
+    [0, everything]: every bucket / kink, the heavy loop for the rest of the row). Scores of the
+    other segments in the tile are masked (``may_mask`` is set with segments), so the bias they
+    get from the narrower bounds is never used.
     """
     pid = tl.program_id(0)
     bq = tl.program_id(1)
@@ -194,20 +203,39 @@ def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, T
         sklo = tl.load(SKLO + bq * skb_sb + kb, mask=ok, other=0)
         skhi = tl.load(SKHI + bq * skb_sb + kb, mask=ok, other=0)
         live = ok & (sklo <= sqhi) & (skhi >= sqlo)
+    # the mask decision below keeps the whole blocks' bounds; the bias bounds may narrow (SEGB)
+    bqlo, bqhi, bklo, bkhi = qlo, qhi, klo, khi
+    if HAS_SEG and SEGB:
+        cs = tl.maximum(sqlo, sklo)
+        one = cs == tl.minimum(sqhi, skhi)     # exactly one common segment id
+        qf = one & (cs == sqlo)
+        ql = one & (cs == sqhi) & ~qf
+        kl = one & (cs == skhi)
+        kf = one & (cs == sklo) & ~kl
+        qrow = QSB + bq * qsb_sb + qb
+        krow = KSB + bq * ksb_sb + kb
+        bqlo = tl.where(qf, tl.load(qrow, mask=ok & qf, other=0), bqlo)
+        bqhi = tl.where(qf, tl.load(qrow + qsb_ps, mask=ok & qf, other=0), bqhi)
+        bqlo = tl.where(ql, tl.load(qrow + 2 * qsb_ps, mask=ok & ql, other=0), bqlo)
+        bqhi = tl.where(ql, tl.load(qrow + 3 * qsb_ps, mask=ok & ql, other=0), bqhi)
+        bklo = tl.where(kf, tl.load(krow, mask=ok & kf, other=0), bklo)
+        bkhi = tl.where(kf, tl.load(krow + ksb_ps, mask=ok & kf, other=0), bkhi)
+        bklo = tl.where(kl, tl.load(krow + 2 * ksb_ps, mask=ok & kl, other=0), bklo)
+        bkhi = tl.where(kl, tl.load(krow + 3 * ksb_ps, mask=ok & kl, other=0), bkhi)
     den_small = qlo.to(tl.float32) * 0.0 + 1.0
     den_big = den_small
     if BIAS == 5:
         c = tl.load(SC)
         L = tl.load(SC + 1)
-        ilo = tl.maximum(qlo.to(tl.float32), L)
-        ihi = tl.maximum(qhi.to(tl.float32), L)
+        ilo = tl.maximum(bqlo.to(tl.float32), L)
+        ihi = tl.maximum(bqhi.to(tl.float32), L)
         if USE_LOG:
             den_small = tl.log(1.0 + c * ilo) + eps
             den_big = tl.log(1.0 + c * ihi) + eps
         else:
             den_small = ilo + eps
             den_big = ihi + eps
-    s_lo, s_hi = _tile_segs(BIAS, qlo, qhi, klo, khi, den_small, den_big, IT, SC, RT, NBINS, USE_LOG)
+    s_lo, s_hi = _tile_segs(BIAS, bqlo, bqhi, bklo, bkhi, den_small, den_big, IT, SC, RT, NBINS, USE_LOG)
     need = (n0 + BN > Tk) | (m0 + BM > Tq)
     if CAUSAL:
         need = need | (n0 + BN - 1 > m0 + (Tk - Tq)) | (khi > qlo)
