@@ -50,22 +50,30 @@ def _expected_writes(name: str) -> list:
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
 
 
-def test_inductor_sees_exactly_what_each_launch_writes():
+@pytest.mark.parametrize("options", ["committed", "prepared"])
+def test_inductor_sees_exactly_what_each_launch_writes(options):
     """On CPU, for sm_90: every launch of the inline op lowers to TTIR with Python floats typed
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
     compile), and inductor's mutation analysis finds exactly the tensors the kernel writes (an
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
-    inputs). See tests/fused/traced_launches.py."""
+    inputs). See tests/fused/traced_launches.py. "prepared": the launch options that are off by
+    default until timed (T5 ``defer``, ``segment_bounds``, KU=2), for T5 and FIRE."""
     import json
     import os
     import subprocess
     import sys
     script = os.path.join(os.path.dirname(__file__), "traced_launches.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, script, *ENCS], capture_output=True, text=True, env=env, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAFIRE_FUSED_CONFIGS",
+                                                            "MEGAFIRE_FUSED_KU")}
+    names = ENCS
+    if options == "prepared":
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"defer": True, "segment_bounds": True}}),
+                   MEGAFIRE_FUSED_KU="2")
+        names = ["t5", "fire"]
+    done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    for name in ENCS:
+    for name in names:
         assert found[name] == _expected_writes(name), (name, found[name])
 
 
