@@ -28,7 +28,7 @@ import torch
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 
 
-class _Hopper:
+class HopperDriver:
     """The part of a Triton driver that compiling for a target asks for."""
 
     def get_current_target(self):
@@ -63,35 +63,47 @@ def parse_ptxas(text: str) -> dict:
                 serialized_wgmma="wgmma.mma_async instructions are serialized" in text)
 
 
-def _launches(name: str, D: int, N: int, H: int, documents: int) -> list:
-    """(JITFunction, args, kwargs) of one forward and one backward, recorded without running."""
+def record_launches(q, k, v, encoding, pos, seg, *, backward: bool = True, run: tuple = ()) -> list:
+    """``(JITFunction, args, kwargs)`` of every kernel launch of one fused forward (and backward)
+    of ``encoding`` on ``q, k, v`` ([B, T, H, D]) with positions ``pos`` and segment ids ``seg``
+    (or None), recorded without running them; kernels named in ``run`` (e.g. the table kernels)
+    are launched for real, so the later launches get their actual tables. The fused package's
+    ``wrap_triton`` is swapped for the call and restored after."""
     from megafire.attention.fused import _fire_tables, _function
-    from megafire.bench.attention import _build, packed_positions
     launches: list = []
+    real = _function.wrap_triton
 
-    class Record:
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def wrap(kernel):
+        if kernel.fn.__name__ in run:
+            return real(kernel)
 
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+        class Record:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        return Record()
 
     saved = _function.wrap_triton, _fire_tables.wrap_triton
-    _function.wrap_triton = _fire_tables.wrap_triton = Record
+    _function.wrap_triton = _fire_tables.wrap_triton = wrap
     try:
-        B = 1
-        enc = _build(name, H, D, "cpu")
-        q, k, v = [torch.randn(B, N, H, D).to(torch.bfloat16) for _ in range(3)]
-        pos, seg = packed_positions(B, N, documents, "cpu")
-        nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(enc, pos, N, q.device)
-        pt = _function.position_tables(pos, pos, B, N, N)
+        B, N, _, D = q.shape
+        nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(encoding, pos, N, q.device)
+        pt = _function.position_tables(pos, pos, B, N, k.shape[1])
         static = (nm, True, D ** -0.5, eps, use_log, nb, md, nm in _function.LEARNED)
         o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
-        _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg, params, aux,
-                                           tables, *static)
+        if backward:
+            _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg, params,
+                                               aux, tables, *static)
     finally:
         _function.wrap_triton, _fire_tables.wrap_triton = saved
     return launches
+
+
+def _launches(name: str, D: int, N: int, H: int, documents: int) -> list:
+    """The launches of one forward and one backward on ``documents`` packed documents (B=1)."""
+    from megafire.bench.attention import _build, packed_positions
+    q, k, v = [torch.randn(1, N, H, D).to(torch.bfloat16) for _ in range(3)]
+    pos, seg = packed_positions(1, N, documents, "cpu")
+    return record_launches(q, k, v, _build(name, H, D, "cpu"), pos, seg)
 
 
 def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2) -> list[dict]:
@@ -102,7 +114,7 @@ def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2
         raise RuntimeError("megafire bench resources compiles real kernels: unset TRITON_INTERPRET")
     drivers = triton.runtime.driver
     saved = getattr(drivers, "_active", None)   # None on a machine without a GPU driver
-    drivers.set_active(_Hopper())
+    drivers.set_active(HopperDriver())
     rows = []
     try:
         for kernel, args, kwargs in _launches(name, D, N, H, documents):

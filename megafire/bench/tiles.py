@@ -27,7 +27,7 @@ def tile_mix(name: str, N: int, *, ku: int = 1, segment_bounds: bool = False, B:
     Must run under TRITON_INTERPRET=1 (set by ``main`` before importing the kernels)."""
     import torch
 
-    from megafire.attention.fused import CONFIGS, _fire_tables, _function
+    from megafire.attention.fused import CONFIGS, _function
     from megafire.bench.attention import _build
     from megafire.train.synthetic import SyntheticBatches
     if not _function._interp():
@@ -38,38 +38,23 @@ def tile_mix(name: str, N: int, *, ku: int = 1, segment_bounds: bool = False, B:
         pos, seg = batch["positions"], batch["segment_ids"].to(torch.int32)
     else:
         pos, seg = torch.arange(N).expand(B, N).contiguous(), torch.zeros(B, N, dtype=torch.int32)
-    launches = []
-    real = _function.wrap_triton
-
-    def wrap(kernel):
-        if kernel.fn.__name__ in ("_tile_table_kernel", "_fire_prep_kernel"):
-            return real(kernel)
-
-        class Record:
-            def __getitem__(self, grid):
-                return lambda *a, **k: launches.append((kernel.fn.__name__, dict(zip(kernel.arg_names, a))))
-        return Record()
-
+    from megafire.bench.resources import record_launches
     saved_cfg, saved_ku = CONFIGS["interp"], os.environ.get("MEGAFIRE_FUSED_KU")
     CONFIGS["interp"] = dict(saved_cfg, fwd=(BM, BN, 4, 1), dq=(BM, BN, 4, 1), dkdv=(BM, BN, 4, 1),
                              segment_bounds=segment_bounds)
     os.environ["MEGAFIRE_FUSED_KU"] = str(ku)
-    _function.wrap_triton = _fire_tables.wrap_triton = wrap
     try:
-        enc = _build(name, H, D, "cpu")
         q = torch.zeros(B, N, H, D)
-        nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(enc, pos, N, q.device)
-        pt = _function.position_tables(pos, pos, B, N, N)
-        static = (nm, True, D ** -0.5, eps, use_log, nb, md, nm in _function.LEARNED)
-        _function._attention_impl(q, q, q, pt, seg, seg, params, aux, *static)
+        launches = record_launches(q, q, q, _build(name, H, D, "cpu"), pos, seg, backward=False,
+                                   run=("_tile_table_kernel", "_fire_prep_kernel"))
     finally:
-        _function.wrap_triton = _fire_tables.wrap_triton = real
         CONFIGS["interp"] = saved_cfg
         if saved_ku is None:
             os.environ.pop("MEGAFIRE_FUSED_KU", None)
         else:
             os.environ["MEGAFIRE_FUSED_KU"] = saved_ku
-    fwd = dict(launches)["_fwd_kernel"]
+    kernel, args, _ = next(launch for launch in launches if launch[0].fn.__name__ == "_fwd_kernel")
+    fwd = dict(zip(kernel.arg_names, args))
     nqb, nkb = -(-N // BM), -(-N // BN)
     tt = fwd["TT"].view(-1, nqb, nkb)
     spl = fwd["SPL"].view(-1, nqb)

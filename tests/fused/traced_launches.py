@@ -26,65 +26,32 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-class _Hopper:
-    """The part of a Triton driver that lowering to TTIR asks for."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+from megafire.bench.resources import HopperDriver  # noqa: E402
 
 
 def main(names: list[str]) -> dict:
-    triton.runtime.driver.set_active(_Hopper())
+    triton.runtime.driver.set_active(HopperDriver())
     mangle = triton.runtime.jit.mangle_type
     triton.runtime.jit.mangle_type = lambda arg, *a, **k: "fp64" if isinstance(arg, float) else mangle(arg, *a, **k)
 
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
     from fused_ref import build
-    from megafire.attention.fused import _fire_tables, _function
+    from megafire.bench.resources import record_launches
 
-    launches: list = []
-
-    class Record:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    _function.wrap_triton = _fire_tables.wrap_triton = Record
     B, T, H, HKV, D = 2, 128, 4, 2, 64
     out = {}
     for name in names:
-        launches.clear()
         enc = None if name == "none" else build(name, H, D, **({"init_L": 40.0} if name == "fire" else {}))
         g = torch.Generator().manual_seed(0)
         q = torch.randn(B, T, H, D, generator=g).to(torch.bfloat16)
         k, v = [torch.randn(B, T, HKV, D, generator=g).to(torch.bfloat16) for _ in range(2)]
-        pos = torch.arange(T)
         seg = torch.zeros(B, T, dtype=torch.int32)
         seg[0, 70:] = 1
-        nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(enc, pos, T, q.device)
-        pt = _function.position_tables(pos, pos, B, T, T)
-        pgrad = nm in _function.LEARNED
-        static = (nm, True, D ** -0.5, eps, use_log, nb, md, pgrad)
-        o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
-        _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg, params, aux,
-                                           tables, *static)
+        launches = record_launches(q, k, v, enc, torch.arange(T), seg)
         rows = []
         for kernel, args, kwargs in launches:
             named = dict(zip(kernel.arg_names, args))

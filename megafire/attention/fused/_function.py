@@ -444,8 +444,8 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         klo, khi, kb_sb = _block_bounds(st.kp, Tk, BN)
         sqlo, sqhi, sqb_sb, sklo, skhi, skb_sb = _segment_bounds(st, Tq, Tk, BM, BN)
         if getattr(st, "segb", False):
-            qsb, qsb_ps, qsb_sb = _segment_position_bounds(st.qp, st.sq, Tq, BM)
-            ksb, ksb_ps, ksb_sb = _segment_position_bounds(st.kp, st.sk, Tk, BN)
+            qsb, qsb_ps, qsb_sb = _segment_position_bounds(st.qp, st.sq, sqlo, sqhi, Tq, BM)
+            ksb, ksb_ps, ksb_sb = _segment_position_bounds(st.kp, st.sk, sklo, skhi, Tk, BN)
         else:
             qsb = ksb = st.dummy_i
             qsb_ps = qsb_sb = ksb_ps = ksb_sb = 0
@@ -491,24 +491,24 @@ def _live_ranges(st, Tq: int, Tk: int, BM: int, BN: int):
     return st.tables[key]
 
 
-def _segment_position_bounds(p: torch.Tensor, s: torch.Tensor, T: int, bs: int):
+def _segment_position_bounds(p: torch.Tensor, s: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, T: int,
+                             bs: int):
     """``(bounds [4, rows, nb] int32, plane stride, row stride)``: per block of ``bs``, the min / max
-    of the positions ``p`` over the entries whose segment id ``s`` is the block's smallest (its
-    first segment), then over those whose id is its largest (its last); rows as in
-    ``_block_bounds`` (``p`` may be shared by every row). Padding of a ragged last block takes
-    neither role."""
+    of the positions ``p`` over the entries whose segment id ``s`` is the block's smallest ``smin``
+    (its first segment), then over those whose id is its largest ``smax`` (its last); ``smin`` /
+    ``smax`` are ``_block_bounds`` of ``s``. Rows as in ``_block_bounds`` (``p`` may be shared by
+    every row). Padding of a ragged last block takes neither role."""
     nb = triton_cdiv(T, bs)
     ps, ss = p.reshape(-1, T), s.reshape(-1, T)
     rows = max(ps.shape[0], ss.shape[0])
-    ps, ss = ps.expand(rows, T), ss.expand(rows, T)
     pad = nb * bs - T
-    pp = F.pad(ps, (0, pad)).view(rows, nb, bs)
-    valid = F.pad(torch.ones_like(ss, dtype=torch.bool), (0, pad)).view(rows, nb, bs)
-    sv = F.pad(ss, (0, pad)).view(rows, nb, bs)
+    pp = F.pad(ps.expand(rows, T), (0, pad)).view(rows, nb, bs)
+    # padding takes id -1: no block's min / max (a real id -1 in the block would only widen its bounds)
+    sv = F.pad(ss.expand(rows, T), (0, pad), value=-1).view(rows, nb, bs)
     big = 2 ** 31 - 1
     out = []
-    for sid in (torch.where(valid, sv, big).amin(-1), torch.where(valid, sv, -big).amax(-1)):   # [rows, nb]
-        mine = valid & (sv == sid[..., None])
+    for sid in (smin.expand(rows, nb), smax.expand(rows, nb)):                # [rows, nb]
+        mine = sv == sid[..., None]
         out += [torch.where(mine, pp, big).amin(-1), torch.where(mine, pp, -big).amax(-1)]
     bounds = torch.stack(out).to(torch.int32).contiguous()                    # [4, rows, nb]
     return bounds, rows * nb, (nb if rows > 1 else 0)
