@@ -20,10 +20,11 @@
 #   tune      launch-config tuning of T5 and FIRE on packed rows (2 documents, N=2048, the trainer's
 #             D=64, H=12), then the attention table on packed rows at N=512 and 2048 (committed configs)
 #   tuned     after tune: T5 and FIRE alone at T=2048 in the trainer, committed configs vs the tuned ones
-#   variants  the prepared, untimed kernel options, each arm alone at 125M T=2048 (then T=512): T5 with
-#             `defer` and `segment_bounds` (configs), FIRE with `segment_bounds` and KU=2 (MEGAFIRE_FUSED_KU;
-#             on CPU tables they move FIRE's heavy-loop share of live tiles from 86% to 0.3%); then the GPU
-#             bf16 tests of T5 / FIRE with all of them on
+#   variants  the kernel options of 2026-12-04, each arm alone at 125M T=2048 (then T=512): T5 with `defer` and
+#             `segment_bounds` off / defer / both (committed at D=64 since), FIRE with `segment_bounds` (committed)
+#             and KU=2 (MEGAFIRE_FUSED_KU; off). VLEN="2048" picks lengths; VARIANTS ("enc KU {config}" items
+#             joined by ;) picks the arms; DEADLINE=seconds skips a bench that would end after it
+#   vtests    the GPU bf16 tests of T5 / FIRE with every option on (KU=2 too, and at D=128)
 #   layouts   (kind nvidia-h200-x2) the issue's DP=2 / TP=2 / PP=2 goal: the 125M FIRE arm in the layouts one,
 #             dp2, tp2, pp2 (launch/eight_gpu.sh), as the 2026-11-22 table, at the current trainer (perf switches
 #             on where they apply: graphs only at tp = pp = 1)
@@ -33,7 +34,9 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
 filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
 bench() {   # tag timeout args...
-  local tag=$1 t=$2; shift 2; echo "=== $tag"
+  local tag=$1 t=$2; shift 2
+  if [ $((SECONDS + t)) -gt "${DEADLINE:-100000}" ]; then echo "=== $tag skipped (DEADLINE)"; return; fi
+  echo "=== $tag (at ${SECONDS}s)"
   timeout "$t" python3 -m megafire.cli bench train --steps 8 --warmup 3 --train.tokens_per_step=65536 \
      --out "$OUT/$tag.json" "$@" 2>&1 | { if [ -n "$LOG" ]; then tee "$OUT/$tag.log"; else cat; fi; } | filter | grep -E "tokens/s|throughput|profile|ms  |ms .*x  |host|Error|error" | tail -60
 }
@@ -74,15 +77,16 @@ for part in "$@"; do
              bench "base_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
              MEGAFIRE_FUSED_CONFIGS="$cfg" bench "tuned_$e" 150 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
            done ;;
-    variants) for len in 2048 512; do
+    variants) dv='t5 1 {"defer":false,"segment_bounds":false};t5 1 {"segment_bounds":false};t5 1 {};fire 1 {"segment_bounds":false};fire 1 {};fire 2 {};fire 2 {"segment_bounds":false}'
+             IFS=';' read -ra vs <<< "${VARIANTS:-$dv}"
+             for len in ${VLEN:-2048 512}; do
              st="--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]"
-             for v in "t5 1 {}" "t5 1 {\"defer\":true}" "t5 1 {\"defer\":true,\"segment_bounds\":true}" \
-                      "fire 1 {}" "fire 1 {\"segment_bounds\":true}" "fire 2 {\"segment_bounds\":true}" "fire 2 {}"; do
+             for v in "${vs[@]}"; do
                set -- $v; tag="v${len}_$1_ku$2_$(echo "$3" | tr -cd 'a-z_')"
                MEGAFIRE_FUSED_KU=$2 MEGAFIRE_FUSED_CONFIGS="{\"64\": $3}" bench "$tag" 90 \
                  --config "configs/arms/125m-$1.yaml" --peer none "$st"
-             done; done
-           MEGAFIRE_FUSED_KU=2 MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true, "segment_bounds": true}, "128": {"defer": true, "segment_bounds": true}}' \
+             done; done ;;
+    vtests) MEGAFIRE_FUSED_KU=2 MEGAFIRE_FUSED_CONFIGS='{"64": {"defer": true, "segment_bounds": true}, "128": {"defer": true, "segment_bounds": true}}' \
              timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
              -k "gpu_bf16 and (t5 or fire)" 2>&1 | tail -3 ;;
     layouts) NPROC_PER_NODE=2 MEGAFIRE_PYTHON=python3 timeout 560 bash launch/eight_gpu.sh --steps 30 \

@@ -56,8 +56,9 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
     compile), and inductor's mutation analysis finds exactly the tensors the kernel writes (an
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
-    inputs). See tests/fused/traced_launches.py. "prepared": the launch options that are off by
-    default until timed (T5 ``defer``, ``segment_bounds``, KU=2), for T5 and FIRE."""
+    inputs). See tests/fused/traced_launches.py. "prepared": T5 ``defer`` and ``segment_bounds`` forced on
+    (committed at D=64; the override also covers other configs) with KU=2 (untimed-better, off), for
+    T5 and FIRE."""
     import json
     import os
     import subprocess

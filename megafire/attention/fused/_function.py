@@ -25,9 +25,9 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: skip: interior tiles skip the mask (a runtime branch per tile; False: mask every tile).
 #: segment_bounds (T5 / FIRE with segment ids): a tile's distance bounds over the one segment its
 #: two blocks share, so a key block straddling a document restart does not make the later
-#: document's tiles heavy (default off until timed: docs/kernels.md).
+#: document's tiles heavy (on for T5 / FIRE at D=64, timed in the trainer; off elsewhere, untimed).
 #: defer (T5): the dq kernel's heavy tiles keep per-boundary row sums in a [BM, buckets] register
-#: tile and reduce them once per program (default off until timed: docs/kernels.md).
+#: tile and reduce them once per program (on for T5 at D=64, timed; off at D=128, untimed).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -44,8 +44,11 @@ CONFIGS = {
     # thread, FIRE 0.5 KB: `megafire bench resources`); on packed rows (2 documents, N=2048, H=12,
     # the trainer's shape) T5's forward took 4.57 ms against 0.81 here, its whole training step 1.61x
     # faster (docs/benchmarks.md, 2026-12-04; `--tune --documents 2`: fastest fwd and bwd candidates)
-    (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False),
-    (64, "fire"): dict(fwd=(64, 64, 4, 3)),
+    # defer + segment_bounds: T5 alone in the trainer (125M, packed rows, H200) 237,849 -> 349,683
+    # tokens/s at T=2048 and 323,766 -> 402,868 at T=512; segment_bounds for FIRE 287,397 -> 305,605
+    # and 393,483 -> 407,327 (docs/benchmarks.md, 2026-12-04 "variants"; KU=2 on top: within noise)
+    (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True),
+    (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True),
     (128, "fire"): dict(skip_bwd=True),
 }
 # Kerple / T5 without the P-residual MMA: it is 13-15% of their fwd+bwd (N=4096, D=64) and their
