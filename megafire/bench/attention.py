@@ -75,6 +75,9 @@ def _flops(B, H, N, D):
 
 
 def _time(fn, reps_ms=200):
+    """Median wall ms per call (triton's do_bench), or with ``--kernel-time`` :func:`kernel_ms`."""
+    if KERNEL_TIME["on"]:
+        return kernel_ms(fn)
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
 
@@ -101,9 +104,8 @@ def kernel_ms(fn, reps: int = 20) -> float:
 
 def _measure(run_fwd, inputs, params):
     """run_fwd() -> out; returns (ms_fwd, ms_fwdbwd, peak_bytes)."""
-    timer = kernel_ms if KERNEL_TIME["on"] else _time
     with torch.no_grad():
-        ms_f = timer(run_fwd)
+        ms_f = _time(run_fwd)
     grads_of = [t for t in inputs if t.requires_grad] + params
     out = run_fwd()
     do = torch.randn_like(out)
@@ -114,7 +116,7 @@ def _measure(run_fwd, inputs, params):
         run_fwd().backward(do)
     fb()
     torch.cuda.synchronize()
-    ms_fb = timer(fb)
+    ms_fb = _time(fb)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -280,7 +282,7 @@ def tune(args):
         fn = lambda: fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)  # noqa
         if "fwd" in cfg:
             with torch.no_grad():
-                ms = kernel_ms(fn) if KERNEL_TIME["on"] else _time(fn, 100)
+                ms = _time(fn, 100)
         else:
             out = fn()
             do = torch.randn_like(out)
@@ -290,7 +292,7 @@ def tune(args):
                 for t in ps:
                     t.grad = None
                 fn().backward(do)
-            ms = kernel_ms(fb) if KERNEL_TIME["on"] else _time(fb, 150)
+            ms = _time(fb, 150)
         row = dict(D=D, N=N_, documents=docs, enc=e, cfg=cfg, ms=ms)
         res.append(row)
         print(json.dumps(row), flush=True)

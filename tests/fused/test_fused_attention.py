@@ -243,7 +243,7 @@ def test_tile_tables_packed_documents():
     ft = Fn._t5_forward_table(enc.relative_attention_bias.weight.detach(), enc.num_buckets, enc.max_distance)
     st = SimpleNamespace(table=True, tables={}, tab_bsz=2, qp=qp, kp=qp, has_seg=True, sq=sg, sk=sg,
                          dummy_i=torch.zeros(4, dtype=torch.int32), causal=True, eps=0.0, ku=1, mode=K.T5,
-                         ft=ft, it=it, sc=torch.zeros(4), NS=enc.num_buckets, RT=rt, use_log=False)
+                         ft=ft, it=it, sc=torch.zeros(4), NS=enc.num_buckets, RT=rt, use_log=False, segb=False)
     tt, _ta, _spl, _spc = Fn._tile_tables(st, H, T, T, BS, BS)
     kst, qen = Fn._live_ranges(st, T, T, BS, BS)
     nb = -(-T // BS)

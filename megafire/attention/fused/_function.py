@@ -446,7 +446,7 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
         qlo, qhi, qb_sb = _block_bounds(st.qp, Tq, BM)
         klo, khi, kb_sb = _block_bounds(st.kp, Tk, BN)
         sqlo, sqhi, sqb_sb, sklo, skhi, skb_sb = _segment_bounds(st, Tq, Tk, BM, BN)
-        if getattr(st, "segb", False):
+        if st.segb:
             qsb, qsb_ps, qsb_sb = _segment_position_bounds(st.qp, st.sq, sqlo, sqhi, Tq, BM)
             ksb, ksb_ps, ksb_sb = _segment_position_bounds(st.kp, st.sk, sklo, skhi, Tk, BN)
         else:
@@ -457,7 +457,7 @@ def _tile_tables(st, H: int, Tq: int, Tk: int, BM: int, BN: int):
             qb_sb, kb_sb, sqb_sb, skb_sb, H, Tq, Tk, st.NS, st.RT, K.FIRE_BINS, nqb, nkb, st.eps, st.ku,
             qsb, ksb, qsb_ps, qsb_sb, ksb_ps, ksb_sb,
             BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, BM=BM, BN=BN, BLK=blk,
-            SEGB=getattr(st, "segb", False), num_warps=4)
+            SEGB=st.segb, num_warps=4)
         st.tables[key] = (tt, ta, spl, spc)
     return st.tables[key]
 

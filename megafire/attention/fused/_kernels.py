@@ -753,8 +753,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                         # program next to the diagonal at 64x64 tiles)
                         lanes = tl.arange(0, NSP)
                         for kk in range(s_lo + 1, s_hi + 1):
-                            thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
-                            rs = tl.sum(tl.where(rf >= thr, ds, 0.0), 1)
+                            rs = _t5_boundary_rows(kk, ds, rf, IT, RT)
                             gacc += tl.where(lanes[None, :] == kk, rs[:, None], 0.0)
                     else:
                         for kk in range(s_lo + 1, s_hi + 1):
@@ -785,10 +784,16 @@ def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: t
 
 
 @triton.jit
-def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
-    """T5: the sum of a tile's dS with r >= T_kk (first distance of bucket kk) to G[kk]."""
+def _t5_boundary_rows(kk, ds, rf, IT, RT):
+    """T5: per row of a tile, the sum of dS where r >= T_kk (first distance of bucket kk)."""
     thr = tl.load(IT + RT + 1 + kk).to(tl.float32)
-    _add_at(part + NS, kk, tl.sum(tl.sum(tl.where(rf >= thr, ds, 0.0), 1), 0), NSP)
+    return tl.sum(tl.where(rf >= thr, ds, 0.0), 1)
+
+
+@triton.jit
+def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
+    """T5: the sum of a tile's dS with r >= T_kk to G[kk]."""
+    _add_at(part + NS, kk, tl.sum(_t5_boundary_rows(kk, ds, rf, IT, RT), 0), NSP)
 
 
 @triton.jit
