@@ -28,6 +28,9 @@
 #   layouts   (kind nvidia-h200-x2) the issue's DP=2 / TP=2 / PP=2 goal: the 125M FIRE arm in the layouts one,
 #             dp2, tp2, pp2 (launch/eight_gpu.sh), as the 2026-11-22 table, at the current trainer (perf switches
 #             on where they apply: graphs only at tp = pp = 1)
+#   onepass   the one-pass backward (CONFIGS `onepass`, off): packed-row kernel time (N=2048, D=64, H=12, 2
+#             documents) with the committed two kernels and each onepass launch config in OCFGS ("BM,BN,warps,stages"
+#             items joined by ;), after the GPU bf16 tests at D=64 with the first; then the FIRE / T5 arms in the trainer at T=2048 (OTRAIN=1)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -93,6 +96,22 @@ for part in "$@"; do
              --out "$OUT/layouts" --config configs/arms/125m-fire.yaml --layouts "one dp2 tp2 pp2" -- \
              --train.tokens_per_step=131072 --train.micro_batch_tokens=16384 --data.corpus=synthetic \
              --tracking.enabled=false 2>&1 | filter | grep -E "tokens/s|layout|rel|MFU|Error|error" | tail -40 ;;
+    onepass) IFS=';' read -ra ocs <<< "${OCFGS:-64,64,8,2;64,64,4,2;128,64,8,2}"
+             MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"onepass\": [${ocs[0]}]}}" timeout 200 python3 -m pytest -q -m gpu \
+               -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16 and 64" 2>&1 | tail -3
+             for oc in "" "${ocs[@]}"; do
+               cfg="{}"; [ -n "$oc" ] && cfg="{\"onepass\": [$oc]}"
+               echo "=== onepass ${oc:-off} (at ${SECONDS}s)"
+               MEGAFIRE_FUSED_CONFIGS="{\"64\": $cfg}" timeout 240 python3 -m megafire.bench.attention --seqlens 2048 \
+                 --head-dims 64 --heads 12 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
+                 --encodings "${OENC:-none,alibi,kerple_log,t5,fire}" \
+                 --json "$OUT/onepass_${oc//,/x}.json" 2>&1 | filter | grep -E "fused|sdpa|check|max|rel|Error|error" | tail -14
+             done
+             if [ -n "$OTRAIN" ]; then for e in fire t5; do
+               bench "op_base_$e" 100 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
+               MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"onepass\": [${ocs[0]}]}}" bench "op_on_$e" 100 \
+                 --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
+             done; fi ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

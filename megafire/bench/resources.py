@@ -25,7 +25,7 @@ import tempfile
 
 import torch
 
-ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_onepass_kernel")
 
 
 class HopperDriver:

@@ -413,13 +413,9 @@ def test_light_and_heavy_tile_loops(name, ku, monkeypatch):
     _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=(name == "fire"))
 
 
-def test_t5_deferred_boundary_sums(monkeypatch):
-    """``defer`` (T5): the dq kernel's heavy tiles keep per-boundary row sums in a register tile
-    and add them to the bucket gradients once per program. Same gradients as the reference on
-    packed documents (heavy tiles next to each restart), a decode offset and a ragged tail; the
-    launches are recorded to show the deferred variant is the one that ran."""
-    from megafire.attention.fused import CONFIGS, _function
-    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], defer=True))
+def _record_launches(monkeypatch, flag):
+    """Record ``(kernel name, its launch's keyword `flag`)`` of every fused launch from now on."""
+    from megafire.attention.fused import _function
     seen = []
     real = _function.wrap_triton
 
@@ -429,12 +425,67 @@ def test_t5_deferred_boundary_sums(monkeypatch):
         class Grid:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
-                    seen.append((kernel.fn.__name__, kwargs.get("DEFER")))
+                    seen.append((kernel.fn.__name__, kwargs.get(flag)))
                     return launch[grid](*args, **kwargs)
                 return run
         return Grid()
 
     monkeypatch.setattr(_function, "wrap_triton", recording)
+    return seen
+
+
+ONEPASS = (16, 16, 4, 1)
+
+
+@pytest.mark.parametrize("name", ENCS)
+def test_onepass_backward(name, monkeypatch):
+    """``onepass``: dQ, dK, dV and the parameter sums from one kernel (dQ added atomically per key
+    block, FIRE's per-row sums too) equal the float64 reference: GQA with a ragged tail, packed
+    documents (T5 / FIRE tiles on both loops; FIRE kinks crossing tiles), a decode offset, no
+    causal mask; the launches show the one-pass kernel ran and the dq / dkdv kernels did not."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], onepass=ONEPASS))
+    seen = _record_launches(monkeypatch, "PGRAD")
+    kinks = name == "fire"
+    H, HKV = (2, 1) if name == "fire" else (4, 2)
+    _run(name, B=1, Tq=21, Tk=21, H=H, HKV=HKV)
+    # 3e-5: Kerple-power's r1 gradient (sum dS r^r2, rows of dS summing to ~0) is 1.25e-5 from float64
+    # on these inputs with the two-kernel backward too (fp32 summation order), 1.5e-5 here
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=kinks, tol=3e-5)
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=kinks)
+    _run(name, B=1, Tq=19, Tk=19, causal=False, kinks=kinks)
+    names = {n for n, _ in seen}
+    assert "_bwd_onepass_kernel" in names and not names & {"_bwd_dq_kernel", "_bwd_dkdv_kernel"}, names
+    if name in ("kerple_log", "kerple_power", "t5", "fire"):
+        assert ("_bwd_onepass_kernel", True) in seen
+
+
+@pytest.mark.parametrize("ku", ["1", "32"])
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_onepass_options(name, ku, monkeypatch):
+    """``onepass`` with the other options: light and heavy tile loops (KU), ``segment_bounds``, T5's
+    ``defer`` (the heavy loop comes first in a key block's program), a wider key block than query
+    tile; FIRE without the log and without the threshold."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], onepass=(16, 32, 4, 1), segment_bounds=True,
+                                                defer=True))
+    monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
+    kinks = name == "fire"
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=kinks)
+    _run(name, B=2, Tq=37, Tk=37, batched_pos=True, kinks=kinks)
+    if name == "fire":
+        _run(name, B=1, Tq=40, Tk=40, kinks=True, enc_opts=dict(use_log=False, init_L=20.0))
+        _run(name, B=1, Tq=17, Tk=17, kinks=True, enc_opts=dict(use_threshold=False))
+
+
+def test_t5_deferred_boundary_sums(monkeypatch):
+    """``defer`` (T5): the dq kernel's heavy tiles keep per-boundary row sums in a register tile
+    and add them to the bucket gradients once per program. Same gradients as the reference on
+    packed documents (heavy tiles next to each restart), a decode offset and a ragged tail; the
+    launches are recorded to show the deferred variant is the one that ran."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], defer=True))
+    seen = _record_launches(monkeypatch, "DEFER")
     _run("t5", B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52])
     _run("t5", B=1, Tq=6, Tk=35, offset=3)
     _run("t5", B=1, Tq=37, Tk=37)

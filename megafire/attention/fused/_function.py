@@ -28,6 +28,11 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: document's tiles heavy (on for T5 / FIRE at D=64, timed in the trainer; off elsewhere, untimed).
 #: defer (T5): the dq kernel's heavy tiles keep per-boundary row sums in a [BM, buckets] register
 #: tile and reduce them once per program (on for T5 at D=64, timed; off at D=128, untimed).
+#: onepass: (BM, BN, warps, stages) of one backward kernel instead of the dq and dkdv kernels
+#: (``_bwd_onepass_kernel``: a key block per program, each score's bias / P / dS computed once,
+#: dQ added atomically in fp32); off where not given. Packed rows, N=2048, D=64, H12, H200 kernel
+#: time (docs/benchmarks.md, 2026-12-04 "one-pass"): f+b none 1.148 -> 0.933 ms, T5 2.002 -> 1.820 at
+#: 64x64 / 4 warps / 1 stage; Kerple and FIRE slower (their tiles spill at 255 registers).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -356,17 +361,21 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     wrap_triton(K._bwd_delta_kernel)[(triton_cdiv(Tq, 64), B * H)](
         o, ores if resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=resid, D=D, BM=64, num_warps=4)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     pgrad = pgrad and mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE)
     cfg = _config(D, st.name)
-    BM, BN, warps, stages = cfg["dq"]
-    nmb = triton_cdiv(Tq, BM)
+    onepass = cfg.get("onepass") or None
+    BM, BN, warps, stages = onepass or cfg["dq"]
     W, NS = st.W, st.NS
+    # parameter-sum rows: one per (batch, head, query block) of the dq kernel, or per key block
+    # of the one-pass kernel
+    nprog = triton_cdiv(Tk, BN) if onepass else triton_cdiv(Tq, BM)
     part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS if mode == K.T5 else 2
-    part = torch.zeros(B * H * nmb, part_stride, device=dev, dtype=torch.float32) if pgrad else st.dummy_f
+    part = torch.zeros(B * H * nprog, part_stride, device=dev, dtype=torch.float32) if pgrad else st.dummy_f
     if pgrad and mode == K.FIRE:
-        rowc = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
-        rowx = torch.empty(B, H, Tq, device=dev, dtype=torch.float32)
+        new_row = torch.zeros if onepass else torch.empty   # the one-pass kernel adds per key block
+        rowc = new_row(B, H, Tq, device=dev, dtype=torch.float32)
+        rowx = new_row(B, H, Tq, device=dev, dtype=torch.float32)
     else:
         rowc = rowx = st.dummy_f
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -374,26 +383,37 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
                   DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
-    nkb = triton_cdiv(Tk, BN)
-    tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-    kst, _qen = _live_ranges(st, Tq, Tk, BM, BN)
-    wrap_triton(K._bwd_dq_kernel)[(nmb, B * H)](
-        q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
-        H, H // HKV, Tq, Tk, W, NS, st.RT, nmb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-        PGRAD=pgrad, BM=BM, BN=BN, NSP=max(16, 1 << (NS - 1).bit_length()), DEFER=bool(cfg.get("defer", False)),
-        num_warps=warps, num_stages=stages, **common)
-    BM, BN, warps, stages = cfg["dkdv"]
+    nsp = max(16, 1 << (NS - 1).bit_length())
+    defer = bool(cfg.get("defer", False))
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
-    tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
-    _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
-    wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
-        H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-        BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
-        **common)
+    tt, ta, spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+    kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
+    if onepass:
+        # fp32 dQ summed over the key blocks' programs (atomics), in q's [B, Tq, H, D] strides
+        dqa = torch.zeros(q.shape, device=dev, dtype=torch.float32)
+        wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
+            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, *strides, st.tab_b,
+            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
+            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, num_warps=warps, num_stages=stages, **common)
+        dq = dqa.to(q.dtype)
+    else:
+        dq = torch.empty_like(q)
+        wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
+            q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
+            H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
+            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, num_warps=warps, num_stages=stages, **common)
+        BM, BN, warps, stages = cfg["dkdv"]
+        nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
+        tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
+        _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
+        wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
+            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
+            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+            BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
+            **common)
     if not pgrad:
         return dq, dk, dv, []
-    tot = part.view(B, H, nmb, part_stride).sum((0, 2))  # [H, part_stride]
+    tot = part.view(B, H, nprog, part_stride).sum((0, 2))  # [H, part_stride]
     if mode != K.FIRE:
         return dq, dk, dv, [tot]
     w1, b1, W2 = params[:3]

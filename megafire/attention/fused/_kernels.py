@@ -387,6 +387,176 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
 
 
 @triton.jit
+def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                  acc1, acc2, runP, runQ, cur, gacc, c, part,
+                  Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC, ROWX, P0, P1, FT, IT, SC, b, h,
+                  sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, scale,
+                  BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
+                  FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
+                  TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr):
+    """One query tile [BM, BN] of the one-pass backward: scores, P and dS computed once for dV, dK
+    (accumulated in registers), dQ (``scale dS K`` added to the fp32 DQA, atomically: every key
+    block's program adds to the same rows) and the parameter sums (``_pgrad_tile``; FIRE's per-row
+    sums of this tile added to ROWC / ROWX)."""
+    offs_m = start_m + tl.arange(0, BM)
+    mrow = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
+                 other=0.0)
+    bh = b * H + h
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=mrow, other=float("inf"))
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=mrow, other=0.0)
+    qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    qf = qpos.to(tl.float32)
+    s_lo = rec & 4095
+    s_hi = (rec >> 12) & 4095
+    rowf = qf * 0.0
+    if BIAS == 5:
+        rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # [BM, BN]
+    s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kf[None, :], rowf[:, None], s_lo, s_hi, a2, d2, P0, P1, FT, IT,
+                          SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
+    p = tl.math.exp2(s - lse[:, None])
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        qlo = tl.load(QMIN + b * qp_sb + start_m)
+        need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
+    if need:
+        sq = offs_m * 0
+        if HAS_SEG:
+            sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                      sq[:, None], sk[None, :], Tq, Tk)
+        p = tl.where(valid, p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dsb = ds.to(q.dtype)
+    dk += tl.dot(tl.trans(dsb), q, input_precision=DOT_PREC)
+    dqt = tl.dot(dsb, k, input_precision=DOT_PREC) * scale   # [BM, D]
+    tl.atomic_add(DQA + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dqt, mask=mrow[:, None],
+                  sem="relaxed")
+    if PGRAD:
+        if BIAS == 5:
+            # this tile's rows only: the row sums go to ROWC / ROWX now (other key blocks add theirs)
+            t1, t2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1 * 0.0,
+                                                        acc2 * 0.0, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS,
+                                                        RT, BIAS, USE_LOG, KU, HEAVY, NSP, DEFER)
+            if USE_LOG:
+                tl.atomic_add(ROWC + bh * Tq + offs_m, t1, mask=mrow, sem="relaxed")
+            tl.atomic_add(ROWX + bh * Tq + offs_m, t2, mask=mrow, sem="relaxed")
+        else:
+            acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1,
+                                                            acc2, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT,
+                                                            BIAS, USE_LOG, KU, HEAVY, NSP, DEFER)
+    return dk, dv, acc1, acc2, runP, runQ, cur, gacc
+
+
+@triton.jit
+def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
+                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                        qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
+                        H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
+                        BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                        USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
+                        PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
+                        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
+                        DEFER: tl.constexpr = False):
+    """The whole backward in one pass (``onepass`` in CONFIGS): one program per (key block, batch, kv
+    head), as ``_bwd_dkdv_kernel``, with each score's bias, P and dS computed once instead of once
+    in each of the dq and dkdv kernels (FlashAttention-2's CUDA backward): dK, dV in registers,
+    dQ added atomically to the fp32 DQA [B, Tq, H, D] (strides of Q), the parameter sums as the
+    dq kernel's (``_pgrad_tile``) into PART rows ``(b H + h) nkb + key block`` (FIRE: per-row
+    sums added to ROWC / ROWX, zeroed by the caller). Query tiles before SPC (heavy) run first,
+    with runtime kink / boundary loops."""
+    pid_n = tl.program_id(0)
+    scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    mcol = offs_n < Tk
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    kf = kpos.to(tl.float32)
+    khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
+    sk = offs_n * 0
+    if HAS_SEG:
+        sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    c = 0.0
+    if BIAS == 5:
+        c = tl.load(SC)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(n0 - (Tk - Tq), 0)
+        lo = (lo // BM) * BM
+    bt = b * tab_b
+    split = lo
+    end = Tq
+    if HAS_SEG:   # query blocks from QEN on hold other documents only (``_live_ranges``)
+        end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
+    if TABLE:
+        split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
+    for hh in range(0, GROUP):
+        h = hk * GROUP + hh
+        part = PART + ((b * H + h) * nkb + pid_n) * part_stride
+        acc1 = tl.zeros([BM], tl.float32)  # Kerple row sums (summed over the program)
+        acc2 = tl.zeros([BM], tl.float32)
+        runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
+        runQ = tl.zeros([BM], tl.float32)
+        cur = lo * 0 - 1
+        gacc = 0.0
+        tt = TT + bt * nqb * nkb + pid_n
+        ta = TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
+        if TABLE:
+            if DEFER and PGRAD and (BIAS == 4):
+                gacc = tl.zeros([BM, NSP], tl.float32)
+            for start_m in range(lo, split, BM):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
+                    start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                    acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
+                    ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
+                    Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
+                    True, NSP, BM, BN, DEFER)
+            if DEFER and PGRAD and (BIAS == 4):
+                lanes = tl.arange(0, NSP)
+                tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
+        nograd = 0.0
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
+        for start_m in range(split, end, BM):
+            rec, a2, d2 = rec_n, a2_n, d2_n
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
+            dk, dv, acc1, acc2, runP, runQ, cur, nograd = _onepass_step(
+                start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                acc1, acc2, runP, runQ, cur, nograd, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
+                ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
+                Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
+                False, NSP, BM, BN, False)
+        if PGRAD:
+            if (BIAS == 2) | (BIAS == 3):
+                tl.store(part, tl.sum(acc1, 0))
+                tl.store(part + 1, tl.sum(acc2, 0))
+            elif BIAS >= 4:
+                _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+                if BIAS == 5:
+                    _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+    dk = dk * scale
+    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=mcol[:, None])
+    tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=mcol[:, None])
+
+
+@triton.jit
 def _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb, svh, tab_b, H, Tq, Tk, nqb, nkb,
                  CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr):
@@ -704,66 +874,82 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if PGRAD:
-        if BIAS == 2:
-            r2 = tl.load(P1 + h)
-            acc1 += tl.sum(ds * lg, 1)
-            acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
-        elif BIAS == 3:
-            r2 = tl.load(P1 + h)
-            pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
-            dpw = ds * pw
-            acc1 += tl.sum(dpw, 1)
-            acc2 += tl.sum(dpw * lg, 1)
-        elif BIAS >= 4:
-            rowP = tl.sum(ds, 1)
-            if BIAS == 5:
-                x = lg * rowf[:, None]
-                rowQ = tl.sum(ds * x, 1)
-                a = a2 * 0.6931471805599453
-                dsd = ds
-                if USE_LOG:
-                    dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
-                    acc1 += a * tl.sum(dsd, 1)
-                acc2 += a * rowQ
-            if s_lo != cur:  # flush the running sums of the previous segment / bucket
-                _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
-                runP = runP * 0.0
-                if BIAS == 5:
-                    _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
-                    runQ = runQ * 0.0
-                cur = s_lo
-            runP += rowP
-            if BIAS == 5:
-                runQ += rowQ
-                if HEAVY:
-                    for t in range(s_lo, s_hi):
-                        acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG,
-                                                     NSP)
-                else:
-                    if s_hi > s_lo:
-                        for u in tl.static_range(KU):
-                            if s_lo + u < s_hi:
-                                acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
-                                                             USE_LOG, NSP)
-            else:
-                if HEAVY:
-                    if DEFER:
-                        # per boundary a row sum only (in-warp); the rows' cross-warp sum and the
-                        # atomic run once per program instead of once per boundary (~50 per row
-                        # program next to the diagonal at 64x64 tiles)
-                        lanes = tl.arange(0, NSP)
-                        for kk in range(s_lo + 1, s_hi + 1):
-                            rs = _t5_boundary_rows(kk, ds, rf, IT, RT)
-                            gacc += tl.where(lanes[None, :] == kk, rs[:, None], 0.0)
-                    else:
-                        for kk in range(s_lo + 1, s_hi + 1):
-                            _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
-                else:
-                    if s_hi > s_lo:
-                        for u in tl.static_range(1, KU):
-                            if s_lo + u <= s_hi:
-                                _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT, NSP)
+        acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2,
+                                                        runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT, BIAS,
+                                                        USE_LOG, KU, HEAVY, NSP, DEFER)
     return dq, acc1, acc2, runP, runQ, cur, gacc
+
+
+@triton.jit
+def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, runQ, cur, gacc, P1, FT, IT,
+                H, W, NS, RT, BIAS: tl.constexpr, USE_LOG: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr,
+                NSP: tl.constexpr, DEFER: tl.constexpr):
+    """The encoding-parameter sums of one [BM, BN] tile of dS (query rows x key columns), shared by
+    the dq and the one-pass kernels: per-row accumulators ``acc1`` / ``acc2`` (Kerple: summed over
+    the program; FIRE: the rows' ``c`` and denominator sums), the current segment / bucket's
+    running row sums ``runP`` / ``runQ`` (flushed to ``part`` when the tile's segment changes),
+    and the per-kink / per-boundary sums (to ``part``; T5 with DEFER and HEAVY: row partials in
+    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc)."""
+    if BIAS == 2:
+        r2 = tl.load(P1 + h)
+        acc1 += tl.sum(ds * lg, 1)
+        acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
+    elif BIAS == 3:
+        r2 = tl.load(P1 + h)
+        pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
+        dpw = ds * pw
+        acc1 += tl.sum(dpw, 1)
+        acc2 += tl.sum(dpw * lg, 1)
+    elif BIAS >= 4:
+        rowP = tl.sum(ds, 1)
+        if BIAS == 5:
+            x = lg * rowf[:, None]
+            rowQ = tl.sum(ds * x, 1)
+            a = a2 * 0.6931471805599453
+            dsd = ds
+            if USE_LOG:
+                dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
+                acc1 += a * tl.sum(dsd, 1)
+            acc2 += a * rowQ
+        if s_lo != cur:  # flush the running sums of the previous segment / bucket
+            _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+            runP = runP * 0.0
+            if BIAS == 5:
+                _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+                runQ = runQ * 0.0
+            cur = s_lo
+        runP += rowP
+        if BIAS == 5:
+            runQ += rowQ
+            if HEAVY:
+                for t in range(s_lo, s_hi):
+                    acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG,
+                                                 NSP)
+            else:
+                if s_hi > s_lo:
+                    for u in tl.static_range(KU):
+                        if s_lo + u < s_hi:
+                            acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
+                                                         USE_LOG, NSP)
+        else:
+            if HEAVY:
+                if DEFER:
+                    # per boundary a row sum only (in-warp); the rows' cross-warp sum and the
+                    # atomic run once per program instead of once per boundary (~50 per row
+                    # program next to the diagonal at 64x64 tiles)
+                    lanes = tl.arange(0, NSP)
+                    for kk in range(s_lo + 1, s_hi + 1):
+                        rs = _t5_boundary_rows(kk, ds, rf, IT, RT)
+                        gacc += tl.where(lanes[None, :] == kk, rs[:, None], 0.0)
+                else:
+                    for kk in range(s_lo + 1, s_hi + 1):
+                        _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
+            else:
+                if s_hi > s_lo:
+                    for u in tl.static_range(1, KU):
+                        if s_lo + u <= s_hi:
+                            _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT, NSP)
+    return acc1, acc2, runP, runQ, cur, gacc
 
 
 @triton.jit
