@@ -31,6 +31,8 @@
 #   onepass   the one-pass backward (CONFIGS `onepass`, off): packed-row kernel time (N=2048, D=64, H=12, 2
 #             documents) with the committed two kernels and each onepass launch config in OCFGS ("BM,BN,warps,stages"
 #             items joined by ;), after the GPU bf16 tests at D=64 with the first; then the FIRE / T5 arms in the trainer at T=2048 (OTRAIN=1)
+#   opt       the one-pass backward in the trainer (125M, RoPE config with ALiBi / T5 peers), committed (on) against
+#             onepass off for every encoding, at OLEN (default 2048)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -112,6 +114,12 @@ for part in "$@"; do
                MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"onepass\": [${ocs[0]}]}}" bench "op_on_$e" 100 \
                  --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
              done; fi ;;
+    opt) for len in ${OLEN:-2048}; do
+             st="--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]"
+             bench "opt_on_$len" 300 --config configs/arms/125m-rope.yaml --peer compact,alibi,t5 "$st"
+             MEGAFIRE_FUSED_CONFIGS='{"64": {"onepass": false}}' bench "opt_off_$len" 200 \
+               --config configs/arms/125m-rope.yaml --peer alibi,t5 "$st"
+           done ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

@@ -38,19 +38,27 @@ def _qkv(seed=0):
     return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
 
 
-def _expected_writes(name: str) -> list:
-    """The tensors each launch of one forward + backward writes (the kernels' docstrings)."""
+def _expected_writes(name: str, onepass: bool) -> list:
+    """The tensors each launch of one forward + backward writes (the kernels' docstrings);
+    ``onepass``: one backward kernel instead of dq + dkdv."""
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
-    dq = ["DQ"] + (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
+    sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
     table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
+    bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums])]] if onepass else
+           [["_bwd_dq_kernel", ["DQ", *sums]], ["_bwd_dkdv_kernel", ["DK", "DV"]]])
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
-        ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + [
-        ["_bwd_dq_kernel", dq], ["_bwd_dkdv_kernel", ["DK", "DV"]]]
+        ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + bwd
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
 
 
-@pytest.mark.parametrize("options", ["committed", "prepared"])
+def _committed_onepass(name: str) -> bool:
+    """Whether the committed D=64 launch configuration of ``name`` uses the one-pass backward."""
+    from megafire.attention.fused import CONFIGS
+    return bool(dict(CONFIGS[64], **CONFIGS.get((64, name), {})).get("onepass"))
+
+
+@pytest.mark.parametrize("options", ["committed", "prepared", "onepass"])
 def test_inductor_sees_exactly_what_each_launch_writes(options):
     """On CPU, for sm_90: every launch of the inline op lowers to TTIR with Python floats typed
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
@@ -58,7 +66,8 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
     inputs). See tests/fused/traced_launches.py. "prepared": T5 ``defer`` and ``segment_bounds`` forced on
     (committed at D=64; the override also covers other configs) with KU=2 (untimed-better, off), for
-    T5 and FIRE."""
+    T5 and FIRE. "onepass": the one-pass backward for every encoding (committed for none / ALiBi / T5):
+    its dQ atomics, parameter sums and FIRE's row sums are all that it writes."""
     import json
     import os
     import subprocess
@@ -71,11 +80,14 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
         env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"defer": True, "segment_bounds": True}}),
                    MEGAFIRE_FUSED_KU="2")
         names = ["t5", "fire"]
+    if options == "onepass":
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"onepass": [64, 64, 4, 1]}}))
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     for name in names:
-        assert found[name] == _expected_writes(name), (name, found[name])
+        onepass = options == "onepass" or _committed_onepass(name)
+        assert found[name] == _expected_writes(name, onepass), (name, found[name])
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

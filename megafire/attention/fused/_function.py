@@ -32,7 +32,8 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: (``_bwd_onepass_kernel``: a key block per program, each score's bias / P / dS computed once,
 #: dQ added atomically in fp32); off where not given. Packed rows, N=2048, D=64, H12, H200 kernel
 #: time (docs/benchmarks.md, 2026-12-04 "one-pass"): f+b none 1.148 -> 0.933 ms, T5 2.002 -> 1.820 at
-#: 64x64 / 4 warps / 1 stage; Kerple and FIRE slower (their tiles spill at 255 registers).
+#: 64x64 / 4 warps / 1 stage; Kerple and FIRE slower (their tiles spill at 255 registers): on at D=64
+#: for none (RoPE / NoPE / absolute on packed rows), ALiBi and T5.
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -42,7 +43,8 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 CONFIGS = {
     "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), skip_fwd=True, skip_bwd=True),
     64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=True),
-    (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3)),
+    (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3), onepass=(64, 64, 4, 2)),
+    (64, "alibi"): dict(onepass=(64, 64, 4, 1)),
     128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=False),
     (128, "t5"): dict(fwd=(128, 128, 8, 2), skip_bwd=True),
     # T5 / FIRE at D=64: 64x64 forward tiles. At 128x64 / 4 warps both forwards spill (T5 3.4 KB per
@@ -52,7 +54,8 @@ CONFIGS = {
     # defer + segment_bounds: T5 alone in the trainer (125M, packed rows, H200) 237,849 -> 349,683
     # tokens/s at T=2048 and 323,766 -> 402,868 at T=512; segment_bounds for FIRE 287,397 -> 305,605
     # and 393,483 -> 407,327 (docs/benchmarks.md, 2026-12-04 "variants"; KU=2 on top: within noise)
-    (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True),
+    (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True,
+                     onepass=(64, 64, 4, 1)),
     (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True),
     (128, "fire"): dict(skip_bwd=True),
 }
