@@ -460,6 +460,20 @@ def test_onepass_backward(name, monkeypatch):
         assert ("_bwd_onepass_kernel", True) in seen
 
 
+def test_onepass_min_n(monkeypatch):
+    """``onepass_min_n``: shorter key sequences keep the dq + dkdv kernels, longer ones take the
+    one-pass kernel; both equal the reference."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], onepass=ONEPASS, onepass_min_n=30))
+    seen = _record_launches(monkeypatch, "PGRAD")
+    _run("alibi", B=1, Tq=21, Tk=21)
+    short = {n for n, _ in seen}
+    seen.clear()
+    _run("alibi", B=1, Tq=35, Tk=35)
+    assert {"_bwd_dq_kernel", "_bwd_dkdv_kernel"} <= short and "_bwd_onepass_kernel" not in short, short
+    assert "_bwd_onepass_kernel" in {n for n, _ in seen} and "_bwd_dq_kernel" not in {n for n, _ in seen}, seen
+
+
 @pytest.mark.parametrize("ku", ["1", "32"])
 @pytest.mark.parametrize("name", ["t5", "fire"])
 def test_onepass_options(name, ku, monkeypatch):

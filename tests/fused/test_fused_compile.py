@@ -52,10 +52,12 @@ def _expected_writes(name: str, onepass: bool) -> list:
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
 
 
-def _committed_onepass(name: str) -> bool:
-    """Whether the committed D=64 launch configuration of ``name`` uses the one-pass backward."""
+def _committed_onepass(name: str, n: int = 128) -> bool:
+    """Whether the committed D=64 launch configuration of ``name`` uses the one-pass backward at
+    ``n`` keys (traced_launches.py's T)."""
     from megafire.attention.fused import CONFIGS
-    return bool(dict(CONFIGS[64], **CONFIGS.get((64, name), {})).get("onepass"))
+    cfg = dict(CONFIGS[64], **CONFIGS.get((64, name), {}))
+    return bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
 
 
 @pytest.mark.parametrize("options", ["committed", "prepared", "onepass"])
@@ -81,7 +83,7 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
                    MEGAFIRE_FUSED_KU="2")
         names = ["t5", "fire"]
     if options == "onepass":
-        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"onepass": [64, 64, 4, 1]}}))
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"onepass": [64, 64, 4, 1], "onepass_min_n": 0}}))
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])

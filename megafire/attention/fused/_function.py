@@ -33,7 +33,8 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: dQ added atomically in fp32); off where not given. Packed rows, N=2048, D=64, H12, H200 kernel
 #: time (docs/benchmarks.md, 2026-12-04 "one-pass"): f+b none 1.148 -> 0.933 ms, T5 2.002 -> 1.820 at
 #: 64x64 / 4 warps / 1 stage; Kerple and FIRE slower (their tiles spill at 255 registers): on at D=64
-#: for none (RoPE / NoPE / absolute on packed rows), ALiBi and T5.
+#: for none (RoPE / NoPE / absolute on packed rows), ALiBi and T5. onepass_min_n: only when the keys
+#: number at least this (default 0).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -43,7 +44,9 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 CONFIGS = {
     "interp": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), skip_fwd=True, skip_bwd=True),
     64: dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=True),
-    (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3), onepass=(64, 64, 4, 2)),
+    # onepass for the no-bias kernel from N = 1024 on: 125M RoPE on packed rows +4.2% at T=2048,
+    # -3.9% at T=512 (few query tiles per key block: dQ's atomics weigh more); docs/benchmarks.md
+    (64, "none"): dict(dq=(64, 32, 4, 3), dkdv=(32, 128, 4, 3), onepass=(64, 64, 4, 2), onepass_min_n=1024),
     (64, "alibi"): dict(onepass=(64, 64, 4, 1)),
     128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2), skip_fwd=True, skip_bwd=False),
     (128, "t5"): dict(fwd=(128, 128, 8, 2), skip_bwd=True),
@@ -367,7 +370,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     pgrad = pgrad and mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE)
     cfg = _config(D, st.name)
-    onepass = cfg.get("onepass") or None
+    onepass = (cfg.get("onepass") or None) if Tk >= int(cfg.get("onepass_min_n", 0)) else None
     BM, BN, warps, stages = onepass or cfg["dq"]
     W, NS = st.W, st.NS
     # parameter-sum rows: one per (batch, head, query block) of the dq kernel, or per key block
