@@ -55,8 +55,8 @@ def _expected_writes(name: str, onepass: bool) -> list:
 def _committed_onepass(name: str, n: int = 128) -> bool:
     """Whether the committed D=64 launch configuration of ``name`` uses the one-pass backward at
     ``n`` keys (traced_launches.py's T)."""
-    from megafire.attention.fused import CONFIGS
-    cfg = dict(CONFIGS[64], **CONFIGS.get((64, name), {}))
+    from megafire.attention.fused._function import committed_config
+    cfg = committed_config(64, name)
     return bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
 
 

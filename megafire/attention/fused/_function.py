@@ -82,11 +82,18 @@ def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def committed_config(d: int, name: str = "none") -> dict:
+    """The committed launch configuration of head dim ``d`` and encoding ``name`` (no interpreter
+    entry, no ``MEGAFIRE_FUSED_CONFIGS``)."""
+    cfg = dict(CONFIGS.get(d, CONFIGS[128] if d > 64 else CONFIGS[64]))
+    cfg.update(CONFIGS.get((d, name), {}))
+    return cfg
+
+
 def _config(d: int, name: str = "none") -> dict:
     if _interp():
         return CONFIGS["interp"]
-    cfg = dict(CONFIGS.get(d, CONFIGS[128] if d > 64 else CONFIGS[64]))
-    cfg.update(CONFIGS.get((d, name), {}))
+    cfg = committed_config(d, name)
     env = os.environ.get("MEGAFIRE_FUSED_CONFIGS")
     if env:
         if env not in _env_cache:

@@ -387,6 +387,86 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
 
 
 @triton.jit
+def _col_program(K, V, KP, KMAX, SK, QEN, SPC, b, hk, pid_n, n0, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh,
+                 kp_sb, sk_sb, tab_b, Tq, Tk, nkb, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, TABLE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):
+    """A key-block program's (dkdv, one-pass) key block and query range: (K, V [BN, D], key positions
+    (int, float), their running max at the block's end, key segment ids, first query tile, end of the
+    heavy tiles (SPC), end of the live query tiles). The offsets come from the caller: inductor's
+    mutation analysis takes a call's results as computed from all of its arguments, so a store
+    address built from them would mark K, V and the tables as written."""
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
+    khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
+    sk = offs_n * 0
+    if HAS_SEG:
+        sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(n0 - (Tk - Tq), 0)
+        lo = (lo // BM) * BM
+    bt = b * tab_b
+    split = lo
+    end = Tq
+    if HAS_SEG:   # query blocks from QEN on hold other documents only (``_live_ranges``)
+        end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
+    if TABLE:
+        split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
+    return k, v, kpos, kpos.to(tl.float32), khi, sk, lo, split, end
+
+
+@triton.jit
+def _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n):
+    """This key block's column of the tile tables (stride nkb between query blocks) for head h."""
+    return TT + bt * nqb * nkb + pid_n, TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
+
+
+@triton.jit
+def _query_tile(Q, DO, LSE, DELTA, QP, b, h, H, offs_m, mrow, offs_d, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, Tq):
+    """The key-block kernels' query tile at offs_m (rows, row mask from the caller: see ``_col_program``):
+    (Q, dO [BM, D], LSE, delta, query positions)."""
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
+    return q, do, lse, delta, tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+
+
+@triton.jit
+def _query_rowf(ROWF, b, qp_sb, offs_m, mrow, qpos, BIAS: tl.constexpr):
+    """FIRE's ln2 / den of the query rows (zeros for the other encodings). Loaded where each step
+    used it before this helper: moving the load ahead of the dkdv kernel's score MMA changed its
+    FIRE spills (68 -> 116 bytes at D=64, untimed)."""
+    rowf = qpos.to(tl.float32) * 0.0
+    if BIAS == 5:
+        rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+    return rowf
+
+
+@triton.jit
+def _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+              SKIP: tl.constexpr, TABLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Whether the key-block kernels' tile (query tile start_m, key block n0) may hold a masked score."""
+    if TABLE:
+        need = ((rec >> 24) != 0) | (not SKIP)
+    else:
+        qlo = tl.load(QMIN + b * qp_sb + start_m)
+        need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
+    return need
+
+
+@triton.jit
+def _store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh):
+    """dK, dV of a key block (cast to the inputs' dtype)."""
+    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=mcol[:, None])
+    tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=mcol[:, None])
+
+
+@triton.jit
 def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
                   acc1, acc2, runP, runQ, cur, gacc, c, part,
                   Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC, ROWX, P0, P1, FT, IT, SC, b, h,
@@ -401,29 +481,18 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
     sums of this tile added to ROWC / ROWX)."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
-                 other=0.0)
-    bh = b * H + h
-    lse = tl.load(LSE + bh * Tq + offs_m, mask=mrow, other=float("inf"))
-    delta = tl.load(DELTA + bh * Tq + offs_m, mask=mrow, other=0.0)
-    qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    q, do, lse, delta, qpos = _query_tile(Q, DO, LSE, DELTA, QP, b, h, H, offs_m, mrow, offs_d, sqb, sqt, sqh, sdob,
+                                          sdot, sdoh, qp_sb, Tq)
     qf = qpos.to(tl.float32)
+    bh = b * H + h
     s_lo = rec & 4095
     s_hi = (rec >> 12) & 4095
-    rowf = qf * 0.0
-    if BIAS == 5:
-        rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+    rowf = _query_rowf(ROWF, b, qp_sb, offs_m, mrow, qpos, BIAS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # [BM, BN]
     s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kf[None, :], rowf[:, None], s_lo, s_hi, a2, d2, P0, P1, FT, IT,
                           SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
     p = tl.math.exp2(s - lse[:, None])
-    if TABLE:
-        need = ((rec >> 24) != 0) | (not SKIP)
-    else:
-        qlo = tl.load(QMIN + b * qp_sb + start_m)
-        need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
-    if need:
+    if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
         sq = offs_m * 0
         if HAS_SEG:
             sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
@@ -481,30 +550,15 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     mcol = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-    kf = kpos.to(tl.float32)
-    khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
-    sk = offs_n * 0
-    if HAS_SEG:
-        sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+    k, v, kpos, kf, khi, sk, lo, split, end = _col_program(
+        K, V, KP, KMAX, SK, QEN, SPC, b, hk, pid_n, n0, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh, kp_sb,
+        sk_sb, tab_b, Tq, Tk, nkb, CAUSAL, HAS_SEG, TABLE, BM, BN)
+    bt = b * tab_b
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     c = 0.0
     if BIAS == 5:
         c = tl.load(SC)
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(n0 - (Tk - Tq), 0)
-        lo = (lo // BM) * BM
-    bt = b * tab_b
-    split = lo
-    end = Tq
-    if HAS_SEG:   # query blocks from QEN on hold other documents only (``_live_ranges``)
-        end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
-    if TABLE:
-        split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         part = PART + ((b * H + h) * nkb + pid_n) * part_stride
@@ -514,8 +568,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
         runQ = tl.zeros([BM], tl.float32)
         cur = lo * 0 - 1
         gacc = 0.0
-        tt = TT + bt * nqb * nkb + pid_n
-        ta = TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
+        tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
         if TABLE:
             if DEFER and PGRAD and (BIAS == 4):
                 gacc = tl.zeros([BM, NSP], tl.float32)
@@ -549,11 +602,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                 _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
                 if BIAS == 5:
                     _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
-    dk = dk * scale
-    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=mcol[:, None])
-    tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=mcol[:, None])
+    _store_dkdv(DK, DV, dk * scale, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
 @triton.jit
@@ -733,29 +782,18 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
     """One query tile of the dK/dV kernel (transposed scores [BN, BM])."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mrow[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=mrow, other=float("inf"))
-    delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=mrow, other=0.0)
-    qpos = tl.load(QP + b * qp_sb + offs_m, mask=mrow, other=0)
+    q, do, lse, delta, qpos = _query_tile(Q, DO, LSE, DELTA, QP, b, h, H, offs_m, mrow, offs_d, sqb, sqt, sqh, sdob,
+                                          sdot, sdoh, qp_sb, Tq)
     s_lo = rec & 4095
     s_hi = (rec >> 12) & 4095
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # [BN, BM]
     if BIAS != 0:
-        rowf = qpos.to(tl.float32) * 0.0
-        if BIAS == 5:
-            rowf = tl.load(ROWF + b * qp_sb + offs_m, mask=mrow, other=0.0)
+        rowf = _query_rowf(ROWF, b, qp_sb, offs_m, mrow, qpos, BIAS)
         sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
                                  s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
                                  HEAVY, BRANCHLESS)
     pT = tl.math.exp2(sT - lse[None, :])
-    if TABLE:
-        need = ((rec >> 24) != 0) | (not SKIP)
-    else:
-        qlo = tl.load(QMIN + b * qp_sb + start_m)
-        need = _need_mask(CAUSAL, HAS_SEG, start_m, start_m + BM, n0, n0 + BN, qlo, khi, Tq, Tk, SKIP)
-    if need:
+    if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
         sq = offs_m * 0
         if HAS_SEG:
             sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
@@ -791,32 +829,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     mcol = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-    kpos = tl.load(KP + b * kp_sb + offs_n, mask=mcol, other=0)
-    kf = kpos.to(tl.float32)
-    khi = tl.load(KMAX + b * kp_sb + tl.minimum(n0 + BN, Tk) - 1)
-    sk = offs_n * 0
-    if HAS_SEG:
-        sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+    k, v, kpos, kf, khi, sk, lo, split, end = _col_program(
+        K, V, KP, KMAX, SK, QEN, SPC, b, hk, pid_n, n0, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh, kp_sb,
+        sk_sb, tab_b, Tq, Tk, nkb, CAUSAL, HAS_SEG, TABLE, BM, BN)
+    bt = b * tab_b
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(n0 - (Tk - Tq), 0)
-        lo = (lo // BM) * BM
-    bt = b * tab_b
-    split = lo
-    end = Tq
-    if HAS_SEG:   # query blocks from QEN on hold other documents only (``_live_ranges``)
-        end = tl.minimum(Tq, tl.load(QEN + bt * nkb + pid_n) * BM)
-    if TABLE:
-        split = tl.minimum(end, tl.maximum(lo, tl.load(SPC + bt * nkb + pid_n) * BM))
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
-        # tile tables down this key block's column: stride nkb between query blocks
-        tt = TT + bt * nqb * nkb + pid_n
-        ta = TA + (bt * H + h) * nqb * nkb * 2 + pid_n * 2
+        tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
         if TABLE:
             for start_m in range(lo, split, BM):
                 rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
@@ -832,11 +853,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
                                 Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
                                 sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
                                 HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS)
-    dk = dk * scale
-    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=mcol[:, None])
-    tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=mcol[:, None])
+    _store_dkdv(DK, DV, dk * scale, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
 @triton.jit
