@@ -33,6 +33,11 @@
 #             items joined by ;), after the GPU bf16 tests at D=64 with the first; then the FIRE / T5 arms in the trainer at T=2048 (OTRAIN=1)
 #   opt       the one-pass backward in the trainer (125M, RoPE config with ALiBi / T5 peers), committed (on) against
 #             onepass off for every encoding, at OLEN (default 2048)
+#   diet      the kernel options of 2026-12-05 (prepared without a GPU; docs/kernels.md): GPU bf16 tests with `rcp_ex2` on,
+#             then with `fold_mask` off and `split_heavy` on; packed-row kernel time (N=2048, D=64, H=12, 2 documents) of
+#             DENC (default none,kerple_log,t5,fire) under each DCFGS item ("KU {config}", joined by ;; default: committed,
+#             fold_mask off, rcp_ex2, split_heavy + dq 64x64/4/1 at KU 1 and 2, and with rcp_ex2); DTRAIN=1 adds the
+#             DTRAIN_ENC arms (default fire) alone in the trainer at T=2048 under each
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
@@ -120,6 +125,26 @@ for part in "$@"; do
              MEGAFIRE_FUSED_CONFIGS='{"64": {"onepass": false}}' bench "opt_off_$len" 200 \
                --config configs/arms/125m-rope.yaml --peer alibi,t5 "$st"
            done ;;
+    diet) MEGAFIRE_FUSED_CONFIGS='{"64": {"rcp_ex2": true}, "128": {"rcp_ex2": true}}' timeout 150 python3 -m pytest -q \
+             -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16" 2>&1 | tail -2
+          MEGAFIRE_FUSED_CONFIGS='{"64": {"fold_mask": false, "split_heavy": true}, "128": {"split_heavy": true}}' \
+             timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
+             -k "gpu_bf16" 2>&1 | tail -2
+          dd='1 {};1 {"fold_mask": false};1 {"rcp_ex2": true};1 {"split_heavy": true, "dq": [64, 64, 4, 1]}'
+          dd="$dd;2 {\"split_heavy\": true, \"dq\": [64, 64, 4, 1]};2 {\"split_heavy\": true, \"dq\": [64, 64, 4, 1], \"rcp_ex2\": true}"
+          IFS=';' read -ra dcs <<< "${DCFGS:-$dd}"
+          for item in "${dcs[@]}"; do
+            ku=${item%% *}; dc=${item#* }; tag="ku${ku}_$(echo "$dc" | tr -cd 'a-z_0-9')"
+            echo "=== diet KU=$ku $dc (at ${SECONDS}s)"
+            MEGAFIRE_FUSED_KU=$ku MEGAFIRE_FUSED_CONFIGS="{\"64\": $dc}" timeout 150 python3 -m megafire.bench.attention \
+              --seqlens 2048 --head-dims 64 --heads 12 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
+              --encodings "${DENC:-none,kerple_log,t5,fire}" --json "$OUT/diet_$tag.json" 2>&1 | filter \
+              | grep -E "fused|sdpa|Error|error" | tail -8
+            if [ -n "$DTRAIN" ]; then for e in ${DTRAIN_ENC:-fire}; do
+              MEGAFIRE_FUSED_KU=$ku MEGAFIRE_FUSED_CONFIGS="{\"64\": $dc}" bench "diet_${e}_$tag" 90 \
+                --config "configs/arms/125m-$e.yaml" --peer none "$T2048"
+            done; fi
+          done ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
     *) echo "unknown part $part" ;;

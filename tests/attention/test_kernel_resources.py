@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from megafire.bench.resources import parse_ptxas
+from megafire.bench.resources import parse_ptxas, sass_loops
 
 # triton is imported inside the tests, not here: collected before tests/fused/conftest.py sets
 # TRITON_INTERPRET=1, a module-level import of triton made the fused CPU tests mix interpreted
@@ -37,16 +37,19 @@ def test_parse_ptxas_reads_registers_and_spills():
     assert parse_ptxas("ptxas info    : Used 128 registers")["spill_stores"] == 0
 
 
-def _run(tmp_path, encodings, configs=None):
+def _run(tmp_path, encodings, configs=None, sass=False):
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("Triton's ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAFIRE_FUSED_CONFIGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "MEGAFIRE_FUSED_CONFIGS", "MEGAFIRE_FUSED_KU")}
     if configs:
         env["MEGAFIRE_FUSED_CONFIGS"] = json.dumps(configs)
     out = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.json"
     done = subprocess.run([sys.executable, "-m", "megafire.cli", "bench", "resources", "--encodings", encodings,
-                           "--head-dims", "64", "--json", str(out)], capture_output=True, text=True, env=env,
+                           "--head-dims", "64", "--json", str(out),
+                           *(["--sass", str(tmp_path / "sass")] if sass else [])],
+                          capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {(r["encoding"], r["kernel"]): r for r in json.loads(out.read_text())}
@@ -66,3 +69,69 @@ def test_committed_forward_configs_do_not_spill(tmp_path):
     old = _run(tmp_path, "t5", {"64": {"fwd": [128, 64, 4, 3], "skip": 1}})[("t5", "_fwd_kernel")]
     assert (old["BM"], old["BN"], old["warps"]) == (128, 64, 4)
     assert old["spill_stores"] > 1000 and old["registers"] == 255, old
+
+
+SASS_SAMPLE = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_2:
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/              @!P0 MUFU.EX2 R2, R2 ;
+.L_x_1:
+        /*0030*/                   FSEL R6, R2, RZ, P1 ;
+        /*0040*/                   FADD.FTZ R7, R6, R7 ;
+        /*0050*/               @P2 BRA `(.L_x_1) ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0070*/               @P3 BRA `(.L_x_2) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
+"""
+
+
+def test_sass_loops_reads_nested_loops():
+    """Backward branches are loops (outer 0x10-0x70 holding inner 0x30-0x50); opcodes without
+    predicates and modifiers; the padding branch after EXIT is not a loop."""
+    loops = sass_loops(SASS_SAMPLE)
+    assert [(lp["start"], lp["end"], lp["instructions"]) for lp in loops] == [(0x10, 0x70, 7), (0x30, 0x50, 3)]
+    assert loops[0]["ops"] == {"FFMA": 1, "MUFU": 1, "FSEL": 1, "FADD": 1, "BRA": 2, "HGMMA": 1}
+
+
+def _tile_loops(rows, kernel):
+    """The tile loops of a kernel (bodies of over 500 instructions; runtime kink loops are ~110)."""
+    return [lp for lp in rows[("fire", kernel)]["loops"] if lp["instructions"] > 500]
+
+
+def test_rcp_ex2_and_fold_mask_in_the_compiled_code(tmp_path):
+    """What the two options change in FIRE's compiled D=64 kernels (sm_90a SASS): ``rcp_ex2`` puts one
+    MUFU op per score (32 per thread and 64x64 tile) in place of the Newton reciprocal's ~7 FMA-pipe
+    ops (each dq tile loop at least 150 instructions shorter); the folded mask (default) drops two
+    selects per score from every masked tile of the forward and dq kernels (64 per thread and loop)."""
+    base = _run(tmp_path, "fire", sass=True)
+    ex2 = _run(tmp_path, "fire", {"64": {"rcp_ex2": True}}, sass=True)
+    unfolded = _run(tmp_path, "fire", {"64": {"fold_mask": False}}, sass=True)
+    assert (tmp_path / "sass" / "fire_64__bwd_dq_kernel.sass").exists()
+    b, e = _tile_loops(base, "_bwd_dq_kernel"), _tile_loops(ex2, "_bwd_dq_kernel")
+    assert len(b) == len(e) == 2, (b, e)   # light (pipelined) and heavy tile loops
+    for lb, le in zip(b, e):
+        assert le["ops"]["MUFU"] - lb["ops"]["MUFU"] == 32, (lb["ops"], le["ops"])
+        assert lb["instructions"] - le["instructions"] >= 150, (lb["instructions"], le["instructions"])
+    for kernel in ("_fwd_kernel", "_bwd_dq_kernel"):
+        f, u = _tile_loops(base, kernel), _tile_loops(unfolded, kernel)
+        assert len(f) == len(u) == 2, (kernel, f, u)
+        for lf, lu in zip(f, u):
+            assert lu["ops"]["FSEL"] - lf["ops"]["FSEL"] >= 60, (kernel, lf["ops"], lu["ops"])
+            assert lf["instructions"] < lu["instructions"], kernel
+
+
+def test_split_heavy_lifts_the_wgmma_serialization(tmp_path):
+    """ptxas serializes every wgmma of FIRE's committed dq and dkdv kernels (the heavy tiles' runtime
+    kink loops; in dq also the pipelined light loop). With ``split_heavy`` (light and heavy tiles in
+    separate launches) and a one-stage dq loop, none of the four backward launches is serialized."""
+    base = _run(tmp_path, "fire")
+    assert base[("fire", "_bwd_dq_kernel")]["serialized_wgmma"]
+    assert base[("fire", "_bwd_dkdv_kernel")]["serialized_wgmma"]
+    split = _run(tmp_path, "fire", {"64": {"split_heavy": True, "dq": [64, 64, 4, 1]}})
+    kernels = {k for _e, k in split}
+    assert kernels == {"_fwd_kernel", "_bwd_dq_kernel.1", "_bwd_dq_kernel.2", "_bwd_dkdv_kernel.1",
+                       "_bwd_dkdv_kernel.2"}, kernels
+    assert not any(r["serialized_wgmma"] for r in split.values()), split

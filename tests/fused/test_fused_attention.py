@@ -460,6 +460,72 @@ def test_onepass_backward(name, monkeypatch):
         assert ("_bwd_onepass_kernel", True) in seen
 
 
+@pytest.mark.parametrize("onepass", [False, True])
+@pytest.mark.parametrize("name", ["kerple_log", "fire"])
+def test_rcp_ex2(name, onepass, monkeypatch):
+    """``rcp_ex2``: the ``r / (1 + c r)`` factor of Kerple-log's r2 and FIRE's c gradient as
+    ``r 2^-lg`` (the bias' own log) in the dq and the one-pass kernels: every gradient equals the
+    float64 reference (packed documents with FIRE kinks crossing tiles, a decode offset, FIRE
+    without its threshold); the launches show the variant ran with parameter gradients on."""
+    from megafire.attention.fused import CONFIGS
+    opts = dict(CONFIGS["interp"], rcp_ex2=True)
+    if onepass:
+        opts["onepass"] = ONEPASS
+    monkeypatch.setitem(CONFIGS, "interp", opts)
+    seen = _record_launches(monkeypatch, "RCP_EX2")
+    kinks = name == "fire"
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=kinks)
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=kinks)
+    if name == "fire":
+        _run(name, B=1, Tq=17, Tk=17, kinks=True, enc_opts=dict(use_threshold=False))
+    kernel = "_bwd_onepass_kernel" if onepass else "_bwd_dq_kernel"
+    assert (kernel, True) in seen and (kernel, False) not in seen and (kernel, None) not in seen, seen
+
+
+@pytest.mark.parametrize("name", ["none", "alibi", "fire"])
+def test_fold_mask_off(name, monkeypatch):
+    """``fold_mask: false`` (the five-compare mask the folded one replaced; every other test runs
+    the folded form): same outputs and gradients as the reference with a ragged tail, packed
+    documents, a decode offset (Tq < Tk) and no causal mask, in the two-kernel and the one-pass
+    backward; the launches show the unfolded variant ran."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], fold_mask=False))
+    seen = _record_launches(monkeypatch, "FOLD")
+    kinks = name == "fire"
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=kinks)
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=kinks)
+    _run(name, B=1, Tq=19, Tk=19, causal=False, kinks=kinks)
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], onepass=ONEPASS))
+    _run(name, B=2, Tq=37, Tk=37, seg=True, cuts=[11], kinks=kinks)
+    kernels = {n for n, _ in seen}
+    attn = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_onepass_kernel"}
+    assert attn <= kernels, kernels
+    assert all(fold is False for n, fold in seen if n in attn), seen
+
+
+@pytest.mark.parametrize("ku", ["1", "4"])
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_split_heavy(name, ku, monkeypatch):
+    """``split_heavy``: the dq and dkdv kernels each run twice, light tiles (phase 1, fp32 partials)
+    then heavy tiles (phase 2, adding the partials and FIRE's row sums): outputs and every gradient
+    equal the float64 reference with nearly every tile heavy (FIRE, KU=1) and with light and heavy
+    tiles in the same query / key blocks (KU=4: every run here has both), on packed documents, GQA,
+    a decode offset, FIRE without kinks inside, and T5's ``defer``."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], split_heavy=True, segment_bounds=True,
+                                                defer=True))
+    monkeypatch.setenv("MEGAFIRE_FUSED_KU", ku)
+    seen = _record_launches(monkeypatch, "PHASE")
+    kinks = name == "fire"
+    _run(name, B=2, Tq=75, Tk=75, seg=True, cuts=[9, 33, 52], kinks=kinks)
+    _run(name, B=1, Tq=6, Tk=35, offset=3, kinks=kinks)
+    _run(name, B=1, Tq=37, Tk=37, H=4, HKV=2, kinks=kinks)
+    if name == "fire":
+        _run(name, B=1, Tq=75, Tk=75)
+    for kernel in ("_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        assert (kernel, 1) in seen and (kernel, 2) in seen and (kernel, 0) not in seen, seen
+
+
 def test_onepass_min_n(monkeypatch):
     """``onepass_min_n``: shorter key sequences keep the dq + dkdv kernels, longer ones take the
     one-pass kernel; both equal the reference."""

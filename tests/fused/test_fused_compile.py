@@ -38,15 +38,16 @@ def _qkv(seed=0):
     return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
 
 
-def _expected_writes(name: str, onepass: bool) -> list:
+def _expected_writes(name: str, onepass: bool, split: bool = False) -> list:
     """The tensors each launch of one forward + backward writes (the kernels' docstrings);
-    ``onepass``: one backward kernel instead of dq + dkdv."""
+    ``onepass``: one backward kernel instead of dq + dkdv; ``split``: each of those twice (light,
+    then heavy tiles: ``split_heavy``)."""
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
     sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
     table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
     bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums])]] if onepass else
-           [["_bwd_dq_kernel", ["DQ", *sums]], ["_bwd_dkdv_kernel", ["DK", "DV"]]])
+           [["_bwd_dq_kernel", ["DQ", *sums]]] * (1 + split) + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (1 + split))
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
         ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + bwd
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
@@ -60,7 +61,7 @@ def _committed_onepass(name: str, n: int = 128) -> bool:
     return bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
 
 
-@pytest.mark.parametrize("options", ["committed", "prepared", "onepass"])
+@pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split"])
 def test_inductor_sees_exactly_what_each_launch_writes(options):
     """On CPU, for sm_90: every launch of the inline op lowers to TTIR with Python floats typed
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
@@ -69,7 +70,9 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     inputs). See tests/fused/traced_launches.py. "prepared": T5 ``defer`` and ``segment_bounds`` forced on
     (committed at D=64; the override also covers other configs) with KU=2 (untimed-better, off), for
     T5 and FIRE. "onepass": the one-pass backward for every encoding (committed for none / ALiBi / T5):
-    its dQ atomics, parameter sums and FIRE's row sums are all that it writes."""
+    its dQ atomics, parameter sums and FIRE's row sums are all that it writes. "split": ``split_heavy``
+    (T5 / FIRE, two-kernel backward): the heavy-tile launches read the light ones' fp32 partials and
+    write only their outputs and sums."""
     import json
     import os
     import subprocess
@@ -84,12 +87,15 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
         names = ["t5", "fire"]
     if options == "onepass":
         env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"onepass": [64, 64, 4, 1], "onepass_min_n": 0}}))
+    if options == "split":
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"split_heavy": True, "onepass": False}}))
+        names = ["t5", "fire"]
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     for name in names:
-        onepass = options == "onepass" or _committed_onepass(name)
-        assert found[name] == _expected_writes(name, onepass), (name, found[name])
+        onepass = options == "onepass" or (options != "split" and _committed_onepass(name))
+        assert found[name] == _expected_writes(name, onepass, options == "split"), (name, found[name])
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -35,6 +35,18 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: 64x64 / 4 warps / 1 stage; Kerple and FIRE slower (their tiles spill at 255 registers): on at D=64
 #: for none (RoPE / NoPE / absolute on packed rows), ALiBi and T5. onepass_min_n: only when the keys
 #: number at least this (default 0).
+#: rcp_ex2 (Kerple-log, FIRE): the ``r / (1 + c r)`` factor of the r2 / c gradient in the dq and
+#: one-pass kernels as ``r 2^-lg`` (one MUFU op on the bias' own log) instead of a Newton
+#: reciprocal (7 fp32 ops per score); off (prepared on a machine without a GPU, untimed: FIRE's
+#: light dq loop 1,092 -> 881 SASS instructions per thread and tile, docs/kernels.md).
+#: fold_mask: a masked tile compares each score's key index once, against a per-row limit that
+#: folds in the query / key bounds and the causal index condition (3 compares and 3 selects per
+#: score instead of 5 and 5; the FIRE / no-bias dkdv kernels keep the five, see ``_mask``); default on (an exact
+#: rewrite, prepared on a machine without a GPU: untimed; off switch for the A/B).
+#: split_heavy (T5 / FIRE, two-kernel backward): the light tiles of the dq and dkdv kernels in one launch
+#: each, the heavy tiles (runtime kink / bucket loops) in a second that adds the first's fp32 partials:
+#: a kernel with such a loop has all its wgmma serialized by ptxas (FIRE's dq / dkdv); off (prepared
+#: without a GPU, untimed; with MEGAFIRE_FUSED_KU=2 and segment_bounds 99.7% of FIRE's tiles are light).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -77,6 +89,67 @@ FIRE_BINS = K.FIRE_BINS
 
 _env_cache: dict = {}
 
+#: what a CONFIGS entry / a head-dim object of MEGAFIRE_FUSED_CONFIGS may hold
+_LAUNCH_KEYS = ("fwd", "dq", "dkdv", "onepass")          # (BM, BN, warps, stages); onepass also false
+_FLAG_KEYS = ("skip", "skip_fwd", "skip_bwd", "branchless", "pres", "segment_bounds", "defer", "rcp_ex2",
+              "fold_mask", "split_heavy")
+_INT_KEYS = ("onepass_min_n",)
+
+
+def _pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+def check_config(entry: dict, where: str) -> dict:
+    """One launch-config entry (``{"fwd": [64, 64, 4, 3], "defer": true, ...}``) with launch tuples as
+    tuples and flags as bools; a ValueError naming ``where``, the key and what it allows for an
+    unknown key or a malformed value (a typo would otherwise be ignored and an A/B time nothing)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object of launch options, got {entry!r}")
+    out = {}
+    for key, val in entry.items():
+        if key in _LAUNCH_KEYS:
+            if key == "onepass" and val in (False, None):
+                out[key] = None
+                continue
+            ok = isinstance(val, (list, tuple)) and len(val) == 4 and all(_pow2(x) for x in val[:3]) \
+                and isinstance(val[3], int) and not isinstance(val[3], bool) and val[3] >= 1 and min(val[:2]) >= 16
+            if not ok:
+                raise ValueError(f"{where}[{key!r}] = {val!r}: a launch config is [BM, BN, warps, stages] (BM, BN "
+                                 f"powers of two >= 16, warps a power of two, stages >= 1)"
+                                 + (", or false" if key == "onepass" else ""))
+            out[key] = tuple(val)
+        elif key in _FLAG_KEYS:
+            if not (isinstance(val, bool) or (isinstance(val, int) and val in (0, 1))):
+                raise ValueError(f"{where}[{key!r}] = {val!r}: true / false (or 1 / 0)")
+            out[key] = bool(val)
+        elif key in _INT_KEYS:
+            if not (isinstance(val, int) and not isinstance(val, bool) and val >= 0):
+                raise ValueError(f"{where}[{key!r}] = {val!r}: a non-negative integer")
+            out[key] = val
+        else:
+            allowed = ", ".join(_LAUNCH_KEYS + _FLAG_KEYS + _INT_KEYS)
+            raise ValueError(f"{where}: unknown key {key!r}; allowed: {allowed}")
+    return out
+
+
+def _env_overrides(env: str) -> dict:
+    """MEGAFIRE_FUSED_CONFIGS (JSON: head dim -> launch options) checked once per distinct value."""
+    if env not in _env_cache:
+        try:
+            data = json.loads(env)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"MEGAFIRE_FUSED_CONFIGS is not JSON ({e}): {env!r}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"MEGAFIRE_FUSED_CONFIGS: expected an object of head dims, e.g. "
+                             f"'{{\"64\": {{\"onepass\": false}}}}', got {env!r}")
+        dims = [str(d) for d in HEAD_DIMS]
+        for d in data:
+            if d not in dims:
+                raise ValueError(f"MEGAFIRE_FUSED_CONFIGS: head dim {d!r} is not one of {', '.join(dims)}")
+        _env_cache[env] = {d: check_config(v, f"MEGAFIRE_FUSED_CONFIGS[{d!r}]") for d, v in data.items()}
+    return _env_cache[env]
+
 
 def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -96,10 +169,8 @@ def _config(d: int, name: str = "none") -> dict:
     cfg = committed_config(d, name)
     env = os.environ.get("MEGAFIRE_FUSED_CONFIGS")
     if env:
-        if env not in _env_cache:
-            _env_cache[env] = json.loads(env)
-        over = _env_cache[env].get(str(d), {})
-        cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()})
+        over = _env_overrides(env).get(str(d), {})
+        cfg.update(over)
         if "skip" in over:  # one flag for both (tuning)
             cfg["skip_fwd"] = cfg["skip_bwd"] = bool(over["skip"])
     return cfg
@@ -356,7 +427,8 @@ def _forward(q, k, v, st, pgrad: bool):
         *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
         BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
         DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
-        BRANCHLESS=bool(cfg.get("branchless", True)), D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+        BRANCHLESS=bool(cfg.get("branchless", True)), FOLD=bool(cfg.get("fold_mask", True)), D=D, BM=BM, BN=BN,
+        num_warps=warps, num_stages=stages)
     return o, (ores if resid else q.new_empty(0)), lse
 
 
@@ -394,10 +466,12 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *st.strides)
     common = dict(BIAS=mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-                  DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D)
+                  DOT_PREC=st.prec, SKIP=bool(cfg["skip_bwd"]), TABLE=st.table, KU=st.ku, D=D,
+                  FOLD=bool(cfg.get("fold_mask", True)))
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
     nsp = max(16, 1 << (NS - 1).bit_length())
     defer = bool(cfg.get("defer", False))
+    rcp_ex2 = bool(cfg.get("rcp_ex2", False))
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
     kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
@@ -407,23 +481,40 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
             q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, *strides, st.tab_b,
             H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, num_warps=warps, num_stages=stages, **common)
+            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, num_warps=warps, num_stages=stages,
+            **common)
         dq = dqa.to(q.dtype)
     else:
         dq = torch.empty_like(q)
-        wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
-            q, k, v, do, dq, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, *strides, st.tab_b,
-            H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, num_warps=warps, num_stages=stages, **common)
+        # split_heavy (T5 / FIRE): light tiles in a launch of their own (phase 1, fp32 partials), the heavy
+        # tiles' runtime kink / bucket loops in a second (phase 2, adds the partials): ptxas serializes
+        # every wgmma of a kernel holding such a loop
+        phases = ((1, torch.empty_like(q, dtype=torch.float32)), (2, None)) \
+            if st.table and cfg.get("split_heavy", False) else ((0, None),)
+        dqp = st.dummy_f
+        for phase, out in phases:
+            wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
+                q, k, v, do, dq if out is None else out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx,
+                *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+                part_stride, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
+                num_warps=warps, num_stages=stages, **common)
+            dqp = out if out is not None else dqp
         BM, BN, warps, stages = cfg["dkdv"]
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
         tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
-        wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
-            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-            BRANCHLESS=bool(cfg.get("branchless", True)), BM=BM, BN=BN, num_warps=warps, num_stages=stages,
-            **common)
+        dkp = dvp = st.dummy_f
+        for phase, _ in phases:
+            light = phase == 1
+            pk, pv = (torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)) \
+                if light else (dk, dv)
+            wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
+                q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
+                H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+                BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN, num_warps=warps,
+                num_stages=stages, **common)
+            if light:
+                dkp, dvp = pk, pv
     if not pgrad:
         return dq, dk, dv, []
     tot = part.view(B, H, nprog, part_stride).sum((0, 2))  # [H, part_stride]

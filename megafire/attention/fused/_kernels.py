@@ -343,10 +343,30 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
 
 
 @triton.jit
-def _mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, offs_m, offs_n, qpos, kpos, sq, sk, Tq, Tk):
-    valid = (offs_m < Tq) & (offs_n < Tk)
+def _mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, offs_m, offs_n, qpos, kpos, sq, sk, Tq, Tk,
+          FOLD: tl.constexpr = True):
+    """Which scores of a tile are live: query i < Tq, key j < Tk, ``j <= i + Tk - Tq`` (causal),
+    ``kpos_j <= qpos_i`` (causal) and ``sq_i == sk_j`` (segment ids).
+
+    FOLD: the first three are one compare per score, against a per-row limit on the key index
+    (``i + Tk - Tq`` causal, else ``Tk - 1``; -1 past Tq). LLVM lowers a where() of an and of
+    conditions to one select per condition: a masked 64x64 tile costs 3 compares and 3 selects per
+    score instead of 5 and 5 (SASS of the fwd / dq / one-pass kernels, sm_90a: the mask block
+    -20%, e.g. FIRE dq 341 -> 273 instructions per thread). The dkdv kernels of FIRE and of no bias
+    keep the five (FOLD=False there): folded, ptxas spills inside FIRE's heavy-tile loop (68 -> 148
+    bytes), and the no-bias 32x128 tile loop grows (818 -> 856 instructions: predicate LOP3s)."""
+    if FOLD:
+        if CAUSAL:
+            lim = tl.where(offs_m < Tq, offs_m + (Tk - Tq), -1)
+        else:
+            lim = tl.where(offs_m < Tq, Tk - 1, -1)
+        valid = offs_n <= lim
+    else:
+        valid = (offs_m < Tq) & (offs_n < Tk)
+        if CAUSAL:
+            valid = valid & (offs_n <= offs_m + (Tk - Tq))
     if CAUSAL:
-        valid = valid & (offs_n <= offs_m + (Tk - Tq)) & (kpos <= qpos)
+        valid = valid & (kpos <= qpos)
     if HAS_SEG:
         valid = valid & (sq == sk)
     return valid
@@ -368,7 +388,7 @@ def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo,
 @triton.jit
 def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos, sq, m0, qlo,
                     Tq, Tk, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, FOLD: tl.constexpr = True):
     """A [BM, BN] tile of the row-major kernels (fwd, dq) with its masked entries set to
     ``fill``; tiles that cannot hold a masked score (tile record or position bounds) skip it."""
     if TABLE:
@@ -381,7 +401,7 @@ def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mc
         if HAS_SEG:
             sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
         valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
+                      sq[:, None], sk[None, :], Tq, Tk, FOLD)
         x = tl.where(valid, x, fill)
     return x
 
@@ -474,7 +494,8 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
                   BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                   FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
                   TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False,
+                  FOLD: tl.constexpr = True):
     """One query tile [BM, BN] of the one-pass backward: scores, P and dS computed once for dV, dK
     (accumulated in registers), dQ (``scale dS K`` added to the fp32 DQA, atomically: every key
     block's program adds to the same rows) and the parameter sums (``_pgrad_tile``; FIRE's per-row
@@ -497,7 +518,7 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
         if HAS_SEG:
             sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
         valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk)
+                      sq[:, None], sk[None, :], Tq, Tk, FOLD)
         p = tl.where(valid, p, 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -512,14 +533,14 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
             # this tile's rows only: the row sums go to ROWC / ROWX now (other key blocks add theirs)
             t1, t2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1 * 0.0,
                                                         acc2 * 0.0, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS,
-                                                        RT, BIAS, USE_LOG, KU, HEAVY, NSP, DEFER)
+                                                        RT, BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
             if USE_LOG:
                 tl.atomic_add(ROWC + bh * Tq + offs_m, t1, mask=mrow, sem="relaxed")
             tl.atomic_add(ROWX + bh * Tq + offs_m, t2, mask=mrow, sem="relaxed")
         else:
             acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1,
                                                             acc2, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT,
-                                                            BIAS, USE_LOG, KU, HEAVY, NSP, DEFER)
+                                                            BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
     return dk, dv, acc1, acc2, runP, runQ, cur, gacc
 
 
@@ -533,7 +554,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                         USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                         PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
-                        DEFER: tl.constexpr = False):
+                        DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True):
     """The whole backward in one pass (``onepass`` in CONFIGS): one program per (key block, batch, kv
     head), as ``_bwd_dkdv_kernel``, with each score's bias, P and dS computed once instead of once
     in each of the dq and dkdv kernels (FlashAttention-2's CUDA backward): dK, dV in registers,
@@ -579,7 +600,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                     acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
                     ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
                     Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                    True, NSP, BM, BN, DEFER)
+                    True, NSP, BM, BN, DEFER, RCP_EX2, FOLD)
             if DEFER and PGRAD and (BIAS == 4):
                 lanes = tl.arange(0, NSP)
                 tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
@@ -593,7 +614,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                 acc1, acc2, runP, runQ, cur, nograd, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
                 ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
                 Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                False, NSP, BM, BN, False)
+                False, NSP, BM, BN, False, RCP_EX2, FOLD)
         if PGRAD:
             if (BIAS == 2) | (BIAS == 3):
                 tl.store(part, tl.sum(acc1, 0))
@@ -658,7 +679,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
               BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
               FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PRES: tl.constexpr,
               TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BRANCHLESS: tl.constexpr):
+              BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True):
     """One key tile of the forward: scores, bias, mask, online softmax, P V."""
     offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
                                                      Tk, BN)
@@ -668,7 +689,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
                                 HEAVY, BRANCHLESS)
     s = _mask_rows_tile(s, float("-inf"), rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
-                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN)
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -690,7 +711,8 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                 RESID: tl.constexpr, PRES: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True):
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
+                FOLD: tl.constexpr = True):
     """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype).
     PRES: P V with P split in two half-precision parts (``p = round(p) + residual``: one more
     MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
@@ -731,14 +753,14 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
         m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
                                   acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
                                   H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                                  SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS)
+                                  SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS, FOLD)
     if TABLE:
         for start_n in range(split, hi, BN):
             rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
             m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i,
                                       l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
                                       kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG,
-                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN, BRANCHLESS)
+                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN, BRANCHLESS, FOLD)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -778,7 +800,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
                BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
                KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               BRANCHLESS: tl.constexpr):
+               BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True):
     """One query tile of the dK/dV kernel (transposed scores [BN, BM])."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
@@ -798,7 +820,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
         if HAS_SEG:
             sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
         valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
-                      sq[None, :], sk[:, None], Tq, Tk)
+                      sq[None, :], sk[:, None], Tq, Tk, FOLD and (BIAS != 0) and (BIAS != 5))
         pT = tl.where(valid, pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -808,7 +830,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                      P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
@@ -816,10 +838,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                      TABLE: tl.constexpr, KU: tl.constexpr,
-                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True):
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
+                     FOLD: tl.constexpr = True, PHASE: tl.constexpr = 0):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group.
     TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
-    with runtime kink loops, the rest in the software-pipelined loop."""
+    with runtime kink loops, the rest in the software-pipelined loop.
+    PHASE (``split_heavy``): 0 both loops; 1 the light loop only, into fp32 DK / DV; 2 the heavy
+    loop only, adding the phase-1 partials DKP / DVP (same strides) before the store. A kernel
+    without the runtime loops keeps its wgmma pipelined (ptxas serializes every wgmma of a
+    function with such a loop: docs/kernels.md)."""
     pid_n = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bhk = tl.program_id(1)
@@ -838,22 +865,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
-        if TABLE:
+        if TABLE and (PHASE != 1):
             for start_m in range(lo, split, BM):
                 rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
                 dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
                                     Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
                                     sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN, BRANCHLESS)
-        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
-        for start_m in range(split, end, BM):
-            rec, a2, d2 = rec_n, a2_n, d2_n
-            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
-            dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                                Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
-                                sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS)
-    _store_dkdv(DK, DV, dk * scale, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
+                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN, BRANCHLESS,
+                                    FOLD)
+        if PHASE != 2:
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
+            for start_m in range(split, end, BM):
+                rec, a2, d2 = rec_n, a2_n, d2_n
+                rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
+                dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                    Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
+                                    sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
+                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS,
+                                    FOLD)
+    dk = dk * scale
+    if PHASE == 2:
+        dk += tl.load(DKP + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+        dv += tl.load(DVP + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+    _store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
 @triton.jit
@@ -875,7 +909,8 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
              BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr, DEFER: tl.constexpr = False):
+             BN: tl.constexpr, DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False,
+             FOLD: tl.constexpr = True):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel).
     gacc (T5, DEFER, heavy tiles): [BM, NSP] per-row sums per bucket boundary, reduced over rows
     once after the heavy loop; elsewhere passed through untouched."""
@@ -886,31 +921,39 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                           s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
     p = tl.math.exp2(s - lse[:, None])
     p = _mask_rows_tile(p, 0.0, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
-                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN)
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if PGRAD:
         acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2,
                                                         runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT, BIAS,
-                                                        USE_LOG, KU, HEAVY, NSP, DEFER)
+                                                        USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
     return dq, acc1, acc2, runP, runQ, cur, gacc
 
 
 @triton.jit
 def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, runQ, cur, gacc, P1, FT, IT,
                 H, W, NS, RT, BIAS: tl.constexpr, USE_LOG: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr,
-                NSP: tl.constexpr, DEFER: tl.constexpr):
+                NSP: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False):
     """The encoding-parameter sums of one [BM, BN] tile of dS (query rows x key columns), shared by
     the dq and the one-pass kernels: per-row accumulators ``acc1`` / ``acc2`` (Kerple: summed over
     the program; FIRE: the rows' ``c`` and denominator sums), the current segment / bucket's
     running row sums ``runP`` / ``runQ`` (flushed to ``part`` when the tile's segment changes),
     and the per-kink / per-boundary sums (to ``part``; T5 with DEFER and HEAVY: row partials in
-    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc)."""
+    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc).
+
+    The ``r / (1 + c r)`` factor of Kerple-log's ``r2`` and FIRE's ``c`` gradients: a Newton reciprocal
+    on the FMA pipe (7 fp32 ops per score), or with RCP_EX2 ``r 2^-lg`` from the bias' own
+    ``lg = lg2(1 + c r)`` (one MUFU op and a multiply: FIRE's light dq loop 1,092 -> 881 SASS
+    instructions per thread and tile at 64x64 / 4 warps, MUFU ops 64 -> 96, docs/kernels.md)."""
     if BIAS == 2:
         r2 = tl.load(P1 + h)
         acc1 += tl.sum(ds * lg, 1)
-        acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
+        if RCP_EX2:
+            acc2 += tl.sum(ds * (rf * tl.math.exp2(-lg)), 1)
+        else:
+            acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
     elif BIAS == 3:
         r2 = tl.load(P1 + h)
         pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
@@ -921,11 +964,14 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
         rowP = tl.sum(ds, 1)
         if BIAS == 5:
             x = lg * rowf[:, None]
-            rowQ = tl.sum(ds * x, 1)
+            rowQ = tl.sum(ds * lg, 1) * rowf
             a = a2 * 0.6931471805599453
             dsd = ds
             if USE_LOG:
-                dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
+                if RCP_EX2:
+                    dsd = ds * (rf * tl.math.exp2(-lg))
+                else:
+                    dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
                 acc1 += a * tl.sum(dsd, 1)
             acc2 += a * rowQ
         if s_lo != cur:  # flush the running sums of the previous segment / bucket
@@ -1000,7 +1046,7 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
@@ -1009,7 +1055,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                    PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
-                   DEFER: tl.constexpr = False):
+                   DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
+                   PHASE: tl.constexpr = 0):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -1023,6 +1070,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     NSP: a power of two >= NS, the lanes of ``_add_at`` (the sums at data-dependent indices).
     DEFER (T5): the heavy loop keeps its per-boundary sums as [BM, NSP] row partials and adds
     them to ``G`` after the loop (one cross-row reduction), not per boundary and tile.
+    PHASE (``split_heavy``, T5 / FIRE): 0 both loops; 1 the light loop only, dQ into the fp32 DQ;
+    2 the heavy loop only, adding the phase-1 dQ (DQP, same strides) and FIRE's phase-1 row sums
+    (read back from ROWC / ROWX); PART rows take both phases' sums (atomics).
     """
     pid_m = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
@@ -1062,15 +1112,16 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                                                        BM, BN)
     rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
     nogacc = 0.0
-    for start_n in range(lo, split, BN):
-        rec, a2, d2 = rec_n, a2_n, d2_n
-        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-        dq, acc1, acc2, runP, runQ, cur, nogacc = _dq_step(
-            start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-            dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
-            svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-            SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN)
-    if TABLE:
+    if PHASE != 2:
+        for start_n in range(lo, split, BN):
+            rec, a2, d2 = rec_n, a2_n, d2_n
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
+            dq, acc1, acc2, runP, runQ, cur, nogacc = _dq_step(
+                start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+                SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN, False, RCP_EX2, FOLD)
+    if TABLE and (PHASE != 1):
         gacc = nogacc
         if DEFER and PGRAD and (BIAS == 4):
             gacc = tl.zeros([BM, NSP], tl.float32)
@@ -1080,11 +1131,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                 start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
                 dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
                 svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER)
+                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER, RCP_EX2, FOLD)
         if DEFER and PGRAD and (BIAS == 4):
             lanes = tl.arange(0, NSP)
             tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
     dq = dq * scale
+    if PHASE == 2:
+        dq += tl.load(DQP + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None],
+                      other=0.0)
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mrow[:, None])
     if PGRAD:
@@ -1095,5 +1149,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
             _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
             if BIAS == 5:
                 _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+                if PHASE == 2:
+                    acc1 += tl.load(ROWC + bh * Tq + offs_m, mask=mrow, other=0.0)
+                    acc2 += tl.load(ROWX + bh * Tq + offs_m, mask=mrow, other=0.0)
                 tl.store(ROWC + bh * Tq + offs_m, acc1, mask=mrow)
                 tl.store(ROWX + bh * Tq + offs_m, acc2, mask=mrow)
