@@ -37,7 +37,8 @@
 #             then with `fold_mask` off and `split_heavy` on; packed-row kernel time (N=2048, D=64, H=12, 2 documents) of
 #             DENC (default none,kerple_log,t5,fire) under each DCFGS item ("KU {config}", joined by ;; default: committed,
 #             fold_mask off, rcp_ex2, split_heavy + dq 64x64/4/1 at KU 1 and 2, and with rcp_ex2); DTRAIN=1 adds the
-#             DTRAIN_ENC arms (default fire) alone in the trainer at T=2048 under each
+#             DTRAIN_ENC arms (default fire) alone in the trainer at T=2048 under each (~90 s per arm and item: give
+#             DCFGS at most three items per call then)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader

@@ -885,8 +885,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, 
                                     FOLD)
     dk = dk * scale
     if PHASE == 2:
-        dk += tl.load(DKP + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None], other=0.0)
-        dv += tl.load(DVP + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None], other=0.0)
+        dk += tl.load(DKP + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None],
+                      other=0.0)
+        dv += tl.load(DVP + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None],
+                      other=0.0)
     _store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
