@@ -155,11 +155,11 @@ def _launches(name: str, D: int, N: int, H: int, documents: int) -> list:
     return record_launches(q, k, v, _build(name, H, D, "cpu"), pos, seg)
 
 
-def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2, sass: bool = False,
+def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2,
               sass_dir: str | None = None) -> list[dict]:
     """One row per attention kernel of encoding ``name`` at head dim ``D``: the launch config and
-    ptxas' resource usage for sm_90a; with ``sass``, also its loops (``sass_loops``), and the
-    listing written to ``sass_dir`` when given."""
+    ptxas' resource usage for sm_90a; with ``sass_dir``, also its loops (``sass_loops``) and its
+    listing written there."""
     import triton
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("megafire bench resources compiles real kernels: unset TRITON_INTERPRET")
@@ -184,7 +184,7 @@ def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2
                 out = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin],
                                      capture_output=True, text=True, check=True)
                 listing = subprocess.run([_ptxas("nvdisasm"), "-c", "-g", cubin], capture_output=True, text=True,
-                                         check=True).stdout if sass or sass_dir else ""
+                                         check=True).stdout if sass_dir else ""
             if named.get("PHASE"):   # split_heavy: the light (1) and heavy (2) launches of one kernel
                 kname = f"{kname}.{named['PHASE']}"
             row = dict(encoding=name, D=D, kernel=kname, BM=named.get("BM"), BN=named.get("BN"),

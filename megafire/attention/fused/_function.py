@@ -489,31 +489,31 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         # split_heavy (T5 / FIRE): light tiles in a launch of their own (phase 1, fp32 partials), the heavy
         # tiles' runtime kink / bucket loops in a second (phase 2, adds the partials): ptxas serializes
         # every wgmma of a kernel holding such a loop
-        phases = ((1, torch.empty_like(q, dtype=torch.float32)), (2, None)) \
-            if st.table and cfg.get("split_heavy", False) else ((0, None),)
+        phases = (1, 2) if st.table and cfg.get("split_heavy", False) else (0,)
         dqp = st.dummy_f
-        for phase, out in phases:
+        for phase in phases:
+            out = torch.empty_like(q, dtype=torch.float32) if phase == 1 else dq
             wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
-                q, k, v, do, dq if out is None else out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx,
+                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx,
                 *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
                 part_stride, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
                 num_warps=warps, num_stages=stages, **common)
-            dqp = out if out is not None else dqp
+            if phase == 1:
+                dqp = out
         BM, BN, warps, stages = cfg["dkdv"]
         nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
         tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
         dkp = dvp = st.dummy_f
-        for phase, _ in phases:
-            light = phase == 1
+        for phase in phases:
             pk, pv = (torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)) \
-                if light else (dk, dv)
+                if phase == 1 else (dk, dv)
             wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
                 q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
                 H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
                 BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN, num_warps=warps,
                 num_stages=stages, **common)
-            if light:
+            if phase == 1:
                 dkp, dvp = pk, pv
     if not pgrad:
         return dq, dk, dv, []

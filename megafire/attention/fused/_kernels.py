@@ -113,6 +113,20 @@ def _rcp_ge1(x):
 
 
 @triton.jit
+def _dlog_dc(rf, lg, c, RCP_EX2: tl.constexpr):
+    """``r / (1 + c r)`` (d/dc of ln(1 + c r)), the factor of Kerple-log's ``r2`` and FIRE's ``c``
+    gradients, given ``lg = lg2(1 + c r)`` of the bias: a Newton reciprocal on the FMA pipe
+    (7 fp32 ops per score), or with RCP_EX2 ``r 2^-lg`` (one MUFU op and a multiply: FIRE's light
+    dq loop 1,092 -> 881 SASS instructions per thread and tile at 64x64 / 4 warps, MUFU ops
+    64 -> 96, docs/kernels.md)."""
+    if RCP_EX2:
+        y = rf * tl.math.exp2(-lg)
+    else:
+        y = rf * _rcp_ge1(1.0 + c * rf)
+    return y
+
+
+@triton.jit
 def _tile_segs(BIAS: tl.constexpr, qlo, qhi, klo, khi, den_small, den_big, IT, SC, RT, NBINS,
                USE_LOG: tl.constexpr):
     """Head-independent tile scalars for tiles whose positions lie in [qlo, qhi] x [klo, khi]
@@ -943,19 +957,11 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
     the program; FIRE: the rows' ``c`` and denominator sums), the current segment / bucket's
     running row sums ``runP`` / ``runQ`` (flushed to ``part`` when the tile's segment changes),
     and the per-kink / per-boundary sums (to ``part``; T5 with DEFER and HEAVY: row partials in
-    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc).
-
-    The ``r / (1 + c r)`` factor of Kerple-log's ``r2`` and FIRE's ``c`` gradients: a Newton reciprocal
-    on the FMA pipe (7 fp32 ops per score), or with RCP_EX2 ``r 2^-lg`` from the bias' own
-    ``lg = lg2(1 + c r)`` (one MUFU op and a multiply: FIRE's light dq loop 1,092 -> 881 SASS
-    instructions per thread and tile at 64x64 / 4 warps, MUFU ops 64 -> 96, docs/kernels.md)."""
+    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc). RCP_EX2: see ``_dlog_dc``."""
     if BIAS == 2:
         r2 = tl.load(P1 + h)
         acc1 += tl.sum(ds * lg, 1)
-        if RCP_EX2:
-            acc2 += tl.sum(ds * (rf * tl.math.exp2(-lg)), 1)
-        else:
-            acc2 += tl.sum(ds * (rf * _rcp_ge1(1.0 + r2 * rf)), 1)
+        acc2 += tl.sum(ds * _dlog_dc(rf, lg, r2, RCP_EX2), 1)
     elif BIAS == 3:
         r2 = tl.load(P1 + h)
         pw = tl.where(rf > 0.0, tl.math.exp2(r2 * lg), 0.0)
@@ -970,10 +976,7 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
             a = a2 * 0.6931471805599453
             dsd = ds
             if USE_LOG:
-                if RCP_EX2:
-                    dsd = ds * (rf * tl.math.exp2(-lg))
-                else:
-                    dsd = ds * (rf * _rcp_ge1(1.0 + c * rf))
+                dsd = ds * _dlog_dc(rf, lg, c, RCP_EX2)
                 acc1 += a * tl.sum(dsd, 1)
             acc2 += a * rowQ
         if s_lo != cur:  # flush the running sums of the previous segment / bucket
@@ -1138,11 +1141,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
             lanes = tl.arange(0, NSP)
             tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
     dq = dq * scale
+    dq_off = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]   # DQ and DQP: q's strides
     if PHASE == 2:
-        dq += tl.load(DQP + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mrow[:, None],
-                      other=0.0)
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=mrow[:, None])
+        dq += tl.load(DQP + dq_off, mask=mrow[:, None], other=0.0)
+    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mrow[:, None])
     if PGRAD:
         if (BIAS == 2) | (BIAS == 3):
             tl.store(part, tl.sum(acc1, 0))
