@@ -33,10 +33,11 @@
 #             items joined by ;), after the GPU bf16 tests at D=64 with the first; then the FIRE / T5 arms in the trainer at T=2048 (OTRAIN=1)
 #   opt       the one-pass backward in the trainer (125M, RoPE config with ALiBi / T5 peers), committed (on) against
 #             onepass off for every encoding, at OLEN (default 2048)
-#   diet      the kernel options of 2026-12-05 (prepared without a GPU; docs/kernels.md): GPU bf16 tests with `rcp_ex2` on,
-#             then with `fold_mask` off and `split_heavy` on; packed-row kernel time (N=2048, D=64, H=12, 2 documents) of
-#             DENC (default none,kerple_log,t5,fire) under each DCFGS item ("KU {config}", joined by ;; default: committed,
-#             fold_mask off, rcp_ex2, split_heavy + dq 64x64/4/1 at KU 1 and 2, and with rcp_ex2); DTRAIN=1 adds the
+#   diet      the kernel options of 2026-12-05 (prepared without a GPU; docs/kernels.md): GPU bf16 tests with `rcp_ex2` and
+#             `t5_diag` on, then with `fold_mask` off and `split_heavy` on; packed-row kernel time (N=2048, D=64, H=12, 2
+#             documents) of DENC (default none,kerple_log,t5,fire) under each DCFGS item ("KU {config}", joined by ;;
+#             default: committed, t5_diag, fold_mask off, rcp_ex2, split_heavy + dq 64x64/4/1 at KU 1 and 2, and with
+#             rcp_ex2); DTRAIN=1 adds the
 #             DTRAIN_ENC arms (default fire) alone in the trainer at T=2048 under each (~90 s per arm and item: give
 #             DCFGS at most three items per call then)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
@@ -126,12 +127,15 @@ for part in "$@"; do
              MEGAFIRE_FUSED_CONFIGS='{"64": {"onepass": false}}' bench "opt_off_$len" 200 \
                --config configs/arms/125m-rope.yaml --peer alibi,t5 "$st"
            done ;;
-    diet) MEGAFIRE_FUSED_CONFIGS='{"64": {"rcp_ex2": true}, "128": {"rcp_ex2": true}}' timeout 150 python3 -m pytest -q \
+    diet) if [ -z "$DNOTEST" ]; then   # DNOTEST=1: the timing only
+          MEGAFIRE_FUSED_CONFIGS='{"64": {"rcp_ex2": true, "t5_diag": true}, "128": {"rcp_ex2": true, "t5_diag": true}}' \
+             timeout 150 python3 -m pytest -q \
              -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16" 2>&1 | tail -2
           MEGAFIRE_FUSED_CONFIGS='{"64": {"fold_mask": false, "split_heavy": true}, "128": {"split_heavy": true}}' \
              timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
              -k "gpu_bf16" 2>&1 | tail -2
-          dd='1 {};1 {"fold_mask": false};1 {"rcp_ex2": true};1 {"split_heavy": true, "dq": [64, 64, 4, 1]}'
+          fi
+          dd='1 {};1 {"t5_diag": true};1 {"fold_mask": false};1 {"rcp_ex2": true};1 {"split_heavy": true, "dq": [64, 64, 4, 1]}'
           dd="$dd;2 {\"split_heavy\": true, \"dq\": [64, 64, 4, 1]};2 {\"split_heavy\": true, \"dq\": [64, 64, 4, 1], \"rcp_ex2\": true}"
           IFS=';' read -ra dcs <<< "${DCFGS:-$dd}"
           for item in "${dcs[@]}"; do

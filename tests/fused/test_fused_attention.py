@@ -70,13 +70,13 @@ def _packed(Tk, cuts):
 
 
 def _run(name, *, B=2, Tq=21, Tk=21, H=2, HKV=1, D=16, causal=True, seg=False, batched_pos=False,
-         offset=0, tol=1e-5, enc_opts=None, kinks=False, cuts=None):
+         offset=0, tol=1e-5, enc_opts=None, kinks=False, cuts=None, gap=0):
     torch.manual_seed(hash((name, Tq, Tk, H, HKV, seg)) % 1000)
     enc = _encoding(name, H, kinks=kinks, **(enc_opts or {}))
     q = torch.randn(B, Tq, H, D, requires_grad=True)
     k = torch.randn(B, Tk, HKV, D, requires_grad=True)
     v = torch.randn(B, Tk, HKV, D, requires_grad=True)
-    kp = torch.arange(Tk) + offset
+    kp = torch.arange(Tk) + offset + gap * (torch.arange(Tk) >= Tk // 2)   # gap: positions jump mid-row
     qp = kp[Tk - Tq:]
     sq = sk = None
     if batched_pos or seg:
@@ -522,6 +522,33 @@ def test_split_heavy(name, ku, monkeypatch):
         _run(name, B=1, Tq=75, Tk=75)
     for kernel in ("_bwd_dq_kernel", "_bwd_dkdv_kernel"):
         assert (kernel, 1) in seen and (kernel, 2) in seen and (kernel, 0) not in seen, seen
+
+
+@pytest.mark.parametrize("onepass", [False, True])
+def test_t5_diag(onepass, monkeypatch):
+    """``t5_diag``: heavy T5 tiles whose live scores all have distance = index distance sum dS by
+    diagonal into per-distance sums (``_t5_diagonals``), the others keep the boundary loop: every
+    gradient equals the float64 reference on packed documents (positions restart: aligned), with a
+    decode offset, GQA (the one-pass program reuses its scratch across heads) and positions that
+    jump mid-row (tiles across the jump fail the check: both paths in one run); the per-distance
+    sums are nonzero where tiles are aligned (the path ran) and carry the jump run's aligned tiles."""
+    from megafire.attention.fused import CONFIGS
+    import megafire.attention.fused._function as fn
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_diag=True, segment_bounds=True, defer=True,
+                                                onepass=ONEPASS if onepass else None))
+    dist = []
+    fold = fn._t5_fold_distances
+
+    def spy(tot, NS, it, RT):
+        dist.append(float(tot[:, 2 * NS:].abs().sum()))
+        return fold(tot, NS, it, RT)
+
+    monkeypatch.setattr(fn, "_t5_fold_distances", spy)
+    _run("t5", B=2, Tq=40, Tk=40, seg=True, cuts=[9, 23])
+    _run("t5", B=1, Tq=6, Tk=35, offset=3)
+    _run("t5", B=1, Tq=37, Tk=37, H=4, HKV=2)
+    _run("t5", B=1, Tq=40, Tk=40, gap=5)
+    assert len(dist) == 4 and min(dist) > 0, dist
 
 
 def test_onepass_min_n(monkeypatch):

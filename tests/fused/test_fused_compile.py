@@ -38,13 +38,14 @@ def _qkv(seed=0):
     return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
 
 
-def _expected_writes(name: str, onepass: bool, split: bool = False) -> list:
+def _expected_writes(name: str, onepass: bool, split: bool = False, diag: bool = False) -> list:
     """The tensors each launch of one forward + backward writes (the kernels' docstrings);
     ``onepass``: one backward kernel instead of dq + dkdv; ``split``: each of those twice (light,
-    then heavy tiles: ``split_heavy``)."""
+    then heavy tiles: ``split_heavy``); ``diag``: T5's ``t5_diag`` scratch."""
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
-    sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
+    sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else []) + \
+        (["SCR"] if diag and name == "t5" else [])
     table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
     bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums])]] if onepass else
            [["_bwd_dq_kernel", ["DQ", *sums]]] * (1 + split) + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (1 + split))
@@ -69,7 +70,7 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
     inputs). See tests/fused/traced_launches.py. "prepared": T5 ``defer`` and ``segment_bounds`` forced on
     (committed at D=64; the override also covers other configs) with KU=2 (untimed-better, off), for
-    T5 and FIRE. "onepass": the one-pass backward for every encoding (committed for none / ALiBi / T5):
+    T5 and FIRE, and T5's ``t5_diag`` (off; its scratch is written, read back by the same program). "onepass": the one-pass backward for every encoding (committed for none / ALiBi / T5):
     its dQ atomics, parameter sums and FIRE's row sums are all that it writes. "split": ``split_heavy``
     (T5 / FIRE, two-kernel backward): the heavy-tile launches read the light ones' fp32 partials and
     write only their outputs and sums."""
@@ -82,7 +83,7 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
                                                             "MEGAFIRE_FUSED_KU")}
     names = ENCS
     if options == "prepared":
-        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"defer": True, "segment_bounds": True}}),
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"defer": True, "segment_bounds": True, "t5_diag": True}}),
                    MEGAFIRE_FUSED_KU="2")
         names = ["t5", "fire"]
     if options == "onepass":
@@ -95,7 +96,8 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     for name in names:
         onepass = options == "onepass" or (options != "split" and _committed_onepass(name))
-        assert found[name] == _expected_writes(name, onepass, options == "split"), (name, found[name])
+        expected = _expected_writes(name, onepass, options == "split", options == "prepared")
+        assert found[name] == expected, (name, found[name])
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -47,6 +47,12 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: each, the heavy tiles (runtime kink / bucket loops) in a second that adds the first's fp32 partials:
 #: a kernel with such a loop has all its wgmma serialized by ptxas (FIRE's dq / dkdv); off (prepared
 #: without a GPU, untimed; with MEGAFIRE_FUSED_KU=2 and segment_bounds 99.7% of FIRE's tiles are light).
+#: t5_diag (T5): a heavy tile (next to the diagonal, ~20 bucket boundaries at 64x64) whose live scores
+#: all have distance = index distance (positions contiguous inside each document: the trainer's
+#: packed rows, plain rows; checked per tile, other tiles keep the boundary loop) sums its dS by
+#: diagonal through a per-program scratch (BM BN fp32) into per-distance sums, O(1) per score
+#: instead of one masked row sum per boundary; off (prepared without a GPU, untimed; defer is
+#: ignored where it is on).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -92,7 +98,7 @@ _env_cache: dict = {}
 #: what a CONFIGS entry / a head-dim object of MEGAFIRE_FUSED_CONFIGS may hold
 _LAUNCH_KEYS = ("fwd", "dq", "dkdv", "onepass")          # (BM, BN, warps, stages); onepass also false
 _FLAG_KEYS = ("skip", "skip_fwd", "skip_bwd", "branchless", "pres", "segment_bounds", "defer", "rcp_ex2",
-              "fold_mask", "split_heavy")
+              "fold_mask", "split_heavy", "t5_diag")
 _INT_KEYS = ("onepass_min_n",)
 
 
@@ -455,7 +461,12 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     # parameter-sum rows: one per (batch, head, query block) of the dq kernel, or per key block
     # of the one-pass kernel
     nprog = triton_cdiv(Tk, BN) if onepass else triton_cdiv(Tq, BM)
-    part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS if mode == K.T5 else 2
+    # T5 with t5_diag: per-distance sums [2 NS, 2 NS + RT] after the bucket / boundary sums
+    # (a max distance past 1023 would hold RT + 1 fp32 lanes in registers: the boundary loop instead)
+    diag = pgrad and mode == K.T5 and bool(cfg.get("t5_diag", False)) and st.RT < 1024
+    rtp = max(16, 1 << st.RT.bit_length()) if diag else 16               # a power of two > RT
+    w2 = 1 << (BM + BN - 2).bit_length() if diag else 16                  # >= BM + BN - 1 diagonals
+    part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS + (st.RT + 1) * diag if mode == K.T5 else 2
     part = torch.zeros(B * H * nprog, part_stride, device=dev, dtype=torch.float32) if pgrad else st.dummy_f
     if pgrad and mode == K.FIRE:
         new_row = torch.zeros if onepass else torch.empty   # the one-pass kernel adds per key block
@@ -470,19 +481,22 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
                   FOLD=bool(cfg.get("fold_mask", True)))
     tabs = (st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax, st.p0, st.p1, st.ft, st.it, st.sc, st.rowf)
     nsp = max(16, 1 << (NS - 1).bit_length())
-    defer = bool(cfg.get("defer", False))
+    defer = bool(cfg.get("defer", False)) and not diag
     rcp_ex2 = bool(cfg.get("rcp_ex2", False))
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
     kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
+    # t5_diag's per-program scratch: a dS tile and its diagonal sums (each written before it is read)
+    scr = torch.empty((nkb * B * HKV if onepass else nqb * B * H) * (BM * BN + w2), device=dev,
+                      dtype=torch.float32) if diag else st.dummy_f
     if onepass:
         # fp32 dQ summed over the key blocks' programs (atomics), in q's [B, Tq, H, D] strides
         dqa = torch.zeros(q.shape, device=dev, dtype=torch.float32)
         wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
-            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, *strides, st.tab_b,
-            H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, num_warps=warps, num_stages=stages,
-            **common)
+            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, scr, *strides,
+            st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
+            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, DIAG=diag, RTP=rtp, W2=w2,
+            num_warps=warps, num_stages=stages, **common)
         dq = dqa.to(q.dtype)
     else:
         dq = torch.empty_like(q)
@@ -494,10 +508,10 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         for phase in phases:
             out = torch.empty_like(q, dtype=torch.float32) if phase == 1 else dq
             wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
-                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx,
+                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, scr,
                 *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
                 part_stride, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
-                num_warps=warps, num_stages=stages, **common)
+                DIAG=diag, RTP=rtp, W2=w2, num_warps=warps, num_stages=stages, **common)
             if phase == 1:
                 dqp = out
         BM, BN, warps, stages = cfg["dkdv"]
@@ -518,10 +532,24 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     if not pgrad:
         return dq, dk, dv, []
     tot = part.view(B, H, nprog, part_stride).sum((0, 2))  # [H, part_stride]
+    if diag:
+        tot = _t5_fold_distances(tot, NS, st.it, st.RT)
     if mode != K.FIRE:
         return dq, dk, dv, [tot]
     w1, b1, W2 = params[:3]
     return dq, dk, dv, [*fire_mlp_grads(tot, w1, b1, W2, st.rank), rowc, rowx]   # one launch (_fire_tables.py)
+
+
+def _t5_fold_distances(tot: Tensor, NS: int, it: Tensor, RT: int) -> Tensor:
+    """T5 with t5_diag: ``tot`` [H, 2 NS + RT + 1] (bucket base sums, boundary sums, per-distance
+    sums for r = 0..RT) -> [H, 2 NS] with each distance's sum added to its bucket's base sum.
+    Buckets are runs of distances (``THR[k]`` the first of bucket k), so a bucket's share is a
+    difference of the distances' prefix sums: fixed order (no scatter atomics), in float64."""
+    thr = it[RT + 1:RT + 1 + NS].long()                                      # [NS] first distance per bucket
+    edges = torch.cat([thr, thr.new_full((1,), RT + 1)])                     # [NS + 1]
+    cs = F.pad(tot[:, 2 * NS:].double().cumsum(1), (1, 0))                   # [H, RT + 2]
+    per_bucket = (cs[:, edges[1:]] - cs[:, edges[:-1]]).to(tot.dtype)        # [H, NS]
+    return torch.cat([tot[:, :NS] + per_bucket, tot[:, NS:2 * NS]], 1)
 
 
 def _param_grads(name: str, params, extras, use_log: bool) -> list:

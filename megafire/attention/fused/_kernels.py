@@ -509,7 +509,8 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
                   FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
                   TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False,
-                  FOLD: tl.constexpr = True):
+                  FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
+                  W2: tl.constexpr = 16):
     """One query tile [BM, BN] of the one-pass backward: scores, P and dS computed once for dV, dK
     (accumulated in registers), dQ (``scale dS K`` added to the fp32 DQA, atomically: every key
     block's program adds to the same rows) and the parameter sums (``_pgrad_tile``; FIRE's per-row
@@ -547,20 +548,22 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
             # this tile's rows only: the row sums go to ROWC / ROWX now (other key blocks add theirs)
             t1, t2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1 * 0.0,
                                                         acc2 * 0.0, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS,
-                                                        RT, BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
+                                                        RT, BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2, 0, part,
+                                                        False, 16, 16, BM, BN)
             if USE_LOG:
                 tl.atomic_add(ROWC + bh * Tq + offs_m, t1, mask=mrow, sem="relaxed")
             tl.atomic_add(ROWX + bh * Tq + offs_m, t2, mask=mrow, sem="relaxed")
         else:
             acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1,
                                                             acc2, runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT,
-                                                            BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
+                                                            BIAS, USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2,
+                                                            start_m - n0 + (Tk - Tq), scr, DIAG, RTP, W2, BM, BN)
     return dk, dv, acc1, acc2, runP, runQ, cur, gacc
 
 
 @triton.jit
 def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX,
+                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX, SCR,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                         qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                         H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
@@ -568,14 +571,16 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                         USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                         PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
-                        DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True):
+                        DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
+                        DIAG: tl.constexpr = False, RTP: tl.constexpr = 16, W2: tl.constexpr = 16):
     """The whole backward in one pass (``onepass`` in CONFIGS): one program per (key block, batch, kv
     head), as ``_bwd_dkdv_kernel``, with each score's bias, P and dS computed once instead of once
     in each of the dq and dkdv kernels (FlashAttention-2's CUDA backward): dK, dV in registers,
     dQ added atomically to the fp32 DQA [B, Tq, H, D] (strides of Q), the parameter sums as the
     dq kernel's (``_pgrad_tile``) into PART rows ``(b H + h) nkb + key block`` (FIRE: per-row
     sums added to ROWC / ROWX, zeroed by the caller). Query tiles before SPC (heavy) run first,
-    with runtime kink / boundary loops."""
+    with runtime kink / boundary loops. DIAG (T5): the heavy tiles' per-distance sums (see
+    ``_t5_diagonals``; scratch SCR, BM BN + W2 fp32 per program) to PART ``[2 NS, 2 NS + RT]``."""
     pid_n = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bhk = tl.program_id(1)
@@ -594,6 +599,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     c = 0.0
     if BIAS == 5:
         c = tl.load(SC)
+    scr = SCR + (bhk * nkb + pid_n) * (BM * BN + W2)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         part = PART + ((b * H + h) * nkb + pid_n) * part_stride
@@ -605,7 +611,9 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
         gacc = 0.0
         tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
         if TABLE:
-            if DEFER and PGRAD and (BIAS == 4):
+            if DIAG and PGRAD and (BIAS == 4):
+                gacc = tl.zeros([RTP], tl.float32)
+            elif DEFER and PGRAD and (BIAS == 4):
                 gacc = tl.zeros([BM, NSP], tl.float32)
             for start_m in range(lo, split, BM):
                 rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
@@ -614,8 +622,11 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                     acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
                     ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
                     Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                    True, NSP, BM, BN, DEFER, RCP_EX2, FOLD)
-            if DEFER and PGRAD and (BIAS == 4):
+                    True, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
+            if DIAG and PGRAD and (BIAS == 4):
+                lanes = tl.arange(0, RTP)
+                tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
+            elif DEFER and PGRAD and (BIAS == 4):
                 lanes = tl.arange(0, NSP)
                 tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
         nograd = 0.0
@@ -628,7 +639,7 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                 acc1, acc2, runP, runQ, cur, nograd, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
                 ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
                 Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                False, NSP, BM, BN, False, RCP_EX2, FOLD)
+                False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2)
         if PGRAD:
             if (BIAS == 2) | (BIAS == 3):
                 tl.store(part, tl.sum(acc1, 0))
@@ -926,7 +937,8 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
              FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PGRAD: tl.constexpr,
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
              BN: tl.constexpr, DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False,
-             FOLD: tl.constexpr = True):
+             FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
+             W2: tl.constexpr = 16):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel).
     gacc (T5, DEFER, heavy tiles): [BM, NSP] per-row sums per bucket boundary, reduced over rows
     once after the heavy loop; elsewhere passed through untouched."""
@@ -944,20 +956,24 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
     if PGRAD:
         acc1, acc2, runP, runQ, cur, gacc = _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2,
                                                         runP, runQ, cur, gacc, P1, FT, IT, H, W, NS, RT, BIAS,
-                                                        USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2)
+                                                        USE_LOG, KU, HEAVY, NSP, DEFER, RCP_EX2,
+                                                        m0 - start_n + (Tk - Tq), scr, DIAG, RTP, W2, BM, BN)
     return dq, acc1, acc2, runP, runQ, cur, gacc
 
 
 @triton.jit
 def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, runQ, cur, gacc, P1, FT, IT,
                 H, W, NS, RT, BIAS: tl.constexpr, USE_LOG: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr,
-                NSP: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False):
+                NSP: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr, doff, scr, DIAG: tl.constexpr,
+                RTP: tl.constexpr, W2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """The encoding-parameter sums of one [BM, BN] tile of dS (query rows x key columns), shared by
     the dq and the one-pass kernels: per-row accumulators ``acc1`` / ``acc2`` (Kerple: summed over
     the program; FIRE: the rows' ``c`` and denominator sums), the current segment / bucket's
     running row sums ``runP`` / ``runQ`` (flushed to ``part`` when the tile's segment changes),
     and the per-kink / per-boundary sums (to ``part``; T5 with DEFER and HEAVY: row partials in
-    ``gacc``). Returns the updated (acc1, acc2, runP, runQ, cur, gacc). RCP_EX2: see ``_dlog_dc``."""
+    ``gacc``; T5 with DIAG and HEAVY: ``gacc`` [RTP] per-distance sums, see ``_t5_diagonals``; ``doff``
+    the tile's ``i - j`` at its first row and column, ``scr`` the program's scratch). Returns the
+    updated (acc1, acc2, runP, runQ, cur, gacc). RCP_EX2: see ``_dlog_dc``."""
     if BIAS == 2:
         r2 = tl.load(P1 + h)
         acc1 += tl.sum(ds * lg, 1)
@@ -968,38 +984,45 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
         dpw = ds * pw
         acc1 += tl.sum(dpw, 1)
         acc2 += tl.sum(dpw * lg, 1)
-    elif BIAS >= 4:
+    elif BIAS == 5:
         rowP = tl.sum(ds, 1)
-        if BIAS == 5:
-            x = lg * rowf[:, None]
-            rowQ = tl.sum(ds * lg, 1) * rowf
-            a = a2 * 0.6931471805599453
-            dsd = ds
-            if USE_LOG:
-                dsd = ds * _dlog_dc(rf, lg, c, RCP_EX2)
-                acc1 += a * tl.sum(dsd, 1)
-            acc2 += a * rowQ
-        if s_lo != cur:  # flush the running sums of the previous segment / bucket
-            _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
-            runP = runP * 0.0
-            if BIAS == 5:
-                _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
-                runQ = runQ * 0.0
-            cur = s_lo
-        runP += rowP
-        if BIAS == 5:
-            runQ += rowQ
-            if HEAVY:
-                for t in range(s_lo, s_hi):
-                    acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG,
-                                                 NSP)
-            else:
-                if s_hi > s_lo:
-                    for u in tl.static_range(KU):
-                        if s_lo + u < s_hi:
-                            acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
-                                                         USE_LOG, NSP)
+        x = lg * rowf[:, None]
+        rowQ = tl.sum(ds * lg, 1) * rowf
+        a = a2 * 0.6931471805599453
+        dsd = ds
+        if USE_LOG:
+            dsd = ds * _dlog_dc(rf, lg, c, RCP_EX2)
+            acc1 += a * tl.sum(dsd, 1)
+        acc2 += a * rowQ
+        runP, runQ, cur = _run_sums(rowP, rowQ, s_lo, part, runP, runQ, cur, NS, NSP, True)
+        if HEAVY:
+            for t in range(s_lo, s_hi):
+                acc1, acc2 = _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG, NSP)
         else:
+            if s_hi > s_lo:
+                for u in tl.static_range(KU):
+                    if s_lo + u < s_hi:
+                        acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
+                                                     USE_LOG, NSP)
+    elif BIAS == 4:
+        if HEAVY and DIAG:
+            # T5 next to the diagonal: where every live score's distance is its index distance
+            # (positions contiguous inside each document: packed rows, plain rows), the tile's dS
+            # goes to per-distance sums by diagonal (``_t5_diagonals``), O(1) per score instead of
+            # one masked row sum per bucket boundary (~20 here); other tiles take the boundary loop
+            dd = doff + tl.arange(0, BM)[:, None] - tl.arange(0, BN)[None, :]       # [BM, BN] index distance
+            same = tl.minimum(rf, RT * 1.0) == tl.minimum(tl.maximum(dd, 0), RT).to(tl.float32)
+            aligned = tl.min(tl.min(tl.where(same | (ds == 0.0), 1, 0), 1), 0)   # masked scores: dS = 0
+            if aligned == 1:
+                gacc = _t5_diagonals(ds, doff, RT, scr, gacc, BM, BN, RTP, W2)
+            else:
+                # the boundary loop below, repeated: one shared runtime branch for both made the one-pass
+                # kernel's light tile loop 15 SASS instructions longer (bench resources --sass)
+                runP, runQ, cur = _run_sums(tl.sum(ds, 1), runQ, s_lo, part, runP, runQ, cur, NS, NSP, False)
+                for kk in range(s_lo + 1, s_hi + 1):
+                    _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP)
+        else:
+            runP, runQ, cur = _run_sums(tl.sum(ds, 1), runQ, s_lo, part, runP, runQ, cur, NS, NSP, False)
             if HEAVY:
                 if DEFER:
                     # per boundary a row sum only (in-warp); the rows' cross-warp sum and the
@@ -1018,6 +1041,59 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
                         if s_lo + u <= s_hi:
                             _t5_boundary_grad(s_lo + u, ds, rf, part, IT, NS, RT, NSP)
     return acc1, acc2, runP, runQ, cur, gacc
+
+
+@triton.jit
+def _run_sums(rowP, rowQ, s_lo, part, runP, runQ, cur, NS, NSP: tl.constexpr, Q: tl.constexpr):
+    """Adds a tile's row sums to the running sums of segment / bucket ``s_lo``, first flushing those
+    of the previous one (``cur``) to ``part`` (P at ``[0, NS)``, Q at ``[NS, 2 NS)``)."""
+    if s_lo != cur:
+        _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+        runP = runP * 0.0
+        if Q:
+            _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+            runQ = runQ * 0.0
+        cur = s_lo
+    runP += rowP
+    if Q:
+        runQ += rowQ
+    return runP, runQ, cur
+
+
+@triton.jit
+def _t5_diagonals(ds, doff, RT, scr, dacc, BM: tl.constexpr, BN: tl.constexpr, RTP: tl.constexpr,
+                  W2: tl.constexpr):
+    """T5, a tile whose live scores have distance ``clamp(i - j + doff, 0, RT)`` (i, j the tile's row
+    and column): ``dacc[r] +=`` the sum of dS over the scores of distance r (lanes [0, RT]).
+
+    ``D[e] = sum_i dS[i, i + e - (BN - 1)]``, e in [0, BM + BN - 1) (diagonal e holds the scores of
+    index distance ``i - j = BN - 1 - e``): the tile goes through this program's scratch ``scr``
+    (BM BN + W2 fp32) and comes back skewed, so one column sum per diagonal replaces one masked
+    sum per bucket boundary. The skewed read runs along e in memory order, so the compiler lays
+    e across the threads and each thread sums its diagonals' rows in registers. Diagonal e has
+    distance ``doff + BN - 1 - e``; those at or below 0 go to lane 0, at or above RT to lane RT,
+    the rest (distinct) each to its own lane: a read back from the scratch (the shift is
+    data-dependent; registers cannot be indexed by it). Store addresses are the program's
+    scratch plus static offsets only (see ``_add_at``)."""
+    rows = tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    diag = tl.arange(0, W2)
+    tl.debug_barrier()   # the previous tile's reads of the scratch are done
+    tl.store(scr + rows[:, None] * BN + cols[None, :], ds)
+    tl.debug_barrier()
+    jj = rows[:, None] + diag[None, :] - (BN - 1)                                # [BM, W2] column of (i, e)
+    sk = tl.load(scr + rows[:, None] * BN + jj, mask=(jj >= 0) & (jj < BN), other=0.0)
+    dsum = tl.sum(sk, 0)                                                          # [W2] per diagonal
+    tl.store(scr + BM * BN + diag, dsum)
+    tl.debug_barrier()
+    rd = doff + (BN - 1) - diag               # distance of diagonal e
+    lanes = tl.arange(0, RTP)
+    src = doff + (BN - 1) - lanes
+    mid = (lanes > 0) & (lanes < RT) & (src >= 0) & (src < BM + BN - 1)
+    add = tl.load(scr + BM * BN + src, mask=mid, other=0.0)
+    lo = tl.sum(tl.where(rd <= 0, dsum, 0.0), 0)
+    hi = tl.sum(tl.where(rd >= RT, dsum, 0.0), 0)
+    return dacc + add + tl.where(lanes == 0, lo, 0.0) + tl.where(lanes == RT, hi, 0.0)
 
 
 @triton.jit
@@ -1052,7 +1128,7 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX, SCR,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                    H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
@@ -1061,7 +1137,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
                    DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
-                   PHASE: tl.constexpr = 0):
+                   PHASE: tl.constexpr = 0, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
+                   W2: tl.constexpr = 16):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -1075,6 +1152,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     NSP: a power of two >= NS, the lanes of ``_add_at`` (the sums at data-dependent indices).
     DEFER (T5): the heavy loop keeps its per-boundary sums as [BM, NSP] row partials and adds
     them to ``G`` after the loop (one cross-row reduction), not per boundary and tile.
+    DIAG (T5): the heavy tiles' per-distance sums instead where the tile's distances are its index
+    distances (``_t5_diagonals``; scratch SCR, BM BN + W2 fp32 per program) to ``[2 NS, 2 NS + RT]``.
     PHASE (``split_heavy``, T5 / FIRE): 0 both loops; 1 the light loop only, dQ into the fp32 DQ;
     2 the heavy loop only, adding the phase-1 dQ (DQP, same strides) and FIRE's phase-1 row sums
     (read back from ROWC / ROWX); PART rows take both phases' sums (atomics).
@@ -1103,6 +1182,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     if HAS_SEG:
         sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
     part = PART + (bh * tl.num_programs(0) + pid_m) * part_stride
+    scr = SCR + (bh * tl.num_programs(0) + pid_m) * (BM * BN + W2)
     dq = tl.zeros([BM, D], tl.float32)
     acc1 = tl.zeros([BM], tl.float32)  # kerple / FIRE row sums
     acc2 = tl.zeros([BM], tl.float32)
@@ -1125,10 +1205,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                 start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
                 dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
                 svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN, False, RCP_EX2, FOLD)
+                SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2)
     if TABLE and (PHASE != 1):
         gacc = nogacc
-        if DEFER and PGRAD and (BIAS == 4):
+        if DIAG and PGRAD and (BIAS == 4):
+            gacc = tl.zeros([RTP], tl.float32)
+        elif DEFER and PGRAD and (BIAS == 4):
             gacc = tl.zeros([BM, NSP], tl.float32)
         for start_n in range(split, hi, BN):
             rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
@@ -1136,8 +1218,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                 start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
                 dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
                 svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER, RCP_EX2, FOLD)
-        if DEFER and PGRAD and (BIAS == 4):
+                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
+        if DIAG and PGRAD and (BIAS == 4):
+            lanes = tl.arange(0, RTP)
+            tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
+        elif DEFER and PGRAD and (BIAS == 4):
             lanes = tl.arange(0, NSP)
             tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
     dq = dq * scale
