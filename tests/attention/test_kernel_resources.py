@@ -37,7 +37,12 @@ def test_parse_ptxas_reads_registers_and_spills():
     assert parse_ptxas("ptxas info    : Used 128 registers")["spill_stores"] == 0
 
 
-def _run(tmp_path, encodings, configs=None, sass=False):
+#: FIRE's D=64 backward before 2026-12-05 (the two kernels, each one launch, Newton reciprocal, KU=1):
+#: the baseline the options below are measured against
+FIRE_OLD = {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2]}
+
+
+def _run(tmp_path, encodings, configs=None, sass=False, ku=None):
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("Triton's ptxas is not installed")
@@ -45,6 +50,8 @@ def _run(tmp_path, encodings, configs=None, sass=False):
            if k not in ("TRITON_INTERPRET", "MEGAFIRE_FUSED_CONFIGS", "MEGAFIRE_FUSED_KU")}
     if configs:
         env["MEGAFIRE_FUSED_CONFIGS"] = json.dumps(configs)
+    if ku:
+        env["MEGAFIRE_FUSED_KU"] = str(ku)
     out = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.json"
     done = subprocess.run([sys.executable, "-m", "megafire.cli", "bench", "resources", "--encodings", encodings,
                            "--head-dims", "64", "--json", str(out),
@@ -57,9 +64,11 @@ def _run(tmp_path, encodings, configs=None, sass=False):
 
 def test_committed_forward_configs_do_not_spill(tmp_path):
     rows = _run(tmp_path, "t5,fire")
-    # T5's committed D=64 backward is the one-pass kernel (CONFIGS onepass), FIRE's the dq + dkdv pair
+    # T5's committed D=64 backward is the one-pass kernel (CONFIGS onepass), FIRE's the dq + dkdv pair,
+    # each launched for the light tiles (.1) and the heavy ones (.2: split_heavy)
     assert {k for e, k in rows if e == "t5"} == {"_fwd_kernel", "_bwd_onepass_kernel"}
-    assert {k for e, k in rows if e == "fire"} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    assert {k for e, k in rows if e == "fire"} == {"_fwd_kernel", "_bwd_dq_kernel.1", "_bwd_dq_kernel.2",
+                                                   "_bwd_dkdv_kernel.1", "_bwd_dkdv_kernel.2"}
     for enc in ("t5", "fire"):
         fwd = rows[(enc, "_fwd_kernel")]
         assert (fwd["BM"], fwd["BN"]) == (64, 64)
@@ -105,10 +114,11 @@ def test_rcp_ex2_and_fold_mask_in_the_compiled_code(tmp_path):
     """What the two options change in FIRE's compiled D=64 kernels (sm_90a SASS): ``rcp_ex2`` puts one
     MUFU op per score (32 per thread and 64x64 tile) in place of the Newton reciprocal's ~7 FMA-pipe
     ops (each dq tile loop at least 150 instructions shorter); the folded mask (default) drops two
-    selects per score from every masked tile of the forward and dq kernels (64 per thread and loop)."""
-    base = _run(tmp_path, "fire", sass=True)
-    ex2 = _run(tmp_path, "fire", {"64": {"rcp_ex2": True}}, sass=True)
-    unfolded = _run(tmp_path, "fire", {"64": {"fold_mask": False}}, sass=True)
+    selects per score from every masked tile of the forward and dq kernels (64 per thread and loop).
+    Measured on the unsplit kernels (``FIRE_OLD``: one dq launch holding both tile loops)."""
+    base = _run(tmp_path, "fire", {"64": FIRE_OLD}, sass=True, ku=1)
+    ex2 = _run(tmp_path, "fire", {"64": {**FIRE_OLD, "rcp_ex2": True}}, sass=True, ku=1)
+    unfolded = _run(tmp_path, "fire", {"64": {**FIRE_OLD, "fold_mask": False}}, sass=True, ku=1)
     assert (tmp_path / "sass" / "fire_64__bwd_dq_kernel.sass").exists()
     b, e = _tile_loops(base, "_bwd_dq_kernel"), _tile_loops(ex2, "_bwd_dq_kernel")
     assert len(b) == len(e) == 2, (b, e)   # light (pipelined) and heavy tile loops
@@ -124,13 +134,14 @@ def test_rcp_ex2_and_fold_mask_in_the_compiled_code(tmp_path):
 
 
 def test_split_heavy_lifts_the_wgmma_serialization(tmp_path):
-    """ptxas serializes every wgmma of FIRE's committed dq and dkdv kernels (the heavy tiles' runtime
-    kink loops; in dq also the pipelined light loop). With ``split_heavy`` (light and heavy tiles in
-    separate launches) and a one-stage dq loop, none of the four backward launches is serialized."""
-    base = _run(tmp_path, "fire")
+    """ptxas serializes every wgmma of FIRE's unsplit dq and dkdv kernels (``FIRE_OLD``: the heavy
+    tiles' runtime kink loops; in dq also the pipelined light loop). With ``split_heavy`` (light and
+    heavy tiles in separate launches) and a one-stage dq loop (FIRE's committed D=64 config), none of
+    the four backward launches is serialized."""
+    base = _run(tmp_path, "fire", {"64": FIRE_OLD}, ku=1)
     assert base[("fire", "_bwd_dq_kernel")]["serialized_wgmma"]
     assert base[("fire", "_bwd_dkdv_kernel")]["serialized_wgmma"]
-    split = _run(tmp_path, "fire", {"64": {"split_heavy": True, "dq": [64, 64, 4, 1]}})
+    split = _run(tmp_path, "fire")
     kernels = {k for _e, k in split}
     assert kernels == {"_fwd_kernel", "_bwd_dq_kernel.1", "_bwd_dq_kernel.2", "_bwd_dkdv_kernel.1",
                        "_bwd_dkdv_kernel.2"}, kernels
@@ -142,8 +153,8 @@ def test_t5_diag_sums_diagonals_in_registers(tmp_path):
     loads per thread and tile at 64x64) runs along the diagonals in memory order, so each thread
     owns whole diagonals and sums their rows in registers. Laid out the other way (rows across the
     lanes, as the first version compiled) the one-pass heavy tile loop gained ~340 shuffles."""
-    base = _run(tmp_path, "t5", sass=True)[("t5", "_bwd_onepass_kernel")]["loops"]
-    diag = _run(tmp_path, "t5", {"64": {"t5_diag": True}}, sass=True)[("t5", "_bwd_onepass_kernel")]["loops"]
+    base = _run(tmp_path, "t5", {"64": {"t5_diag": False}}, sass=True)[("t5", "_bwd_onepass_kernel")]["loops"]
+    diag = _run(tmp_path, "t5", sass=True)[("t5", "_bwd_onepass_kernel")]["loops"]   # committed: on
     hb, hd = base[0], diag[0]   # the heavy query tiles run first in a key block's program
     assert hb["instructions"] > 500 and hd["instructions"] > 500, (base, diag)
     assert hd["ops"].get("LDG", 0) - hb["ops"].get("LDG", 0) >= 64, (hb["ops"], hd["ops"])

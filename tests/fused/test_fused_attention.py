@@ -524,18 +524,22 @@ def test_split_heavy(name, ku, monkeypatch):
         assert (kernel, 1) in seen and (kernel, 2) in seen and (kernel, 0) not in seen, seen
 
 
-@pytest.mark.parametrize("onepass", [False, True])
-def test_t5_diag(onepass, monkeypatch):
+@pytest.mark.parametrize("onepass,tile", [(False, (16, 16)), (True, (16, 16)), (False, (32, 16)), (True, (32, 16))],
+                         ids=["dq", "onepass", "dq-tall", "onepass-tall"])
+def test_t5_diag(onepass, tile, monkeypatch):
     """``t5_diag``: heavy T5 tiles whose live scores all have distance = index distance sum dS by
     diagonal into per-distance sums (``_t5_diagonals``), the others keep the boundary loop: every
     gradient equals the float64 reference on packed documents (positions restart: aligned), with a
     decode offset, GQA (the one-pass program reuses its scratch across heads) and positions that
     jump mid-row (tiles across the jump fail the check: both paths in one run); the per-distance
-    sums are nonzero where tiles are aligned (the path ran) and carry the jump run's aligned tiles."""
+    sums are nonzero where tiles are aligned (the path ran) and carry the jump run's aligned tiles.
+    Tiles taller than wide (the GPU's D=128 dq tile is 128x64) have more diagonals below the main
+    one than above: the first version skewed by the width and lost them (GPU bf16 test, 2026-12-05)."""
     from megafire.attention.fused import CONFIGS
     import megafire.attention.fused._function as fn
+    launch = (*tile, 4, 1)
     monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_diag=True, segment_bounds=True, defer=True,
-                                                onepass=ONEPASS if onepass else None))
+                                                onepass=launch if onepass else None, dq=launch))
     dist = []
     fold = fn._t5_fold_distances
 

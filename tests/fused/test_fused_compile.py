@@ -41,25 +41,29 @@ def _qkv(seed=0):
 def _expected_writes(name: str, onepass: bool, split: bool = False, diag: bool = False) -> list:
     """The tensors each launch of one forward + backward writes (the kernels' docstrings);
     ``onepass``: one backward kernel instead of dq + dkdv; ``split``: each of those twice (light,
-    then heavy tiles: ``split_heavy``); ``diag``: T5's ``t5_diag`` scratch."""
+    then heavy tiles: ``split_heavy``); ``diag``: T5's ``t5_diag`` scratch (heavy tiles only: not in a
+    split's light launch)."""
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
-    sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else []) + \
-        (["SCR"] if diag and name == "t5" else [])
+    sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
+    scr = ["SCR"] if diag and name == "t5" else []
     table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
-    bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums])]] if onepass else
-           [["_bwd_dq_kernel", ["DQ", *sums]]] * (1 + split) + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (1 + split))
+    dq = [["_bwd_dq_kernel", ["DQ", *sums]]] * split + [["_bwd_dq_kernel", ["DQ", *sums, *scr]]]
+    bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums, *scr])]] if onepass else
+           dq + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (1 + split))
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
         ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + bwd
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
 
 
-def _committed_onepass(name: str, n: int = 128) -> bool:
-    """Whether the committed D=64 launch configuration of ``name`` uses the one-pass backward at
-    ``n`` keys (traced_launches.py's T)."""
+def _launch_flags(name: str, override: dict, n: int = 128) -> tuple:
+    """(onepass, split, diag) of ``name``'s D=64 launches at ``n`` keys (traced_launches.py's T): the
+    committed configuration with the ``MEGAFIRE_FUSED_CONFIGS`` override's "64" keys on top."""
     from megafire.attention.fused._function import committed_config
-    cfg = committed_config(64, name)
-    return bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
+    cfg = {**committed_config(64, name), **override.get("64", {})}
+    onepass = bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
+    split = bool(cfg.get("split_heavy")) and not onepass and name in ("t5", "fire")
+    return onepass, split, bool(cfg.get("t5_diag"))
 
 
 @pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split"])
@@ -68,12 +72,13 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
     compile), and inductor's mutation analysis finds exactly the tensors the kernel writes (an
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
-    inputs). See tests/fused/traced_launches.py. "prepared": T5 ``defer`` and ``segment_bounds`` forced on
-    (committed at D=64; the override also covers other configs) with KU=2 (untimed-better, off), for
-    T5 and FIRE, and T5's ``t5_diag`` (off; its scratch is written, read back by the same program). "onepass": the one-pass backward for every encoding (committed for none / ALiBi / T5):
-    its dQ atomics, parameter sums and FIRE's row sums are all that it writes. "split": ``split_heavy``
-    (T5 / FIRE, two-kernel backward): the heavy-tile launches read the light ones' fp32 partials and
-    write only their outputs and sums."""
+    inputs). See tests/fused/traced_launches.py. "committed": FIRE's split backward (``split_heavy``) and
+    T5's ``t5_diag`` scratch (written, read back by the same program) included. "prepared": T5
+    ``defer``, ``segment_bounds`` and ``t5_diag`` forced on (committed at D=64; the override also
+    covers other configs) with KU=2, for T5 and FIRE. "onepass": the one-pass backward for every
+    encoding (committed for none / ALiBi / T5): its dQ atomics, parameter sums and FIRE's row sums are
+    all that it writes. "split": ``split_heavy`` for T5 too (two-kernel backward): the heavy-tile
+    launches read the light ones' fp32 partials and write only their outputs and sums."""
     import json
     import os
     import subprocess
@@ -81,22 +86,23 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     script = os.path.join(os.path.dirname(__file__), "traced_launches.py")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAFIRE_FUSED_CONFIGS",
                                                             "MEGAFIRE_FUSED_KU")}
-    names = ENCS
+    names, override = ENCS, {}
     if options == "prepared":
-        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"defer": True, "segment_bounds": True, "t5_diag": True}}),
-                   MEGAFIRE_FUSED_KU="2")
+        override = {"64": {"defer": True, "segment_bounds": True, "t5_diag": True}}
+        env.update(MEGAFIRE_FUSED_KU="2")
         names = ["t5", "fire"]
     if options == "onepass":
-        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"onepass": [64, 64, 4, 1], "onepass_min_n": 0}}))
+        override = {"64": {"onepass": [64, 64, 4, 1], "onepass_min_n": 0}}
     if options == "split":
-        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps({"64": {"split_heavy": True, "onepass": False}}))
+        override = {"64": {"split_heavy": True, "onepass": False}}
         names = ["t5", "fire"]
+    if override:
+        env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps(override))
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     for name in names:
-        onepass = options == "onepass" or (options != "split" and _committed_onepass(name))
-        expected = _expected_writes(name, onepass, options == "split", options == "prepared")
+        expected = _expected_writes(name, *_launch_flags(name, override))
         assert found[name] == expected, (name, found[name])
 
 

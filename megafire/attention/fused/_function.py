@@ -37,22 +37,25 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: number at least this (default 0).
 #: rcp_ex2 (Kerple-log, FIRE): the ``r / (1 + c r)`` factor of the r2 / c gradient in the dq and
 #: one-pass kernels as ``r 2^-lg`` (one MUFU op on the bias' own log) instead of a Newton
-#: reciprocal (7 fp32 ops per score); off (prepared on a machine without a GPU, untimed: FIRE's
-#: light dq loop 1,092 -> 881 SASS instructions per thread and tile, docs/kernels.md).
+#: reciprocal (7 fp32 ops per score; FIRE's light dq loop 1,092 -> 881 SASS instructions per thread
+#: and tile, docs/kernels.md); on for FIRE at D=64 with split_heavy (below), off elsewhere (untimed).
 #: fold_mask: a masked tile compares each score's key index once, against a per-row limit that
 #: folds in the query / key bounds and the causal index condition (3 compares and 3 selects per
 #: score instead of 5 and 5; the FIRE / no-bias dkdv kernels keep the five, see ``_mask``); default on (an exact
 #: rewrite, prepared on a machine without a GPU: untimed; off switch for the A/B).
 #: split_heavy (T5 / FIRE, two-kernel backward): the light tiles of the dq and dkdv kernels in one launch
 #: each, the heavy tiles (runtime kink / bucket loops) in a second that adds the first's fp32 partials:
-#: a kernel with such a loop has all its wgmma serialized by ptxas (FIRE's dq / dkdv); off (prepared
-#: without a GPU, untimed; with MEGAFIRE_FUSED_KU=2 and segment_bounds 99.7% of FIRE's tiles are light).
+#: a kernel with such a loop has all its wgmma serialized by ptxas (FIRE's dq / dkdv). With KU=2
+#: (99.7% of FIRE's tiles light at segment_bounds), dq 64x64 / 4 warps / 1 stage and rcp_ex2, FIRE at
+#: D=64 on packed rows (N=2048, H=12, H200 kernel time) f+b 2.433 -> 2.319 ms, 125M FIRE alone in the
+#: trainer at T=2048 306,092 -> 309,912 tokens/s (docs/benchmarks.md, 2026-12-05): on for FIRE at D=64.
 #: t5_diag (T5): a heavy tile (next to the diagonal, ~20 bucket boundaries at 64x64) whose live scores
 #: all have distance = index distance (positions contiguous inside each document: the trainer's
 #: packed rows, plain rows; checked per tile, other tiles keep the boundary loop) sums its dS by
 #: diagonal through a per-program scratch (BM BN fp32) into per-distance sums, O(1) per score
-#: instead of one masked row sum per boundary; off (prepared without a GPU, untimed; defer is
-#: ignored where it is on).
+#: instead of one masked row sum per boundary (defer is ignored where it is on). T5 at D=64 on packed
+#: rows (N=2048, H=12, H200 kernel time) f+b 1.813 -> 1.632 ms, 125M T5 alone in the trainer at T=2048
+#: 357,938 -> 367,944 tokens/s (docs/benchmarks.md, 2026-12-05): on at D=64; off at D=128 (untimed).
 #: (D, encoding name) entries override D's. Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
@@ -76,8 +79,8 @@ CONFIGS = {
     # tokens/s at T=2048 and 323,766 -> 402,868 at T=512; segment_bounds for FIRE 287,397 -> 305,605
     # and 393,483 -> 407,327 (docs/benchmarks.md, 2026-12-04 "variants"; KU=2 on top: within noise)
     (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True,
-                     onepass=(64, 64, 4, 1)),
-    (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True),
+                     onepass=(64, 64, 4, 1), t5_diag=True),
+    (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True, split_heavy=True, dq=(64, 64, 4, 1), rcp_ex2=True),
     (128, "fire"): dict(skip_bwd=True),
 }
 # Kerple / T5 without the P-residual MMA: it is 13-15% of their fwd+bwd (N=4096, D=64) and their

@@ -88,7 +88,9 @@ FIRE_BINS = 1024
 #: software-pipelined loops; tiles with more (next to the diagonal) take the general loop.
 #: Measured fastest (H100, N=4096, D=64): T5 fwd 1.06 / 1.29 / 1.31 ms at KU = 1 / 4 / 8;
 #: FIRE (branchless, 64x64 tiles) fwd 1.74 / 1.89 / 1.96 ms at KU = 1 / 2 / 4 (docs/kernels.md).
-KU_DEFAULT = {"t5": 1, "fire": 1}
+#: FIRE takes KU = 2 with split_heavy (2026-12-05, H200, packed rows: the split backward's heavy
+#: launch then holds 0.3% of the tiles; CONFIGS in _function.py).
+KU_DEFAULT = {"t5": 1, "fire": 2}
 
 
 @triton.jit
@@ -1066,12 +1068,13 @@ def _t5_diagonals(ds, doff, RT, scr, dacc, BM: tl.constexpr, BN: tl.constexpr, R
     """T5, a tile whose live scores have distance ``clamp(i - j + doff, 0, RT)`` (i, j the tile's row
     and column): ``dacc[r] +=`` the sum of dS over the scores of distance r (lanes [0, RT]).
 
-    ``D[e] = sum_i dS[i, i + e - (BN - 1)]``, e in [0, BM + BN - 1) (diagonal e holds the scores of
-    index distance ``i - j = BN - 1 - e``): the tile goes through this program's scratch ``scr``
-    (BM BN + W2 fp32) and comes back skewed, so one column sum per diagonal replaces one masked
-    sum per bucket boundary. The skewed read runs along e in memory order, so the compiler lays
+    ``D[e] = sum_i dS[i, i + e - (BM - 1)]``, e in [0, BM + BN - 1) (diagonal e holds the scores of
+    index distance ``i - j = BM - 1 - e``, from BM - 1 down to 1 - BN: the offset is the tile's
+    height, not its width, or a tile taller than wide loses its lowest diagonals): the tile goes
+    through this program's scratch ``scr`` (BM BN + W2 fp32) and comes back skewed, so one column
+    sum per diagonal replaces one masked sum per bucket boundary. The skewed read runs along e in memory order, so the compiler lays
     e across the threads and each thread sums its diagonals' rows in registers. Diagonal e has
-    distance ``doff + BN - 1 - e``; those at or below 0 go to lane 0, at or above RT to lane RT,
+    distance ``doff + BM - 1 - e``; those at or below 0 go to lane 0, at or above RT to lane RT,
     the rest (distinct) each to its own lane: a read back from the scratch (the shift is
     data-dependent; registers cannot be indexed by it). Store addresses are the program's
     scratch plus static offsets only (see ``_add_at``)."""
@@ -1081,14 +1084,14 @@ def _t5_diagonals(ds, doff, RT, scr, dacc, BM: tl.constexpr, BN: tl.constexpr, R
     tl.debug_barrier()   # the previous tile's reads of the scratch are done
     tl.store(scr + rows[:, None] * BN + cols[None, :], ds)
     tl.debug_barrier()
-    jj = rows[:, None] + diag[None, :] - (BN - 1)                                # [BM, W2] column of (i, e)
+    jj = rows[:, None] + diag[None, :] - (BM - 1)                                # [BM, W2] column of (i, e)
     sk = tl.load(scr + rows[:, None] * BN + jj, mask=(jj >= 0) & (jj < BN), other=0.0)
     dsum = tl.sum(sk, 0)                                                          # [W2] per diagonal
     tl.store(scr + BM * BN + diag, dsum)
     tl.debug_barrier()
-    rd = doff + (BN - 1) - diag               # distance of diagonal e
+    rd = doff + (BM - 1) - diag               # distance of diagonal e
     lanes = tl.arange(0, RTP)
-    src = doff + (BN - 1) - lanes
+    src = doff + (BM - 1) - lanes
     mid = (lanes > 0) & (lanes < RT) & (src >= 0) & (src < BM + BN - 1)
     add = tl.load(scr + BM * BN + src, mask=mid, other=0.0)
     lo = tl.sum(tl.where(rd <= 0, dsum, 0.0), 0)
