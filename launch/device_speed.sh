@@ -33,7 +33,8 @@
 #             items joined by ;), after the GPU bf16 tests at D=64 with the first; then the FIRE / T5 arms in the trainer at T=2048 (OTRAIN=1)
 #   opt       the one-pass backward in the trainer (125M, RoPE config with ALiBi / T5 peers), committed (on) against
 #             onepass off for every encoding, at OLEN (default 2048)
-#   diet      the kernel options of 2026-12-05 (prepared without a GPU; docs/kernels.md): GPU bf16 tests with `rcp_ex2` and
+#   diet      the kernel options of 2026-12-05 (prepared without a GPU; docs/kernels.md; timed and committed since for T5 /
+#             FIRE at D=64 by launch/device_options_timed.sh, so `{}` is now their new config): GPU bf16 tests with `rcp_ex2` and
 #             `t5_diag` on, then with `fold_mask` off and `split_heavy` on; packed-row kernel time (N=2048, D=64, H=12, 2
 #             documents) of DENC (default none,kerple_log,t5,fire) under each DCFGS item ("KU {config}", joined by ;;
 #             default: committed, t5_diag, fold_mask off, rcp_ex2, split_heavy + dq 64x64/4/1 at KU 1 and 2, and with
