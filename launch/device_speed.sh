@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Device calls of issue 12 (the whole step's speed), one part per call (each fits one 10-minute
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
-#   tests     the GPU tests of the fused kernels, the compiled block and the perf switches
+#   tests     the GPU tests of the fused kernels, the compiled block and the perf switches (59 tests; past one
+#             call's limit since 2026-12-04: run fused and rest in two calls instead)
+#   fused     the GPU tests under tests/fused (36; ~450 s)
+#   rest      every other GPU test of the suite (30: model, perf switches, memory, rotary, flex, SP, packed rows);
+#             fused + rest together are all of `pytest -m gpu tests`
 #   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
 #             micro-batch 32
@@ -60,6 +64,10 @@ for part in "$@"; do
              tests/attention/test_bench_packed_rows.py 2>&1 \
              | tee "$OUT/gpu_tests.log" \
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
+    fused) timeout 570 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/fused 2>&1 | tee "$OUT/gpu_fused.log" \
+             | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
+    rest) timeout 570 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests --ignore=tests/fused 2>&1 \
+             | tee "$OUT/gpu_rest.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 ;;
