@@ -88,6 +88,9 @@ class AttentionConfig:
     """How attention scores are computed (independent of which encoding makes the bias)."""
     backend: str = choice("auto", "auto", "reference", "sdpa", "fused", "flex")
     document_mask: bool = True              # mask attention across packed documents (segment ids)
+    # the fused kernels' launch options per head dim over the committed ones, e.g. {64: {t5_diag: false}}:
+    # each kernel optimization's off switch (megafire.attention.kernel_options; MEGAFIRE_FUSED_CONFIGS wins)
+    fused_kernels: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -456,6 +459,15 @@ def validate(cfg: Config) -> None:
     """Cross-field checks; each error names the keys involved."""
     _check_ranges(cfg)
     _check_position(cfg.model.position)
+    if cfg.attention.fused_kernels:
+        from megafire.attention.kernel_options import check_overrides
+        try:
+            checked = check_overrides(cfg.attention.fused_kernels, "attention.fused_kernels")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # string head dims, checked values; launch tuples as lists (the saved config.yaml is safe YAML)
+        cfg.attention.fused_kernels = {d: {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
+                                       for d, entry in checked.items()}
     m = cfg.model
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megafire.attention.kernel_options import set_run_overrides
 from megafire.config import AttentionConfig, Config, ModelConfig
 from megafire.parallel.comm import gather_last_dim, scatter_seq
 from megafire.parallel.context import ParallelContext
@@ -87,6 +88,9 @@ class GPT(nn.Module):
                  activation_checkpointing: bool = False):
         super().__init__()
         self.config, self.attention_config, self.parallel = model, attention, parallel
+        # this run's fused-kernel options for every later kernel call in the process (an empty mapping
+        # restores the committed ones: each model built, e.g. each bench arm, gets its own)
+        set_run_overrides(attention.fused_kernels)
         #: recompute each block in backward (training only; no dropout, so recomputation is exact)
         self.activation_checkpointing = activation_checkpointing
         with torch.random.fork_rng(devices=[]):

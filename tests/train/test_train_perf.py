@@ -304,3 +304,34 @@ def _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, Dee
     for (_, a), (_, b) in zip(ours, theirs):
         assert a == pytest.approx(b, rel=1e-6), (ours, theirs)
     assert theirs[0][1] > 0
+
+
+#: each kernel optimization committed for T5 / FIRE at D=64 (docs/benchmarks.md, 2026-12-05), off
+KERNEL_OFF = {"t5": {"t5_diag": False},
+              "fire": {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2], "ku": 1}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["t5", "fire"])
+def test_kernel_options_off_equals_on_bf16_gpu(tmp_path, name):
+    """The fused kernels' optimizations (``attention.fused_kernels``, their off switch in the config)
+    change how, not what: bf16 on one GPU, D=64, the loss trace with T5's ``t5_diag`` / FIRE's
+    split backward, ``rcp_ex2`` and KU=2 off equals the committed one within 2e-2 relative over 6
+    steps (bf16 rounding; the sums run in another order)."""
+    from megafire.attention import kernel_options
+    position = {"name": name, "options": {"init_L": 16} if name == "fire" else {}}
+    gpu = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
+           "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
+    perf_on = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
+    on, _ = _trace(tmp_path, "on", position, perf_on, {**gpu, "attention": {"backend": "fused"}})
+    off, _ = _trace(tmp_path, "off", position, perf_on,
+                    {**gpu, "attention": {"backend": "fused", "fused_kernels": {64: KERNEL_OFF[name]}}})
+    try:
+        assert kernel_options.run_overrides(64) == kernel_options.check_overrides(
+            {64: KERNEL_OFF[name]}, "test")["64"]                    # the off run's model set them
+    finally:
+        kernel_options.set_run_overrides({})
+    worst = max(abs(a - b) / abs(b) for a, b in zip(on, off))
+    assert len(on) == len(off) == 6 and worst <= 2e-2, (on, off)
+    assert on[-1] < on[0]

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
+from ..kernel_options import HEAD_DIMS, LAUNCH_KEYS, check_overrides, run_overrides
 from . import _kernels as K
 from ._fire_tables import fire_mlp_grads, fire_tables
 
@@ -56,7 +57,9 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: instead of one masked row sum per boundary (defer is ignored where it is on). T5 at D=64 on packed
 #: rows (N=2048, H=12, H200 kernel time) f+b 1.813 -> 1.632 ms, 125M T5 alone in the trainer at T=2048
 #: 357,938 -> 367,944 tokens/s (docs/benchmarks.md, 2026-12-05): on at D=64; off at D=128 (untimed).
-#: (D, encoding name) entries override D's. Override for tuning:
+#: ku (T5 / FIRE): kinks / boundaries per tile in the unrolled blocks (default KU_DEFAULT, _kernels.py).
+#: (D, encoding name) entries override D's; a run's ``attention.fused_kernels`` overrides both (the off
+#: switch of each option, megafire.attention.kernel_options). Override for tuning:
 #: MEGAFIRE_FUSED_CONFIGS='{"64": {"fwd": [128, 64, 4, 3], "skip": 0}}' (applies to every encoding).
 #: Values: the fastest candidate of `python3 -m megafire.bench.attention --tune` (H100, N=4096,
 #: B=4, H=16; docs/kernels.md; T5/FIRE re-tuned after the host-overhead cut of 60d3e61, whose
@@ -90,57 +93,11 @@ for _key in [(d, n) for d in (64, 128) for n in ("kerple_log", "kerple_power", "
     CONFIGS.setdefault(_key, {})["pres"] = False
 del _key
 
-#: head dims the kernels compile for
-HEAD_DIMS = (16, 32, 64, 128)
 
 #: FIRE: number of bins of [0, 1] in the tile -> kink-range table
 FIRE_BINS = K.FIRE_BINS
 
 _env_cache: dict = {}
-
-#: what a CONFIGS entry / a head-dim object of MEGAFIRE_FUSED_CONFIGS may hold
-_LAUNCH_KEYS = ("fwd", "dq", "dkdv", "onepass")          # (BM, BN, warps, stages); onepass also false
-_FLAG_KEYS = ("skip", "skip_fwd", "skip_bwd", "branchless", "pres", "segment_bounds", "defer", "rcp_ex2",
-              "fold_mask", "split_heavy", "t5_diag")
-_INT_KEYS = ("onepass_min_n",)
-
-
-def _pow2(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
-
-
-def check_config(entry: dict, where: str) -> dict:
-    """One launch-config entry (``{"fwd": [64, 64, 4, 3], "defer": true, ...}``) with launch tuples as
-    tuples and flags as bools; a ValueError naming ``where``, the key and what it allows for an
-    unknown key or a malformed value (a typo would otherwise be ignored and an A/B time nothing)."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object of launch options, got {entry!r}")
-    out = {}
-    for key, val in entry.items():
-        if key in _LAUNCH_KEYS:
-            if key == "onepass" and val in (False, None):
-                out[key] = None
-                continue
-            ok = isinstance(val, (list, tuple)) and len(val) == 4 and all(_pow2(x) for x in val[:3]) \
-                and isinstance(val[3], int) and not isinstance(val[3], bool) and val[3] >= 1 and min(val[:2]) >= 16
-            if not ok:
-                raise ValueError(f"{where}[{key!r}] = {val!r}: a launch config is [BM, BN, warps, stages] (BM, BN "
-                                 f"powers of two >= 16, warps a power of two, stages >= 1)"
-                                 + (", or false" if key == "onepass" else ""))
-            out[key] = tuple(val)
-        elif key in _FLAG_KEYS:
-            if not (isinstance(val, bool) or (isinstance(val, int) and val in (0, 1))):
-                raise ValueError(f"{where}[{key!r}] = {val!r}: true / false (or 1 / 0)")
-            out[key] = bool(val)
-        elif key in _INT_KEYS:
-            if not (isinstance(val, int) and not isinstance(val, bool) and val >= 0):
-                raise ValueError(f"{where}[{key!r}] = {val!r}: a non-negative integer")
-            out[key] = val
-        else:
-            allowed = ", ".join(_LAUNCH_KEYS + _FLAG_KEYS + _INT_KEYS)
-            raise ValueError(f"{where}: unknown key {key!r}; allowed: {allowed}")
-    return out
-
 
 def _env_overrides(env: str) -> dict:
     """MEGAFIRE_FUSED_CONFIGS (JSON: head dim -> launch options) checked once per distinct value."""
@@ -149,14 +106,7 @@ def _env_overrides(env: str) -> dict:
             data = json.loads(env)
         except json.JSONDecodeError as e:
             raise ValueError(f"MEGAFIRE_FUSED_CONFIGS is not JSON ({e}): {env!r}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"MEGAFIRE_FUSED_CONFIGS: expected an object of head dims, e.g. "
-                             f"'{{\"64\": {{\"onepass\": false}}}}', got {env!r}")
-        dims = [str(d) for d in HEAD_DIMS]
-        for d in data:
-            if d not in dims:
-                raise ValueError(f"MEGAFIRE_FUSED_CONFIGS: head dim {d!r} is not one of {', '.join(dims)}")
-        _env_cache[env] = {d: check_config(v, f"MEGAFIRE_FUSED_CONFIGS[{d!r}]") for d, v in data.items()}
+        _env_cache[env] = check_overrides(data, "MEGAFIRE_FUSED_CONFIGS")
     return _env_cache[env]
 
 
@@ -172,16 +122,26 @@ def committed_config(d: int, name: str = "none") -> dict:
     return cfg
 
 
+def _apply(cfg: dict, over: dict, launch: bool = True) -> None:
+    """``over`` (checked) onto ``cfg``; ``launch``: the tile shapes too (not under the interpreter)."""
+    cfg.update({k: v for k, v in over.items() if launch or k not in LAUNCH_KEYS})
+    if "skip" in over:  # one flag for both (tuning)
+        cfg["skip_fwd"] = cfg["skip_bwd"] = bool(over["skip"])
+
+
 def _config(d: int, name: str = "none") -> dict:
+    """The launch options of head dim ``d`` and encoding ``name``: the committed entry, then the
+    run's ``attention.fused_kernels``, then MEGAFIRE_FUSED_CONFIGS (megafire.attention.kernel_options).
+    Under the interpreter its own entry, with the run's switches and integer options only."""
     if _interp():
-        return CONFIGS["interp"]
+        cfg = dict(CONFIGS["interp"])
+        _apply(cfg, run_overrides(d), launch=False)
+        return cfg
     cfg = committed_config(d, name)
+    _apply(cfg, run_overrides(d))
     env = os.environ.get("MEGAFIRE_FUSED_CONFIGS")
     if env:
-        over = _env_overrides(env).get(str(d), {})
-        cfg.update(over)
-        if "skip" in over:  # one flag for both (tuning)
-            cfg["skip_fwd"] = cfg["skip_bwd"] = bool(over["skip"])
+        _apply(cfg, _env_overrides(env).get(str(d), {}))
     return cfg
 
 
@@ -385,8 +345,10 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     # tile bounds over the one segment two blocks share (packed documents; CONFIGS "segment_bounds")
     st.segb = st.table and st.has_seg and bool(_config(q.shape[-1], name).get("segment_bounds", False))
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
-    # (more: the tile runs in the second, general loop); MEGAFIRE_FUSED_KU overrides for tests / tuning
-    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", K.KU_DEFAULT.get(name, 1))) if st.table else 1
+    # (more: the tile runs in the second, general loop): CONFIGS / the run's "ku", else KU_DEFAULT;
+    # MEGAFIRE_FUSED_KU overrides for tests / tuning
+    ku = _config(q.shape[-1], name).get("ku", K.KU_DEFAULT.get(name, 1))
+    st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", ku)) if st.table else 1
     # one tile table per batch row when positions or segments differ between rows
     st.tab_bsz = B if any(st.strides) else 1
     st.tab_b = 1 if st.tab_bsz > 1 else 0
