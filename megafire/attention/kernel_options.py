@@ -28,9 +28,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 LAUNCH_KEYS = ("fwd", "dq", "dkdv", "onepass")          # (BM, BN, warps, stages); onepass also false
 FLAG_KEYS = ("skip", "skip_fwd", "skip_bwd", "branchless", "pres", "segment_bounds", "defer", "rcp_ex2",
              "fold_mask", "split_heavy", "t5_diag")
-INT_KEYS = ("onepass_min_n", "ku")
 #: integer keys and their lowest allowed value
-_INT_LOW = {"onepass_min_n": 0, "ku": 1}
+INT_LOW = {"onepass_min_n": 0, "ku": 1}
+INT_KEYS = tuple(INT_LOW)
 
 _run_overrides: dict = {}
 
@@ -63,7 +63,7 @@ def check_config(entry: dict, where: str) -> dict:
                 raise ValueError(f"{where}[{key!r}] = {val!r}: true / false (or 1 / 0)")
             out[key] = bool(val)
         elif key in INT_KEYS:
-            low = _INT_LOW[key]
+            low = INT_LOW[key]
             if not (isinstance(val, int) and not isinstance(val, bool) and val >= low):
                 raise ValueError(f"{where}[{key!r}] = {val!r}: an integer >= {low}")
             out[key] = val

@@ -93,7 +93,6 @@ for _key in [(d, n) for d in (64, 128) for n in ("kerple_log", "kerple_power", "
     CONFIGS.setdefault(_key, {})["pres"] = False
 del _key
 
-
 #: FIRE: number of bins of [0, 1] in the tile -> kink-range table
 FIRE_BINS = K.FIRE_BINS
 
@@ -343,11 +342,12 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
         st.sc, st.rowf = aux
     st.table = st.mode in (K.T5, K.FIRE)
     # tile bounds over the one segment two blocks share (packed documents; CONFIGS "segment_bounds")
-    st.segb = st.table and st.has_seg and bool(_config(q.shape[-1], name).get("segment_bounds", False))
+    cfg = _config(q.shape[-1], name)
+    st.segb = st.table and st.has_seg and bool(cfg.get("segment_bounds", False))
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop): CONFIGS / the run's "ku", else KU_DEFAULT;
     # MEGAFIRE_FUSED_KU overrides for tests / tuning
-    ku = _config(q.shape[-1], name).get("ku", K.KU_DEFAULT.get(name, 1))
+    ku = cfg.get("ku", K.KU_DEFAULT.get(name, 1))
     st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", ku)) if st.table else 1
     # one tile table per batch row when positions or segments differ between rows
     st.tab_bsz = B if any(st.strides) else 1

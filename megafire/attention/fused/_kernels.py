@@ -1072,12 +1072,12 @@ def _t5_diagonals(ds, doff, RT, scr, dacc, BM: tl.constexpr, BN: tl.constexpr, R
     index distance ``i - j = BM - 1 - e``, from BM - 1 down to 1 - BN: the offset is the tile's
     height, not its width, or a tile taller than wide loses its lowest diagonals): the tile goes
     through this program's scratch ``scr`` (BM BN + W2 fp32) and comes back skewed, so one column
-    sum per diagonal replaces one masked sum per bucket boundary. The skewed read runs along e in memory order, so the compiler lays
-    e across the threads and each thread sums its diagonals' rows in registers. Diagonal e has
-    distance ``doff + BM - 1 - e``; those at or below 0 go to lane 0, at or above RT to lane RT,
-    the rest (distinct) each to its own lane: a read back from the scratch (the shift is
-    data-dependent; registers cannot be indexed by it). Store addresses are the program's
-    scratch plus static offsets only (see ``_add_at``)."""
+    sum per diagonal replaces one masked sum per bucket boundary. The skewed read runs along e in
+    memory order, so the compiler lays e across the threads and each thread sums its diagonals'
+    rows in registers. Diagonal e has distance ``doff + BM - 1 - e``; those at or below 0 go to
+    lane 0, at or above RT to lane RT, the rest (distinct) each to its own lane: a read back from
+    the scratch (the shift is data-dependent; registers cannot be indexed by it). Store addresses
+    are the program's scratch plus static offsets only (see ``_add_at``)."""
     rows = tl.arange(0, BM)
     cols = tl.arange(0, BN)
     diag = tl.arange(0, W2)
