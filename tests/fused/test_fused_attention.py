@@ -555,6 +555,111 @@ def test_t5_diag(onepass, tile, monkeypatch):
     assert len(dist) == 4 and min(dist) > 0, dist
 
 
+def _t5_case(onepass, tile, band, *, T=40, Tq=None, gap=0, seg=True, H=2, HKV=1, corrupt=None, monkeypatch=None):
+    """Output and every gradient of one T5 call (batch row 0: documents cut at 9 and 23, positions
+    restarting; row 1: one document, its positions jumping by ``gap`` mid-row), with ``t5_band`` on or
+    off; ``corrupt``: scale the band tables by it (the band path must then change what it computes)."""
+    from megafire.attention.fused import CONFIGS
+    import megafire.attention.fused._function as fn
+    launch = (*tile, 4, 1)
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_band=band, t5_diag=True, segment_bounds=True,
+                                                onepass=launch if onepass else None, dq=launch, dkdv=launch,
+                                                fwd=launch))
+    if corrupt is not None:
+        orig = fn._band_table
+        monkeypatch.setattr(fn, "_band_table",
+                            lambda *a, **kw: (lambda r: (r[0] * corrupt, *r[1:]))(orig(*a, **kw)))
+    torch.manual_seed(3)
+    enc = _encoding("t5", H)
+    with torch.no_grad():
+        enc.relative_attention_bias.weight.normal_()
+    Tq = Tq or T
+    q = torch.randn(2, Tq, H, 16, requires_grad=True)
+    k = torch.randn(2, T, HKV, 16, requires_grad=True)
+    v = torch.randn(2, T, HKV, 16, requires_grad=True)
+    p0, s0 = _packed(T, [9, 23])
+    kp = torch.stack([p0, torch.arange(T) + gap * (torch.arange(T) >= T // 2)])
+    sk = torch.stack([s0, torch.zeros(T, dtype=torch.long)]) if seg else None
+    out = fused_bias_attention(q, k, v, enc, kp[:, T - Tq:], kp, segment_ids_q=None if sk is None else sk[:, T - Tq:],
+                               segment_ids_k=sk)
+    out.backward(torch.randn_like(out))
+    if corrupt is not None:
+        monkeypatch.setattr(fn, "_band_table", orig)
+    return [out.detach(), q.grad, k.grad, v.grad, enc.relative_attention_bias.weight.grad]
+
+
+@pytest.mark.parametrize("onepass,tile", [(False, (16, 16)), (True, (16, 16)), (False, (32, 16))],
+                         ids=["dq", "onepass", "dq-tall"])
+def test_t5_band(onepass, tile, monkeypatch):
+    """``t5_band``: the heavy T5 tiles of aligned rows add band tiles (fwd, dq / one-pass, dkdv: keys x
+    queries from a transposed table) holding the very fp32 values the per-score gather reads, so the
+    output and every gradient are bit-identical to the gather's (packed documents, plain rows, a
+    decode offset, GQA, tall tiles: BM != BN makes the bands step by gcd(BM, BN)). The band path runs:
+    halving its tables changes the aligned rows' outputs and leaves a row whose positions jump (the
+    fallback) bit-identical. And it equals the float64 reference (``_run``)."""
+    for kw in (dict(), dict(Tq=33), dict(seg=False), dict(H=4, HKV=2)):
+        off = _t5_case(onepass, tile, False, monkeypatch=monkeypatch, **kw)
+        on = _t5_case(onepass, tile, True, monkeypatch=monkeypatch, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(off, on)), kw
+    off = _t5_case(onepass, tile, False, gap=5, monkeypatch=monkeypatch)
+    bad = _t5_case(onepass, tile, True, gap=5, corrupt=0.5, monkeypatch=monkeypatch)
+    assert not torch.allclose(off[0][0], bad[0][0], atol=1e-3)        # row 0 aligned: the band path ran
+    assert torch.equal(off[0][1], bad[0][1])                           # row 1 jumps: the gather
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_band=True, t5_diag=True, segment_bounds=True,
+                                                onepass=(*tile, 4, 1) if onepass else None, dq=(*tile, 4, 1)))
+    _run("t5", B=2, Tq=40, Tk=40, seg=True, cuts=[9, 23])
+    _run("t5", B=1, Tq=6, Tk=35, offset=3)
+
+
+def test_aligned_rows():
+    """``_aligned_rows`` (``t5_band``'s per-row flag) against rows written out: contiguous positions,
+    positions restarting at each new (growing) segment id, a decode offset whose queries are the keys'
+    last positions pass; a jump, a restart without a new segment, a segment id that comes back, queries
+    that are not the keys' tail, more queries than keys fail. Shared [T] positions with [B, T]
+    segment ids give a flag per batch row."""
+    from megafire.attention.fused._function import _aligned_rows
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    p = i32([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [0, 1, 2, 0, 1], [0, 1, 2, 4, 5]])
+    assert _aligned_rows(p, p, None, None, 5, 5).tolist() == [1, 1, 0, 0]
+    p = i32([[0, 1, 2, 0, 1], [0, 1, 2, 0, 1], [0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    s = i32([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]])
+    assert _aligned_rows(p, p, s, s, 5, 5).tolist() == [1, 0, 0, 1]
+    kp = i32([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    qp = i32([[2, 3, 4], [1, 2, 3]])
+    assert _aligned_rows(qp, kp, None, None, 3, 5).tolist() == [1, 0]
+    assert _aligned_rows(kp, kp[:, :3], None, None, 5, 3).tolist() == [0, 0]
+    shared = i32([0, 1, 2, 0, 1])
+    s = i32([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]])
+    assert _aligned_rows(shared, shared, s, s, 5, 5).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("tile,trans", [((16, 16), False), ((32, 16), False), ((32, 16), True), ((16, 64), False)])
+@pytest.mark.parametrize("off", [0, 3])
+def test_band_table(tile, trans, off):
+    """``_band_table`` against its definition, for every tile a launch can hold: the tile at query block
+    m0 and key block n0 (``d0 = m0 - n0 + off``) reads band ``clamp((d0 - BD) / BG, 0, NT - 1)``, which
+    must equal ``W[h, bucket(clamp(qpos - kpos, 0, RT))]`` written out score by score."""
+    from types import SimpleNamespace
+    from megafire.attention.fused._function import _band_table
+    BM, BN = tile
+    H, RT, Tk = 3, 12, 160
+    Tq = Tk - off
+    ft = torch.randn(H * (RT + 1) + 50)
+    st = SimpleNamespace(band=True, tables={}, RT=RT, ft=ft, traced=False)
+    bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN, trans=trans)
+    assert bt.shape == ((H, nt, BN, BM) if trans else (H, nt, BM, BN))
+    tabr = ft[:H * (RT + 1)].view(H, RT + 1)
+    for m0 in range(0, Tq, BM):
+        for n0 in range(0, Tk, BN):
+            t = min(max(m0 - n0 + off - bd, 0) // bg, nt - 1)
+            i = torch.arange(BM)[:, None] + m0 + off      # query positions (the keys' last Tq)
+            j = torch.arange(BN)[None, :] + n0
+            want = tabr[:, (i - j).clamp(0, RT)]
+            got = bt[:, t].transpose(1, 2) if trans else bt[:, t]
+            assert torch.equal(got, want), (m0, n0)
+
+
 def test_onepass_min_n(monkeypatch):
     """``onepass_min_n``: shorter key sequences keep the dq + dkdv kernels, longer ones take the
     one-pass kernel; both equal the reference."""
@@ -666,6 +771,47 @@ def test_gpu_bf16(name, D, packed):
             if p.requires_grad:
                 assert _rel(p.grad, p2.grad) < 1e-2, (n, _rel(p.grad, p2.grad))
     assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+def test_t5_band_gpu_bf16(D, monkeypatch):
+    """``t5_band`` on the GPU (bf16, the committed launch shapes: 64x64 forward and one-pass at D=64,
+    the dq 128x64 / dkdv kernels at D=128): the output and every gradient equal those of the gather
+    path to 1e-3 (the same fp32 bias values; the compiler may contract the add differently) and the
+    float64 reference to 1e-2, on packed rows (aligned) and on rows whose positions jump (fallback)."""
+    from megafire.attention.fused import CONFIGS
+    dev = torch.device("cuda")
+    B, T, H, HKV = 2, 777, 8, 2
+    enc = build("t5", H, D).to(dev)
+    with torch.no_grad():
+        enc.relative_attention_bias.weight.normal_()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, HKV, HKV))
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    p0, s0 = _packed(T, [130, 400, 610])
+    pos = torch.stack([p0, torch.arange(T) + 9 * (torch.arange(T) >= 300)]).to(dev)   # row 1: a jump
+    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
+
+    def run(band):
+        monkeypatch.setitem(CONFIGS, (D, "t5"), dict(CONFIGS.get((D, "t5"), {}), t5_band=band))
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        enc.zero_grad()
+        out = fused_bias_attention(*ins, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
+        out.backward(do)
+        return [out, *(t.grad for t in ins), enc.relative_attention_bias.weight.grad.clone()]
+
+    off, on = run(False), run(True)
+    for a, b in zip(on, off):
+        assert _rel(a, b) < 1e-3, _rel(a, b)
+    import copy
+    e2 = copy.deepcopy(enc).double()
+    qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
+    ref.backward(do.double())
+    for a, b in zip(on, [ref, qs.grad, ks.grad, vs.grad, e2.relative_attention_bias.weight.grad]):
+        assert _rel(a, b) < 1e-2, _rel(a, b)
 
 
 def test_fire_bf16_parameters_fp32_activations():

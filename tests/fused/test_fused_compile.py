@@ -74,11 +74,12 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     over-approximation makes the compiled graph clone K, V and the tables, and refuse leaf
     inputs). See tests/fused/traced_launches.py. "committed": FIRE's split backward (``split_heavy``) and
     T5's ``t5_diag`` scratch (written, read back by the same program) included. "prepared": T5
-    ``defer``, ``segment_bounds`` and ``t5_diag`` forced on (committed at D=64; the override also
-    covers other configs) with KU=2, for T5 and FIRE. "onepass": the one-pass backward for every
+    ``defer``, ``segment_bounds``, ``t5_diag`` and ``t5_band`` (band tables and row flags: read only)
+    forced on (committed at D=64 but ``t5_band``; the override also covers other configs) with KU=2,
+    for T5 and FIRE. "onepass": the one-pass backward for every
     encoding (committed for none / ALiBi / T5): its dQ atomics, parameter sums and FIRE's row sums are
-    all that it writes. "split": ``split_heavy`` for T5 too (two-kernel backward): the heavy-tile
-    launches read the light ones' fp32 partials and write only their outputs and sums."""
+    all that it writes. "split": ``split_heavy`` for T5 too (two-kernel backward, with ``t5_band``): the
+    heavy-tile launches read the light ones' fp32 partials and write only their outputs and sums."""
     import json
     import os
     import subprocess
@@ -88,13 +89,13 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
                                                             "MEGAFIRE_FUSED_KU")}
     names, override = ENCS, {}
     if options == "prepared":
-        override = {"64": {"defer": True, "segment_bounds": True, "t5_diag": True}}
+        override = {"64": {"defer": True, "segment_bounds": True, "t5_diag": True, "t5_band": True}}
         env.update(MEGAFIRE_FUSED_KU="2")
         names = ["t5", "fire"]
     if options == "onepass":
         override = {"64": {"onepass": [64, 64, 4, 1], "onepass_min_n": 0}}
     if options == "split":
-        override = {"64": {"split_heavy": True, "onepass": False}}
+        override = {"64": {"split_heavy": True, "onepass": False, "t5_band": True}}
         names = ["t5", "fire"]
     if override:
         env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps(override))
@@ -160,13 +161,18 @@ def test_fullgraph_compile_equals_eager(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["alibi", "kerple_power", "t5", "fire"])   # every kernel branch; ~30 s each
-def test_inductor_launches_the_kernels_inline(name):
+@pytest.mark.parametrize("name", ["alibi", "kerple_power", "t5", "t5-band", "fire"])   # every kernel branch; ~30 s each
+def test_inductor_launches_the_kernels_inline(name, monkeypatch):
     """CUDA, fp32: compiled by inductor, the inline op's kernels are launched from the generated
     code (the op's Python body is gone from the step: no call of the op remains), and the output
-    and every gradient equal the eager call's and the opaque op's under the same compile."""
+    and every gradient equal the eager call's and the opaque op's under the same compile.
+    "t5-band": T5 with ``t5_band`` (its row flags and band tables then are ops of the graph)."""
     from torch._inductor.utils import run_and_get_code
 
+    if name == "t5-band":
+        from megafire.attention.fused import CONFIGS
+        name = "t5"
+        monkeypatch.setitem(CONFIGS, (D, "t5"), dict(CONFIGS.get((D, "t5"), {}), t5_band=True))
     enc = _encoding(name)
     enc = enc.cuda() if enc is not None else None
     q, k, v = [t.detach().cuda().requires_grad_() for t in _qkv(2)]
@@ -205,6 +211,40 @@ def test_inductor_launches_the_kernels_inline(name):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=atol, msg=lambda m: f"inline, {name_}: {m}")
         # the opaque op's graph reassociates the parameter-gradient sums (FIRE's c: 1.3e-5 seen)
         torch.testing.assert_close(c, a, rtol=1e-4, atol=atol, msg=lambda m: f"opaque, {name_}: {m}")
+
+
+def test_fullgraph_compile_t5_band(monkeypatch):
+    """T5 with ``t5_band`` under ``torch.compile(fullgraph=True)``: the rows' alignment flags are traced
+    with the call (no cache lookup, no graph break), and loss and every gradient equal the eager call's
+    and those with the band off (bit-identical: the band tiles hold the gather's values; that the band
+    path runs at all is test_fused_attention.py's ``test_t5_band``)."""
+    from megafire.attention.fused import CONFIGS
+    import megafire.attention.fused._function as fn
+    enc = _encoding("t5")
+    with torch.no_grad():
+        enc.relative_attention_bias.weight.normal_()
+    q, k, v = _qkv(3)
+    pos = torch.cat([torch.arange(13), torch.arange(T - 13)])       # positions restart with the second document
+    seg = torch.zeros(B, T, dtype=torch.long)
+    seg[:, 13:] = 1
+
+    def loss(q, k, v, pos, seg):
+        o = fused_bias_attention(q, k, v, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
+        return (o * 1.5).sin().sum()
+
+    wrt = [q, k, v, enc.relative_attention_bias.weight]
+    res = {}
+    for band in (False, True):
+        monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_band=band))
+        eager = loss(q, k, v, pos, seg)
+        res[band, "eager"] = [eager.detach(), *torch.autograd.grad(eager, wrt)]
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v, pos, seg)
+        res[band, "compiled"] = [compiled.detach(), *torch.autograd.grad(compiled, wrt)]
+    p32, s32 = pos.to(torch.int32), seg.to(torch.int32)
+    assert fn._aligned_rows(p32, p32, s32, s32, T, T).tolist() == [1, 1]        # both rows take the band
+    for key, got in res.items():
+        assert all(torch.equal(a, b) for a, b in zip(res[False, "eager"], got)), key
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -57,6 +57,12 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: instead of one masked row sum per boundary (defer is ignored where it is on). T5 at D=64 on packed
 #: rows (N=2048, H=12, H200 kernel time) f+b 1.813 -> 1.632 ms, 125M T5 alone in the trainer at T=2048
 #: 357,938 -> 367,944 tokens/s (docs/benchmarks.md, 2026-12-05): on at D=64; off at D=128 (untimed).
+#: t5_band (T5): on a row whose live scores all have distance = index distance (``_aligned_rows``: the
+#: trainer's packed documents with restarting positions, plain rows; one flag per row, computed with the
+#: position tables), the heavy tiles (next to the diagonal: a gather per score, ~660 of the forward's 1,355
+#: SASS instructions per such tile at 64x64) add a per-head band tile instead (``_band_table``: the same
+#: fp32 values, bit-identical scores; row-contiguous vector loads), and with t5_diag skip the per-tile
+#: alignment check; other rows keep the gather. Prepared without a GPU (docs/kernels.md): off, untimed.
 #: ku (T5 / FIRE): kinks / boundaries per tile in the unrolled blocks (default KU_DEFAULT, _kernels.py).
 #: (D, encoding name) entries override D's; a run's ``attention.fused_kernels`` overrides both (the off
 #: switch of each option, megafire.attention.kernel_options). Override for tuning:
@@ -323,7 +329,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    st.qp, st.qmin, st.kp, st.kmax = pos
+    st.qp, st.qmin, st.kp, st.kmax = pos[:4]
     st.has_seg = seg_q is not None
     st.sq, st.sk = (seg_q, seg_k) if st.has_seg else (st.qp, st.kp)
     st.strides = tuple(_batch_stride(p, B) for p in (st.qp, st.kp, st.sq, st.sk))
@@ -332,9 +338,12 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.p0 = params[0] if st.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
     st.p1 = params[1] if st.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
     st.ft, st.it, st.sc, st.rowf = d, st.dummy_i, d, d
+    st.band, st.aln = False, st.dummy_i
     if st.mode == K.T5:
         it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced)
         st.NS, st.ft, st.it = t5_buckets, tables[0], it
+        if len(pos) > 4:   # t5_band: the rows' alignment flags came with the position tables
+            st.band, st.aln = True, pos[4]
     elif st.mode == K.FIRE:
         st.ft, st.it, st.rank = tables
         st.W = int(params[0].numel())
@@ -354,6 +363,102 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.tab_b = 1 if st.tab_bsz > 1 else 0
     st.tables = {}
     return st
+
+
+_ALIGNED: dict = {}
+_ALIGNED_SIZE = 8
+
+
+def _aligned_rows(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tensor], Tq: int, Tk: int) -> Tensor:
+    """int32 [rows] (rows: 1, or B where any of the tables has a row per batch element): 1 where every
+    live score of the row has distance = index distance plus ``Tk - Tq``, ``qpos_i - kpos_j = i - j +
+    Tk - Tq``, which ``t5_band`` needs. Sufficient and checked here: the keys' positions step by one
+    inside each segment (a segment id that changes must grow: ids that come back, e.g. ``0 1 0``, would
+    pair runs whose positions need not line up) and the queries' positions and ids are the keys' last
+    Tq. The trainer's rows pass (positions restart at each packed document or run 0..T-1; segment ids
+    count the documents); a row that fails keeps the exact per-score gather. Eagerly cached by the
+    tables' identity and version (every layer of a step passes the same tensors); traced, a few ops
+    of the graph."""
+    tabs = (qp, kp) + ((sq, sk) if sq is not None else ())
+    key = None
+    if not torch.compiler.is_compiling() and not any(t.is_inference() or is_fake(t) for t in tabs):
+        key = tuple((id(t), t._version) for t in tabs) + (Tq, Tk)
+        hit = _ALIGNED.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tabs)):
+            return hit[1]
+    rows = max(t.reshape(-1, t.shape[-1]).shape[0] for t in tabs)
+
+    def r2(t, T):
+        t = t.reshape(-1, T)
+        return t.expand(rows, T)
+
+    k2 = r2(kp, Tk)
+    ok = k2[:, 1:] == k2[:, :-1] + 1                                           # [rows, Tk - 1]
+    if sq is not None:
+        s2 = r2(sk, Tk)
+        ok = (ok & (s2[:, 1:] == s2[:, :-1])) | (s2[:, 1:] > s2[:, :-1])
+    flag = ok.all(1)
+    if Tq > Tk:
+        flag = torch.zeros_like(flag)
+    else:
+        flag = flag & (r2(qp, Tq) == k2[:, Tk - Tq:]).all(1)
+        if sq is not None:
+            flag = flag & (r2(sq, Tq) == s2[:, Tk - Tq:]).all(1)
+    flag = flag.to(torch.int32).contiguous()
+    if key is not None:
+        if len(_ALIGNED) >= _ALIGNED_SIZE:
+            _ALIGNED.pop(next(iter(_ALIGNED)))
+        _ALIGNED[key] = (tabs, flag)
+    return flag
+
+
+def with_band_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
+                    Tk: int) -> list[Tensor]:
+    """The op's position tables (``position_tables``), plus the rows' alignment flags
+    (``_aligned_rows``) where T5 runs with ``t5_band``: the op's state finds them there."""
+    if name == "t5" and _config(D, name).get("t5_band", False):
+        return [*pos, _aligned_rows(pos[0], pos[2], seg_q, seg_k, Tq, Tk)]
+    return pos
+
+
+_BAND_IDX: dict = {}
+
+
+def _band_table(st, H: int, Tq: int, Tk: int, BM: int, BN: int, trans: bool = False):
+    """``(BT, BD, NT, BG)`` of ``t5_band`` for a BM x BN launch (``_band_tile``): BT [H, NT, BM, BN] fp32
+    (``trans``: [H, NT, BN, BM], the dkdv kernel's keys x queries) with ``BT[h, t, i, j] = W[h,
+    bucket(clamp(BD + t BG + i - j, 0, RT))]``, the table values the gather reads (FT's first
+    ``H (RT + 1)``, not yet times log2 e). A tile's index distance at its first row and column is
+    ``d0 = m0 - n0 + Tk - Tq``, a multiple of BG = gcd(BM, BN) away from ``Tk - Tq``; the bands run
+    from the last ``d0`` whose tile is all ``r <= 0`` to the first all ``r >= RT`` (both constant,
+    so the kernel clamps ``t``). T5 at 64x64, RT = 128: NT = 5, 960 KB for 12 heads (L2-resident).
+    Dummies without ``t5_band``. The index tensor is cached per geometry (eagerly), the gather is one
+    op per call and geometry."""
+    if not st.band:
+        return st.dummy_f, 0, 1, 16
+    key = ("band", BM, BN, trans)
+    if key not in st.tables:
+        G, off, RT = math.gcd(BM, BN), Tk - Tq, st.RT
+        k0 = -(-(off + BM - 1) // G)                   # BD = off - G k0: the last d0 with d0 + BM - 1 <= 0
+        k1 = max(-(-(RT + BN - 1 - off) // G), -k0)    # off + G k1: the first d0 with d0 - (BN - 1) >= RT
+        bd, nt = off - G * k0, k0 + k1 + 1
+        dev = st.ft.device
+        ikey = (BM, BN, trans, bd, G, nt, RT, str(dev))
+        idx = None if st.traced else _BAND_IDX.get(ikey)
+        if idx is None:
+            d = bd + G * torch.arange(nt, device=dev)
+            r = d[:, None, None] + torch.arange(BM, device=dev)[:, None] - torch.arange(BN, device=dev)[None, :]
+            idx = r.clamp(0, RT)                                              # [NT, BM, BN]
+            if trans:
+                idx = idx.transpose(1, 2)
+            idx = idx.contiguous()
+            if not st.traced:
+                if len(_BAND_IDX) >= 16:         # decoding: one entry per Tk - Tq
+                    _BAND_IDX.pop(next(iter(_BAND_IDX)))
+                _BAND_IDX[ikey] = idx
+        tabr = st.ft[:H * (RT + 1)].view(H, RT + 1)
+        st.tables[key] = (tabr[:, idx].contiguous(), bd, nt, G)
+    return st.tables[key]
 
 
 def _t5_tables_for(num_buckets: int, max_distance: int, device, traced: bool = False):
@@ -389,17 +494,18 @@ def _forward(q, k, v, st, pgrad: bool):
     nqb, nkb = triton_cdiv(Tq, BM), triton_cdiv(Tk, BN)
     tt, ta, spl, _spc = _tile_tables(st, H, Tq, Tk, BM, BN)
     kst, _qen = _live_ranges(st, Tq, Tk, BM, BN)
+    bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
     pres = resid and bool(cfg.get("pres", True))
     wrap_triton(K._fwd_kernel)[(nqb, B * H)](
         q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
-        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl, kst,
+        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl, kst, bt, st.aln,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
+        *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E, bd, nt,
         BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
         DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
         BRANCHLESS=bool(cfg.get("branchless", True)), FOLD=bool(cfg.get("fold_mask", True)), D=D, BM=BM, BN=BN,
-        num_warps=warps, num_stages=stages)
+        BAND=st.band, BG=bg, num_warps=warps, num_stages=stages)
     return o, (ores if resid else q.new_empty(0)), lse
 
 
@@ -457,11 +563,12 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     if onepass:
         # fp32 dQ summed over the key blocks' programs (atomics), in q's [B, Tq, H, D] strides
         dqa = torch.zeros(q.shape, device=dev, dtype=torch.float32)
+        bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
         wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
-            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, scr, *strides,
-            st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, part_stride,
-            PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, DIAG=diag, RTP=rtp, W2=w2,
-            num_warps=warps, num_stages=stages, **common)
+            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, scr, bt, st.aln,
+            *strides, st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+            part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, DIAG=diag,
+            RTP=rtp, W2=w2, BAND=st.band, BG=bg, num_warps=warps, num_stages=stages, **common)
         dq = dqa.to(q.dtype)
     else:
         dq = torch.empty_like(q)
@@ -470,13 +577,14 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         # every wgmma of a kernel holding such a loop
         phases = (1, 2) if st.table and cfg.get("split_heavy", False) else (0,)
         dqp = st.dummy_f
+        bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
         for phase in phases:
             out = torch.empty_like(q, dtype=torch.float32) if phase == 1 else dq
             wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
-                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, scr,
+                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, scr, bt, st.aln,
                 *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-                part_stride, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
-                DIAG=diag, RTP=rtp, W2=w2, num_warps=warps, num_stages=stages, **common)
+                part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
+                DIAG=diag, RTP=rtp, W2=w2, BAND=st.band, BG=bg, num_warps=warps, num_stages=stages, **common)
             if phase == 1:
                 dqp = out
         BM, BN, warps, stages = cfg["dkdv"]
@@ -484,14 +592,15 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         tt, ta, _spl, spc = _tile_tables(st, H, Tq, Tk, BM, BN)
         _kst, qen = _live_ranges(st, Tq, Tk, BM, BN)
         dkp = dvp = st.dummy_f
+        bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN, trans=True)
         for phase in phases:
             pk, pv = (torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)) \
                 if phase == 1 else (dk, dv)
             wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
-                q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, *strides, st.tab_b,
-                H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-                BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN, num_warps=warps,
-                num_stages=stages, **common)
+                q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, bt, st.aln, *strides, st.tab_b,
+                H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, bd, nt,
+                BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN, BAND=st.band, BG=bg,
+                num_warps=warps, num_stages=stages, **common)
             if phase == 1:
                 dkp, dvp = pk, pv
     if not pgrad:
@@ -812,6 +921,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         seg_q = _pos(segment_ids_q, B, Tq, "segment_ids_q")[0]
         seg_k = seg_q if segment_ids_k is segment_ids_q else _pos(segment_ids_k, B, Tk, "segment_ids_k")[0]
     name, params, aux, eps, use_log, t5_buckets, t5_max_distance = encoding_inputs(encoding, q_pos, Tq, q.device)
+    pos = with_band_flags(pos, seg_q, seg_k, name, D, Tq, Tk)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)

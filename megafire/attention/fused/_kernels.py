@@ -279,9 +279,12 @@ def _tile_table_kernel(QLO, QHI, KLO, KHI, SQLO, SQHI, SKLO, SKHI, FT, IT, SC, T
 @triton.jit
 def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT,
               CAUSAL: tl.constexpr, USE_LOG: tl.constexpr, FAST: tl.constexpr, KU: tl.constexpr,
-              HEAVY: tl.constexpr, BRANCHLESS: tl.constexpr = False):
+              HEAVY: tl.constexpr, BRANCHLESS: tl.constexpr = False, band=None):
     """Scores plus the bias (log2e units) of a tile; qf, kf: float positions broadcastable to the
     tile ([BM, 1] and [1, BN], or transposed); rowf (FIRE): ln2 / den (or 1 / den), like qf.
+    HEAVY: 0 a light tile (unrolled blocks), 1 a heavy one (runtime loops; T5: a gather per score),
+    2 (T5 with ``t5_band`` on an aligned row) a heavy tile whose bias is ``band``, the tile's
+    per-head band tile in the tile's shape (``_band_tile``).
 
     Returns (s + bias2, rf, lg): rf = max(r, 0) and lg = lg2(1 + c rf) (FIRE log; rf otherwise)
     for the callers that need them (unused ones are dropped by the compiler).
@@ -314,7 +317,11 @@ def _add_bias(BIAS: tl.constexpr, s, h, qf, kf, rowf, s_lo, s_hi, a2, d2, P0, P1
         # W[h, b_lo] plus, per bucket boundary k in (b_lo, b_hi], the step W[k] - W[k-1]
         # where r >= T_k (the first distance of bucket k): exact, unrolled and guarded
         wb = FT + H * (RT + 1) + h * NS
-        if HEAVY:
+        if HEAVY == 2:
+            # the row's live scores have distance = index distance: the band tile holds the same
+            # fp32 table values the gather below reads (bit-identical scores), loaded row-contiguous
+            s += band * 1.4426950408889634
+        elif HEAVY:
             # tiles next to the diagonal (~20 buckets): one gather per score from the per-distance
             # table; its layout conversion is paid on these few tiles only
             ri = tl.minimum(rf, RT * 1.0).to(tl.int32)
@@ -512,7 +519,7 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
                   TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False,
                   FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-                  W2: tl.constexpr = 16):
+                  W2: tl.constexpr = 16, band=None):
     """One query tile [BM, BN] of the one-pass backward: scores, P and dS computed once for dV, dK
     (accumulated in registers), dQ (``scale dS K`` added to the fp32 DQA, atomically: every key
     block's program adds to the same rows) and the parameter sums (``_pgrad_tile``; FIRE's per-row
@@ -528,7 +535,7 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
     rowf = _query_rowf(ROWF, b, qp_sb, offs_m, mrow, qpos, BIAS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # [BM, BN]
     s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kf[None, :], rowf[:, None], s_lo, s_hi, a2, d2, P0, P1, FT, IT,
-                          SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
+                          SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY, False, band)
     p = tl.math.exp2(s - lse[:, None])
     if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
         sq = offs_m * 0
@@ -565,16 +572,17 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
 
 @triton.jit
 def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX, SCR,
+                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX, SCR, BT, ALN,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                         qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
-                        H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
+                        H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride, BD, NT,
                         BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                         USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                         PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
                         DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
-                        DIAG: tl.constexpr = False, RTP: tl.constexpr = 16, W2: tl.constexpr = 16):
+                        DIAG: tl.constexpr = False, RTP: tl.constexpr = 16, W2: tl.constexpr = 16,
+                        BAND: tl.constexpr = False, BG: tl.constexpr = 16):
     """The whole backward in one pass (``onepass`` in CONFIGS): one program per (key block, batch, kv
     head), as ``_bwd_dkdv_kernel``, with each score's bias, P and dS computed once instead of once
     in each of the dq and dkdv kernels (FlashAttention-2's CUDA backward): dK, dV in registers,
@@ -582,7 +590,9 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     dq kernel's (``_pgrad_tile``) into PART rows ``(b H + h) nkb + key block`` (FIRE: per-row
     sums added to ROWC / ROWX, zeroed by the caller). Query tiles before SPC (heavy) run first,
     with runtime kink / boundary loops. DIAG (T5): the heavy tiles' per-distance sums (see
-    ``_t5_diagonals``; scratch SCR, BM BN + W2 fp32 per program) to PART ``[2 NS, 2 NS + RT]``."""
+    ``_t5_diagonals``; scratch SCR, BM BN + W2 fp32 per program) to PART ``[2 NS, 2 NS + RT]``.
+    BAND (T5): heavy tiles of aligned rows take band tiles (see ``_fwd_kernel``) and, with DIAG,
+    skip the per-tile alignment check (the row's flag holds it for every tile)."""
     pid_n = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bhk = tl.program_id(1)
@@ -602,6 +612,9 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     if BIAS == 5:
         c = tl.load(SC)
     scr = SCR + (bhk * nkb + pid_n) * (BM * BN + W2)
+    aligned = 0
+    if BAND:
+        aligned = tl.load(ALN + bt)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         part = PART + ((b * H + h) * nkb + pid_n) * part_stride
@@ -617,14 +630,25 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                 gacc = tl.zeros([RTP], tl.float32)
             elif DEFER and PGRAD and (BIAS == 4):
                 gacc = tl.zeros([BM, NSP], tl.float32)
-            for start_m in range(lo, split, BM):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
-                    start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                    acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
-                    ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
-                    Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                    True, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
+            if aligned != 0:
+                for start_m in range(lo, split, BM):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                    band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BM, BN)
+                    dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
+                        start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                        acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
+                        ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
+                        NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
+                        TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2, band)
+            else:
+                for start_m in range(lo, split, BM):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                    dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
+                        start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                        acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
+                        ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
+                        NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
+                        TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
             if DIAG and PGRAD and (BIAS == 4):
                 lanes = tl.arange(0, RTP)
                 tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
@@ -674,6 +698,22 @@ def _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb, svh
 
 
 @triton.jit
+def _band_tile(BT, h, d0, BD, NT, BG: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """T5 ``t5_band``: the fp32 bias (table units) of a tile whose live scores have distance
+    ``clamp(d0 + i - j, 0, RT)`` (i, j its query row and key column from the tile's first; ``d0`` the
+    index distance at its first row and column): tile ``t = clamp((d0 - BD) / BG, 0, NT - 1)`` of
+    head h in BT [H, NT, R, C] (``_band_table``; BD the first band's ``d0``, BG = gcd(BM, BN) its step:
+    the ``d0`` of a launch's tiles all differ by multiples of BG; the first and last bands are
+    constant, so clamping is exact). R x C the tile's shape as the caller holds it (the dkdv kernel's
+    transposed scores: keys x queries, from a table built transposed). Rows are
+    contiguous and 16-byte aligned: vector loads, no per-score address (the gather it replaces
+    computes each score's distance and address and loads 4 bytes)."""
+    t = tl.minimum(tl.maximum(d0 - BD, 0) // BG, NT - 1)
+    base = BT + (h * NT + t) * (R * C)
+    return tl.load(base + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+
+
+@triton.jit
 def _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d, Tk, BN: tl.constexpr):
     """The row-major kernels' key tile at start_n: (offs_n, column mask, K, V, key positions)
     and the tile record's segment / bucket range (s_lo, s_hi)."""
@@ -706,7 +746,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
               BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
               FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PRES: tl.constexpr,
               TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True):
+              BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None):
     """One key tile of the forward: scores, bias, mask, online softmax, P V."""
     offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
                                                      Tk, BN)
@@ -714,7 +754,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
     if BIAS != 0:
         s, _rf, _lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
-                                HEAVY, BRANCHLESS)
+                                HEAVY, BRANCHLESS, band)
     s = _mask_rows_tile(s, float("-inf"), rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
                         sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -732,21 +772,25 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
-                SPL, KST, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                SPL, KST, BT, ALN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
-                H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2,
+                H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, BD, NT,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                 RESID: tl.constexpr, PRES: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
-                FOLD: tl.constexpr = True):
+                FOLD: tl.constexpr = True, BAND: tl.constexpr = False, BG: tl.constexpr = 16):
     """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype).
     PRES: P V with P split in two half-precision parts (``p = round(p) + residual``: one more
     MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
     ``delta = dO . O`` equals ``sum_j P dP`` to fp32 rounding: the rows of dS sum to ~0 as
     they must, which the encoding-parameter gradients (sums of dS) need.
     TABLE (T5, FIRE): tile scalars from the tile tables, loaded one tile ahead; key tiles from
-    the first heavy one on (SPL) run in a second loop with runtime kink loops."""
+    the first heavy one on (SPL) run in a second loop with runtime kink loops.
+    BAND (T5, ``t5_band``): on a row whose ALN flag is set (every live score's distance is its index
+    distance, ``_aligned_rows``) that second loop adds band tiles (``_band_tile``: BT, BD, NT, BG)
+    instead of a gather per score; other rows keep the gather (a loop of their own, so the gather's
+    registers and shared-memory staging stay out of the band loop)."""
     pid_m = tl.program_id(0)
     scale2 = tl.cast(scale2, tl.float32)   # a launch from inductor's code passes Python floats as fp64
     bh = tl.program_id(1)
@@ -782,12 +826,26 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
                                   H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
                                   SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS, FOLD)
     if TABLE:
-        for start_n in range(split, hi, BN):
-            rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-            m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i,
-                                      l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt,
-                                      kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG,
-                                      FAST, DOT_PREC, SKIP, PRES, TABLE, KU, True, BM, BN, BRANCHLESS, FOLD)
+        aligned = 0
+        if BAND:
+            aligned = tl.load(ALN + b * tab_b)
+        if aligned != 0:
+            for start_n in range(split, hi, BN):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
+                m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
+                                          m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                                          svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
+                                          USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 2, BM, BN, BRANCHLESS,
+                                          FOLD, band)
+        else:
+            for start_n in range(split, hi, BN):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
+                                          m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                                          svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
+                                          USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 1, BM, BN, BRANCHLESS,
+                                          FOLD)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -827,8 +885,8 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
                BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
                KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True):
-    """One query tile of the dK/dV kernel (transposed scores [BN, BM])."""
+               BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None):
+    """One query tile of the dK/dV kernel (transposed scores [BN, BM]; ``band`` too)."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
     q, do, lse, delta, qpos = _query_tile(Q, DO, LSE, DELTA, QP, b, h, H, offs_m, mrow, offs_d, sqb, sqt, sqh, sdob,
@@ -840,7 +898,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
         rowf = _query_rowf(ROWF, b, qp_sb, offs_m, mrow, qpos, BIAS)
         sT, _rf, _lg = _add_bias(BIAS, sT, h, qpos.to(tl.float32)[None, :], kf[:, None], rowf[None, :],
                                  s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
-                                 HEAVY, BRANCHLESS)
+                                 HEAVY, BRANCHLESS, band)
     pT = tl.math.exp2(sT - lse[None, :])
     if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
         sq = offs_m * 0
@@ -858,22 +916,25 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN,
+                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, BT, ALN,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
-                     H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale,
+                     H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, BD, NT,
                      BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                      TABLE: tl.constexpr, KU: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
-                     FOLD: tl.constexpr = True, PHASE: tl.constexpr = 0):
+                     FOLD: tl.constexpr = True, PHASE: tl.constexpr = 0, BAND: tl.constexpr = False,
+                     BG: tl.constexpr = 16):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group.
     TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
     with runtime kink loops, the rest in the software-pipelined loop.
     PHASE (``split_heavy``): 0 both loops; 1 the light loop only, into fp32 DK / DV; 2 the heavy
     loop only, adding the phase-1 partials DKP / DVP (same strides) before the store. A kernel
     without the runtime loops keeps its wgmma pipelined (ptxas serializes every wgmma of a
-    function with such a loop: docs/kernels.md)."""
+    function with such a loop: docs/kernels.md).
+    BAND (T5): the heavy loop of an aligned row adds band tiles, from a table built transposed
+    (``_band_table``), in the transposed scores' shape."""
     pid_n = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
     bhk = tl.program_id(1)
@@ -889,17 +950,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, 
     bt = b * tab_b
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
+    aligned = 0
+    if BAND:
+        aligned = tl.load(ALN + bt)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
         if TABLE and (PHASE != 1):
-            for start_m in range(lo, split, BM):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                                    Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
-                                    sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, True, BM, BN, BRANCHLESS,
-                                    FOLD)
+            if aligned != 0:
+                for start_m in range(lo, split, BM):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                    band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BN, BM)
+                    dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                        Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
+                                        sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
+                                        CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 2, BM, BN,
+                                        BRANCHLESS, FOLD, band)
+            else:
+                for start_m in range(lo, split, BM):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                    dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                        Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
+                                        sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
+                                        CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 1, BM, BN,
+                                        BRANCHLESS, FOLD)
         if PHASE != 2:
             rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
             for start_m in range(split, end, BM):
@@ -940,7 +1014,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
              BN: tl.constexpr, DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False,
              FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-             W2: tl.constexpr = 16):
+             W2: tl.constexpr = 16, band=None):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel).
     gacc (T5, DEFER, heavy tiles): [BM, NSP] per-row sums per bucket boundary, reduced over rows
     once after the heavy loop; elsewhere passed through untouched."""
@@ -948,7 +1022,8 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                                                      Tk, BN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
     s, rf, lg = _add_bias(BIAS, s, h, qf[:, None], kpos.to(tl.float32)[None, :], rowf[:, None],
-                          s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY)
+                          s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY,
+                          False, band)
     p = tl.math.exp2(s - lse[:, None])
     p = _mask_rows_tile(p, 0.0, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
                         sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
@@ -1007,7 +1082,10 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
                         acc1, acc2 = _fire_kink_grad(s_lo + u, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS,
                                                      USE_LOG, NSP)
     elif BIAS == 4:
-        if HEAVY and DIAG:
+        if (HEAVY == 2) and DIAG:
+            # an aligned row (t5_band): every tile is aligned, no per-tile check
+            gacc = _t5_diagonals(ds, doff, RT, scr, gacc, BM, BN, RTP, W2)
+        elif HEAVY and DIAG:
             # T5 next to the diagonal: where every live score's distance is its index distance
             # (positions contiguous inside each document: packed rows, plain rows), the tile's dS
             # goes to per-distance sums by diagonal (``_t5_diagonals``), O(1) per score instead of
@@ -1131,17 +1209,17 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX, SCR,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX, SCR, BT, ALN,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
-                   H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride,
+                   H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride, BD, NT,
                    BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                    USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                    PGRAD: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
                    DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
                    PHASE: tl.constexpr = 0, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-                   W2: tl.constexpr = 16):
+                   W2: tl.constexpr = 16, BAND: tl.constexpr = False, BG: tl.constexpr = 16):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -1160,6 +1238,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     PHASE (``split_heavy``, T5 / FIRE): 0 both loops; 1 the light loop only, dQ into the fp32 DQ;
     2 the heavy loop only, adding the phase-1 dQ (DQP, same strides) and FIRE's phase-1 row sums
     (read back from ROWC / ROWX); PART rows take both phases' sums (atomics).
+    BAND (T5): the heavy loop of an aligned row adds band tiles (see ``_fwd_kernel``; with DIAG no
+    per-tile alignment check).
     """
     pid_m = tl.program_id(0)
     scale2, scale = tl.cast(scale2, tl.float32), tl.cast(scale, tl.float32)
@@ -1215,13 +1295,27 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
             gacc = tl.zeros([RTP], tl.float32)
         elif DEFER and PGRAD and (BIAS == 4):
             gacc = tl.zeros([BM, NSP], tl.float32)
-        for start_n in range(split, hi, BN):
-            rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-            dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
-                start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-                dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
-                svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                SKIP, PGRAD, TABLE, KU, True, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
+        aligned = 0
+        if BAND:
+            aligned = tl.load(ALN + b * tab_b)
+        if aligned != 0:
+            for start_n in range(split, hi, BN):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
+                dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
+                    start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                    dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
+                    skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
+                    DOT_PREC, SKIP, PGRAD, TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2,
+                    band)
+        else:
+            for start_n in range(split, hi, BN):
+                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
+                    start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                    dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
+                    skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
+                    DOT_PREC, SKIP, PGRAD, TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
         if DIAG and PGRAD and (BIAS == 4):
             lanes = tl.arange(0, RTP)
             tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
