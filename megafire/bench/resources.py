@@ -137,7 +137,7 @@ def record_launches(q, k, v, encoding, pos, seg, *, backward: bool = True, run: 
         B, N, _, D = q.shape
         nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(encoding, pos, N, q.device)
         pt = _function.position_tables(pos, pos, B, N, k.shape[1])
-        pt = _function.with_band_flags(pt, seg, seg, nm, D, N, k.shape[1])
+        pt = _function.with_row_flags(pt, seg, seg, nm, D, N, k.shape[1])
         static = (nm, True, D ** -0.5, eps, use_log, nb, md, nm in _function.LEARNED)
         o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
         if backward:

@@ -612,6 +612,58 @@ def test_t5_band(onepass, tile, monkeypatch):
     _run("t5", B=1, Tq=6, Tk=35, offset=3)
 
 
+def _masked_case(name, onepass, run, *, T=40, gap=0, seg=True, first=None, monkeypatch=None):
+    """Output and every gradient of one call of ``name`` (rows as in ``_t5_case``) with ``run_mask`` on
+    or off; ``first``: replace the queries' first keys (``_first_keys``) by this (a wrong run)."""
+    from megafire.attention.fused import CONFIGS
+    import megafire.attention.fused._function as fn
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], run_mask=run, segment_bounds=True,
+                                                onepass=ONEPASS if onepass else None))
+    if first is not None:
+        monkeypatch.setattr(fn, "_first_keys", lambda sk, rows, Tq, Tk: torch.full((rows, Tq), first, dtype=torch.int32))
+    torch.manual_seed(4)
+    enc = _encoding(name, 2, kinks=name == "fire")
+    q, k, v = (torch.randn(2, T, 2, 16, requires_grad=True) for _ in range(3))
+    p0, s0 = _packed(T, [9, 23])
+    kp = torch.stack([p0, torch.arange(T) + gap * (torch.arange(T) >= T // 2)])
+    sk = torch.stack([s0, torch.zeros(T, dtype=torch.long)]) if seg else None
+    out = fused_bias_attention(q, k, v, enc, kp, kp, segment_ids_q=sk, segment_ids_k=sk)
+    out.backward(torch.randn_like(out))
+    params = [] if enc is None else [p.grad for p in enc.parameters() if p.requires_grad and p.grad is not None]
+    return [out.detach(), q.grad, k.grad, v.grad, *params]
+
+
+@pytest.mark.parametrize("onepass", [False, True], ids=["two_kernels", "onepass"])
+@pytest.mark.parametrize("name", ENCS)
+def test_run_mask(name, onepass, monkeypatch):
+    """``run_mask``: on an aligned row a masked tile keeps the keys ``[first key of the query's segment,
+    causal limit]`` (two compares per score, no key positions or segment ids), which is exactly the
+    live set: output and every gradient bit-identical to the full mask, every encoding, both backward
+    paths (a packed row and a row whose positions jump: both launches), plain rows for no bias and T5.
+    The run mask runs: with the first keys all 0 the packed row attends across its documents and
+    changes, while the row whose positions jump keeps the full mask (unchanged)."""
+    off = _masked_case(name, onepass, False, gap=5, monkeypatch=monkeypatch)
+    on = _masked_case(name, onepass, True, gap=5, monkeypatch=monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(off, on))
+    if name in ("none", "t5"):   # plain rows, and the run path's reach (the kernels are the same for all)
+        off2 = _masked_case(name, onepass, False, seg=False, monkeypatch=monkeypatch)
+        on2 = _masked_case(name, onepass, True, seg=False, monkeypatch=monkeypatch)
+        assert all(torch.equal(a, b) for a, b in zip(off2, on2))
+        bad = _masked_case(name, onepass, True, gap=5, first=0, monkeypatch=monkeypatch)
+        assert not torch.allclose(off[0][0], bad[0][0], atol=1e-3)
+        assert torch.equal(off[0][1], bad[0][1])
+
+
+def test_first_keys():
+    """``_first_keys`` against rows written out: each query's first key of its run of equal segment ids
+    (the queries the keys' last Tq; a row per batch element from shared ids)."""
+    from megafire.attention.fused._function import _first_keys
+    s = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    assert _first_keys(s, 2, 6, 6).tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]
+    assert _first_keys(s, 2, 3, 6).tolist() == [[2, 2, 5], [0, 0, 0]]
+    assert _first_keys(s[0], 3, 6, 6).tolist() == [[0, 0, 2, 2, 2, 5]] * 3
+
+
 def test_aligned_rows():
     """``_aligned_rows`` (``t5_band``'s per-row flag) against rows written out: contiguous positions,
     positions restarting at each new (growing) segment id, a decode offset whose queries are the keys'
@@ -811,6 +863,51 @@ def test_t5_band_gpu_bf16(D, monkeypatch):
     ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
     ref.backward(do.double())
     for a, b in zip(on, [ref, qs.grad, ks.grad, vs.grad, e2.relative_attention_bias.weight.grad]):
+        assert _rel(a, b) < 1e-2, _rel(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ENCS)
+def test_run_mask_gpu_bf16(name, monkeypatch):
+    """``run_mask`` on the GPU (bf16, D=64, the committed launch shapes, with ``t5_band`` for T5): output and
+    every gradient equal the full mask's to 1e-3 (the same scores are kept; the two compiled variants
+    may schedule the arithmetic differently) and the float64 reference to 1e-2, on packed rows (the
+    aligned launch) and a row whose positions jump (the other launch)."""
+    from megafire.attention.fused import CONFIGS
+    dev = torch.device("cuda")
+    B, T, H, HKV, D = 2, 777, 8, 2, 64
+    enc = None if name == "none" else build(name, H, D, **({"init_L": 128.0} if name == "fire" else {}))
+    if name == "fire":
+        kinks_inside(enc, 0.05, 0.95)
+    enc = enc.to(dev) if enc is not None else None
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, HKV, HKV))
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    p0, s0 = _packed(T, [130, 400, 610])
+    pos = torch.stack([p0, torch.arange(T) + 9 * (torch.arange(T) >= 300)]).to(dev)
+    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
+    params = [] if enc is None else [p for p in enc.parameters() if p.requires_grad]
+
+    def run(on):
+        monkeypatch.setitem(CONFIGS, (D, name), dict(CONFIGS.get((D, name), {}), run_mask=on, t5_band=on))
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        for p in params:
+            p.grad = None
+        out = fused_bias_attention(*ins, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
+        out.backward(do)
+        return [out, *(t.grad for t in ins), *(p.grad.clone() for p in params)]
+
+    off, on = run(False), run(True)
+    for a, b in zip(on, off):
+        assert _rel(a, b) < 1e-3, _rel(a, b)
+    import copy
+    e2 = copy.deepcopy(enc).double() if enc is not None else None
+    qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
+    ref.backward(do.double())
+    refs = [ref, qs.grad, ks.grad, vs.grad] + ([] if e2 is None else [p.grad for p in e2.parameters() if p.requires_grad])
+    for a, b in zip(on, refs):
         assert _rel(a, b) < 1e-2, _rel(a, b)
 
 

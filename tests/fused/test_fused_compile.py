@@ -38,35 +38,37 @@ def _qkv(seed=0):
     return [torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))]
 
 
-def _expected_writes(name: str, onepass: bool, split: bool = False, diag: bool = False) -> list:
+def _expected_writes(name: str, onepass: bool, split: bool = False, diag: bool = False, run: bool = False) -> list:
     """The tensors each launch of one forward + backward writes (the kernels' docstrings);
     ``onepass``: one backward kernel instead of dq + dkdv; ``split``: each of those twice (light,
     then heavy tiles: ``split_heavy``); ``diag``: T5's ``t5_diag`` scratch (heavy tiles only: not in a
-    split's light launch)."""
+    split's light launch); ``run``: each attention kernel launched twice (``run_mask``: the aligned rows,
+    then the others), writing the same tensors."""
     learned = name in LEARNED
     fwd = ["LSE", "O"] + (["ORES"] if learned else [])
     sums = (["PART"] if learned else []) + (["ROWC", "ROWX"] if name == "fire" else [])
     scr = ["SCR"] if diag and name == "t5" else []
     table = [["_tile_table_kernel", ["SPC", "SPL", "TA", "TT"]]] if name in ("t5", "fire") else []
-    dq = [["_bwd_dq_kernel", ["DQ", *sums]]] * split + [["_bwd_dq_kernel", ["DQ", *sums, *scr]]]
-    bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums, *scr])]] if onepass else
-           dq + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (1 + split))
+    twice = 2 if run else 1
+    dq = ([["_bwd_dq_kernel", ["DQ", *sums]]] * twice) * split + [["_bwd_dq_kernel", ["DQ", *sums, *scr]]] * twice
+    bwd = ([["_bwd_onepass_kernel", sorted(["DK", "DQA", "DV", *sums, *scr])]] * twice if onepass else
+           dq + [["_bwd_dkdv_kernel", ["DK", "DV"]]] * (twice * (1 + split)))
     rows = ([["_fire_prep_kernel", ["FT", "IT", "RANK"]]] if name == "fire" else []) + table + [
-        ["_fwd_kernel", fwd], ["_bwd_delta_kernel", ["DELTA"]]] + table + bwd
+        ["_fwd_kernel", fwd]] * twice + [["_bwd_delta_kernel", ["DELTA"]]] + table + bwd
     return rows + ([["_fire_grad_kernel", ["DB1", "DB2", "DW1", "DW2"]]] if name == "fire" else [])
 
 
 def _launch_flags(name: str, override: dict, n: int = 128) -> tuple:
-    """(onepass, split, diag) of ``name``'s D=64 launches at ``n`` keys (traced_launches.py's T): the
+    """(onepass, split, diag, run) of ``name``'s D=64 launches at ``n`` keys (traced_launches.py's T): the
     committed configuration with the ``MEGAFIRE_FUSED_CONFIGS`` override's "64" keys on top."""
     from megafire.attention.fused._function import committed_config
     cfg = {**committed_config(64, name), **override.get("64", {})}
     onepass = bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
     split = bool(cfg.get("split_heavy")) and not onepass and name in ("t5", "fire")
-    return onepass, split, bool(cfg.get("t5_diag"))
+    return onepass, split, bool(cfg.get("t5_diag")), bool(cfg.get("run_mask"))
 
 
-@pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split"])
+@pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split", "run"])
 def test_inductor_sees_exactly_what_each_launch_writes(options):
     """On CPU, for sm_90: every launch of the inline op lowers to TTIR with Python floats typed
     fp64 (as inductor's launches type them; an fp32 loop-carried value turned fp64 fails to
@@ -79,7 +81,9 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     for T5 and FIRE. "onepass": the one-pass backward for every
     encoding (committed for none / ALiBi / T5): its dQ atomics, parameter sums and FIRE's row sums are
     all that it writes. "split": ``split_heavy`` for T5 too (two-kernel backward, with ``t5_band``): the
-    heavy-tile launches read the light ones' fp32 partials and write only their outputs and sums."""
+    heavy-tile launches read the light ones' fp32 partials and write only their outputs and sums. "run":
+    ``run_mask`` (every encoding; with ``t5_band``): each attention kernel twice, each launch writing what
+    one writes."""
     import json
     import os
     import subprocess
@@ -97,6 +101,8 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     if options == "split":
         override = {"64": {"split_heavy": True, "onepass": False, "t5_band": True}}
         names = ["t5", "fire"]
+    if options == "run":
+        override = {"64": {"run_mask": True, "t5_band": True}}
     if override:
         env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps(override))
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)
@@ -213,11 +219,13 @@ def test_inductor_launches_the_kernels_inline(name, monkeypatch):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=atol, msg=lambda m: f"opaque, {name_}: {m}")
 
 
-def test_fullgraph_compile_t5_band(monkeypatch):
-    """T5 with ``t5_band`` under ``torch.compile(fullgraph=True)``: the rows' alignment flags are traced
-    with the call (no cache lookup, no graph break), and loss and every gradient equal the eager call's
-    and those with the band off (bit-identical: the band tiles hold the gather's values; that the band
-    path runs at all is test_fused_attention.py's ``test_t5_band``)."""
+@pytest.mark.parametrize("opts", ["t5_band", "run_mask", "t5_band,run_mask"])
+def test_fullgraph_compile_t5_band(opts, monkeypatch):
+    """T5 with ``t5_band`` / ``run_mask`` under ``torch.compile(fullgraph=True)``: the rows' alignment flags
+    (and first keys) are traced with the call (no cache lookup, no graph break), and loss and every
+    gradient equal the eager call's and those with the options off (bit-identical: the band tiles hold
+    the gather's values, the run mask keeps the same scores; that these paths run at all is
+    test_fused_attention.py's ``test_t5_band`` / ``test_run_mask``)."""
     from megafire.attention.fused import CONFIGS
     import megafire.attention.fused._function as fn
     enc = _encoding("t5")
@@ -235,7 +243,7 @@ def test_fullgraph_compile_t5_band(monkeypatch):
     wrt = [q, k, v, enc.relative_attention_bias.weight]
     res = {}
     for band in (False, True):
-        monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], t5_band=band))
+        monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], **{o: band for o in opts.split(",")}))
         eager = loss(q, k, v, pos, seg)
         res[band, "eager"] = [eager.detach(), *torch.autograd.grad(eager, wrt)]
         torch._dynamo.reset()

@@ -63,6 +63,11 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: SASS instructions per such tile at 64x64) add a per-head band tile instead (``_band_table``: the same
 #: fp32 values, bit-identical scores; row-contiguous vector loads), and with t5_diag skip the per-tile
 #: alignment check; other rows keep the gather. Prepared without a GPU (docs/kernels.md): off, untimed.
+#: run_mask (every encoding, causal): on the same aligned rows a masked tile keeps the key-index run
+#: ``[first key of the query's segment, causal limit]`` (two compares per score against per-row bounds, no
+#: key positions or segment ids: exactly the live scores there); each kernel is launched twice, for the
+#: aligned rows and for the others (``_row_launches``). T5 at D=64 masks every tile: its light forward
+#: tile 696 -> 497 SASS instructions per thread (docs/kernels.md). Prepared without a GPU: off, untimed.
 #: ku (T5 / FIRE): kinks / boundaries per tile in the unrolled blocks (default KU_DEFAULT, _kernels.py).
 #: (D, encoding name) entries override D's; a run's ``attention.fused_kernels`` overrides both (the off
 #: switch of each option, megafire.attention.kernel_options). Override for tuning:
@@ -338,12 +343,18 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     st.p0 = params[0] if st.mode in (K.ALIBI, K.KERPLE_LOG, K.KERPLE_POW) else d
     st.p1 = params[1] if st.mode in (K.KERPLE_LOG, K.KERPLE_POW) else d
     st.ft, st.it, st.sc, st.rowf = d, st.dummy_i, d, d
-    st.band, st.aln = False, st.dummy_i
+    cfg = _config(q.shape[-1], name)
+    # the rows' alignment flags (and first keys) came with the position tables (``with_row_flags``)
+    st.aln = pos[4] if len(pos) > 4 else st.dummy_i
+    st.seglo = pos[5] if len(pos) > 5 else st.dummy_i
+    st.run = len(pos) > 4 and st.causal and bool(cfg.get("run_mask", False))
+    st.band = False
     if st.mode == K.T5:
         it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced)
         st.NS, st.ft, st.it = t5_buckets, tables[0], it
-        if len(pos) > 4:   # t5_band: the rows' alignment flags came with the position tables
-            st.band, st.aln = True, pos[4]
+        # t5_band; past a max distance of 2048 the band tables (~RT / 64 tiles of BM BN fp32 per head)
+        # would outgrow L2: the gather then
+        st.band = len(pos) > 4 and bool(cfg.get("t5_band", False)) and st.RT <= 2048
     elif st.mode == K.FIRE:
         st.ft, st.it, st.rank = tables
         st.W = int(params[0].numel())
@@ -351,7 +362,6 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
         st.sc, st.rowf = aux
     st.table = st.mode in (K.T5, K.FIRE)
     # tile bounds over the one segment two blocks share (packed documents; CONFIGS "segment_bounds")
-    cfg = _config(q.shape[-1], name)
     st.segb = st.table and st.has_seg and bool(cfg.get("segment_bounds", False))
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop): CONFIGS / the run's "ku", else KU_DEFAULT;
@@ -365,32 +375,24 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     return st
 
 
-_ALIGNED: dict = {}
-_ALIGNED_SIZE = 8
+_ROW_TABLES: dict = {}
+_ROW_TABLES_SIZE = 8
 
 
 def _aligned_rows(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tensor], Tq: int, Tk: int) -> Tensor:
     """int32 [rows] (rows: 1, or B where any of the tables has a row per batch element): 1 where every
     live score of the row has distance = index distance plus ``Tk - Tq``, ``qpos_i - kpos_j = i - j +
-    Tk - Tq``, which ``t5_band`` needs. Sufficient and checked here: the keys' positions step by one
-    inside each segment (a segment id that changes must grow: ids that come back, e.g. ``0 1 0``, would
-    pair runs whose positions need not line up) and the queries' positions and ids are the keys' last
-    Tq. The trainer's rows pass (positions restart at each packed document or run 0..T-1; segment ids
-    count the documents); a row that fails keeps the exact per-score gather. Eagerly cached by the
-    tables' identity and version (every layer of a step passes the same tensors); traced, a few ops
-    of the graph."""
+    Tk - Tq``, and its segments are runs, which ``t5_band`` and ``run_mask`` need. Sufficient and checked
+    here: the keys' positions step by one inside each segment (a segment id that changes must grow:
+    ids that come back, e.g. ``0 1 0``, would pair runs whose positions need not line up) and the
+    queries' positions and ids are the keys' last Tq. The trainer's rows pass (positions restart at
+    each packed document or run 0..T-1; segment ids count the documents); a row that fails keeps the
+    exact per-score paths."""
     tabs = (qp, kp) + ((sq, sk) if sq is not None else ())
-    key = None
-    if not torch.compiler.is_compiling() and not any(t.is_inference() or is_fake(t) for t in tabs):
-        key = tuple((id(t), t._version) for t in tabs) + (Tq, Tk)
-        hit = _ALIGNED.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], tabs)):
-            return hit[1]
     rows = max(t.reshape(-1, t.shape[-1]).shape[0] for t in tabs)
 
     def r2(t, T):
-        t = t.reshape(-1, T)
-        return t.expand(rows, T)
+        return t.reshape(-1, T).expand(rows, T)
 
     k2 = r2(kp, Tk)
     ok = k2[:, 1:] == k2[:, :-1] + 1                                           # [rows, Tk - 1]
@@ -404,21 +406,51 @@ def _aligned_rows(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Ten
         flag = flag & (r2(qp, Tq) == k2[:, Tk - Tq:]).all(1)
         if sq is not None:
             flag = flag & (r2(sq, Tq) == s2[:, Tk - Tq:]).all(1)
-    flag = flag.to(torch.int32).contiguous()
+    return flag.to(torch.int32).contiguous()
+
+
+def _first_keys(sk: Tensor, rows: int, Tq: int, Tk: int) -> Tensor:
+    """int32 [rows, Tq]: for each query (the keys' last Tq) the index of the first key of its segment
+    (the start of its run of equal segment ids), what ``run_mask`` bounds a row's live keys with."""
+    s2 = sk.reshape(-1, Tk).expand(rows, Tk)
+    idx = torch.arange(Tk, device=sk.device, dtype=torch.int32).expand(rows, Tk)
+    change = F.pad(s2[:, 1:] != s2[:, :-1], (1, 0), value=True)
+    first = torch.cummax(torch.where(change, idx, 0), 1).values                 # [rows, Tk]
+    return first[:, Tk - Tq:].to(torch.int32).contiguous()
+
+
+def _row_tables(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tensor], Tq: int, Tk: int,
+                first: bool) -> list[Tensor]:
+    """``[flags]`` (``_aligned_rows``), ``[flags, first keys]`` with ``first`` and segment ids. Eagerly
+    cached by the tables' identity and version (every layer of a step passes the same tensors);
+    traced, a few ops of the graph."""
+    tabs = (qp, kp) + ((sq, sk) if sq is not None else ())
+    key = None
+    if not torch.compiler.is_compiling() and not any(t.is_inference() or is_fake(t) for t in tabs):
+        key = tuple((id(t), t._version) for t in tabs) + (Tq, Tk, first)
+        hit = _ROW_TABLES.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tabs)):
+            return hit[1]
+    flag = _aligned_rows(qp, kp, sq, sk, Tq, Tk)
+    out = [flag, _first_keys(sk, flag.shape[0], Tq, Tk)] if first and sk is not None else [flag]
     if key is not None:
-        if len(_ALIGNED) >= _ALIGNED_SIZE:
-            _ALIGNED.pop(next(iter(_ALIGNED)))
-        _ALIGNED[key] = (tabs, flag)
-    return flag
+        if len(_ROW_TABLES) >= _ROW_TABLES_SIZE:
+            _ROW_TABLES.pop(next(iter(_ROW_TABLES)))
+        _ROW_TABLES[key] = (tabs, out)
+    return out
 
 
-def with_band_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
-                    Tk: int) -> list[Tensor]:
-    """The op's position tables (``position_tables``), plus the rows' alignment flags
-    (``_aligned_rows``) where T5 runs with ``t5_band``: the op's state finds them there."""
-    if name == "t5" and _config(D, name).get("t5_band", False):
-        return [*pos, _aligned_rows(pos[0], pos[2], seg_q, seg_k, Tq, Tk)]
-    return pos
+def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
+                   Tk: int, causal: bool = True) -> list[Tensor]:
+    """The op's position tables (``position_tables``), plus what ``t5_band`` (T5) and ``run_mask`` (causal)
+    read, where they are on: the rows' alignment flags (``_aligned_rows``) and, with segment ids and
+    ``run_mask``, each query's first key (``_first_keys``). The op's state finds them there."""
+    cfg = _config(D, name)
+    band = name == "t5" and cfg.get("t5_band", False)
+    run = causal and cfg.get("run_mask", False)
+    if not (band or run):
+        return pos
+    return [*pos, *_row_tables(pos[0], pos[2], seg_q, seg_k, Tq, Tk, bool(run))]
 
 
 _BAND_IDX: dict = {}
@@ -480,6 +512,14 @@ def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int)
     return torch.cat([weight[lut].t().reshape(-1), weight.t().reshape(-1)]).contiguous()
 
 
+def _row_launches(st) -> tuple:
+    """``(RUN, PICK)`` of each launch of a kernel: one for every row, or with ``run_mask`` one for the
+    aligned rows (the run mask) and one for the others (the full mask; on the trainer's rows all of
+    its programs return at once). One kernel holding both masks behind a runtime branch compiles
+    worse than either (``_pick``)."""
+    return ((True, True), (False, True)) if st.run else ((False, False),)
+
+
 def _forward(q, k, v, st, pgrad: bool):
     """The forward launch: (o, ores, lse); ``ores`` (the fp32 output's rounding residual, kept
     for exact parameter gradients) is empty when not needed."""
@@ -496,16 +536,17 @@ def _forward(q, k, v, st, pgrad: bool):
     kst, _qen = _live_ranges(st, Tq, Tk, BM, BN)
     bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
     pres = resid and bool(cfg.get("pres", True))
-    wrap_triton(K._fwd_kernel)[(nqb, B * H)](
-        q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
-        st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl, kst, bt, st.aln,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E, bd, nt,
-        BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
-        DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
-        BRANCHLESS=bool(cfg.get("branchless", True)), FOLD=bool(cfg.get("fold_mask", True)), D=D, BM=BM, BN=BN,
-        BAND=st.band, BG=bg, num_warps=warps, num_stages=stages)
+    for run, pick in _row_launches(st):
+        wrap_triton(K._fwd_kernel)[(nqb, B * H)](
+            q, k, v, o, ores, lse, st.qp, st.kp, st.sq, st.sk, st.qmin, st.kmax,
+            st.p0, st.p1, st.ft, st.it, st.sc, st.rowf, tt, ta, spl, kst, bt, st.aln, st.seglo,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            *st.strides, st.tab_b, H, H // HKV, Tq, Tk, st.W, st.NS, st.RT, nqb, nkb, st.scale * K.LOG2E, bd, nt,
+            BIAS=st.mode, CAUSAL=st.causal, HAS_SEG=st.has_seg, USE_LOG=st.use_log, FAST=not K.INTERPRET,
+            DOT_PREC=st.prec, SKIP=bool(cfg["skip_fwd"]), RESID=resid, PRES=pres, TABLE=st.table, KU=st.ku,
+            BRANCHLESS=bool(cfg.get("branchless", True)), FOLD=bool(cfg.get("fold_mask", True)), D=D, BM=BM, BN=BN,
+            BAND=st.band, BG=bg, RUN=run, PICK=pick, num_warps=warps, num_stages=stages)
     return o, (ores if resid else q.new_empty(0)), lse
 
 
@@ -564,11 +605,13 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         # fp32 dQ summed over the key blocks' programs (atomics), in q's [B, Tq, H, D] strides
         dqa = torch.zeros(q.shape, device=dev, dtype=torch.float32)
         bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
-        wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
-            q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, scr, bt, st.aln,
-            *strides, st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-            part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, DIAG=diag,
-            RTP=rtp, W2=w2, BAND=st.band, BG=bg, num_warps=warps, num_stages=stages, **common)
+        for run, pick in _row_launches(st):
+            wrap_triton(K._bwd_onepass_kernel)[(nkb, B * HKV)](
+                q, k, v, do, dqa, dk, dv, lse, delta, *tabs, tt, ta, spc, qen, part, rowc, rowx, scr, bt, st.aln,
+                st.seglo, *strides, st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+                part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, DIAG=diag,
+                RTP=rtp, W2=w2, BAND=st.band, BG=bg, RUN=run, PICK=pick, num_warps=warps, num_stages=stages,
+                **common)
         dq = dqa.to(q.dtype)
     else:
         dq = torch.empty_like(q)
@@ -580,11 +623,13 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         bt, bd, nt, bg = _band_table(st, H, Tq, Tk, BM, BN)
         for phase in phases:
             out = torch.empty_like(q, dtype=torch.float32) if phase == 1 else dq
-            wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
-                q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, scr, bt, st.aln,
-                *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
-                part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2, PHASE=phase,
-                DIAG=diag, RTP=rtp, W2=w2, BAND=st.band, BG=bg, num_warps=warps, num_stages=stages, **common)
+            for run, pick in _row_launches(st):
+                wrap_triton(K._bwd_dq_kernel)[(nqb, B * H)](
+                    q, k, v, do, out, dqp, lse, delta, *tabs, tt, ta, spl, kst, part, rowc, rowx, scr, bt, st.aln,
+                    st.seglo, *strides, st.tab_b, H, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale,
+                    part_stride, bd, nt, PGRAD=pgrad, BM=BM, BN=BN, NSP=nsp, DEFER=defer, RCP_EX2=rcp_ex2,
+                    PHASE=phase, DIAG=diag, RTP=rtp, W2=w2, BAND=st.band, BG=bg, RUN=run, PICK=pick, num_warps=warps,
+                    num_stages=stages, **common)
             if phase == 1:
                 dqp = out
         BM, BN, warps, stages = cfg["dkdv"]
@@ -596,11 +641,12 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
         for phase in phases:
             pk, pv = (torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)) \
                 if phase == 1 else (dk, dv)
-            wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
-                q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, bt, st.aln, *strides, st.tab_b,
-                H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E, st.scale, bd, nt,
-                BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN, BAND=st.band, BG=bg,
-                num_warps=warps, num_stages=stages, **common)
+            for run, pick in _row_launches(st):
+                wrap_triton(K._bwd_dkdv_kernel)[(nkb, B * HKV)](
+                    q, k, v, do, pk, pv, dkp, dvp, lse, delta, *tabs, tt, ta, spc, qen, bt, st.aln, st.seglo,
+                    *strides, st.tab_b, H, HKV, H // HKV, Tq, Tk, W, NS, st.RT, nqb, nkb, st.scale * K.LOG2E,
+                    st.scale, bd, nt, BRANCHLESS=bool(cfg.get("branchless", True)), PHASE=phase, BM=BM, BN=BN,
+                    BAND=st.band, BG=bg, RUN=run, PICK=pick, num_warps=warps, num_stages=stages, **common)
             if phase == 1:
                 dkp, dvp = pk, pv
     if not pgrad:
@@ -921,7 +967,7 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
         seg_q = _pos(segment_ids_q, B, Tq, "segment_ids_q")[0]
         seg_k = seg_q if segment_ids_k is segment_ids_q else _pos(segment_ids_k, B, Tk, "segment_ids_k")[0]
     name, params, aux, eps, use_log, t5_buckets, t5_max_distance = encoding_inputs(encoding, q_pos, Tq, q.device)
-    pos = with_band_flags(pos, seg_q, seg_k, name, D, Tq, Tk)
+    pos = with_row_flags(pos, seg_q, seg_k, name, D, Tq, Tk, causal)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)

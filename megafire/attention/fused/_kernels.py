@@ -396,6 +396,55 @@ def _mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, offs_m, offs_n, qpos, kpo
 
 
 @triton.jit
+def _run_mask(x, fill, offs_m, offs_n, rlo, Tq, Tk):
+    """``run_mask`` (causal, a row whose ``_aligned_rows`` flag is set): the live keys of query i are
+    the index run ``[rlo_i, i + Tk - Tq]`` (``rlo_i`` the first key of its segment; segments are runs,
+    positions step by one inside them, so the positions' causal order and the segment test are that
+    run): two compares against per-row bounds and one select per score, no key positions or segment
+    ids (those of ``_mask`` are 3 compares and 3 selects per score and two column loads per tile).
+    ``offs_m`` / ``rlo`` broadcast like the tile's rows (or its columns, transposed), ``offs_n`` its
+    keys."""
+    lim = tl.where(offs_m < Tq, offs_m + (Tk - Tq), -1)
+    return tl.where((offs_n <= lim) & (offs_n >= rlo), x, fill)
+
+
+@triton.jit
+def _full_mask_q(x, fill, SQ, b, sq_sb, offs_m, mrow, offs_n, qpos, kpos, sk, Tq, Tk, CAUSAL: tl.constexpr,
+                 HAS_SEG: tl.constexpr, FOLD: tl.constexpr, TRANS: tl.constexpr):
+    """``_mask`` on a tile of the key-block kernels (the query tile's segment ids loaded here): [BM, BN]
+    (one-pass), or TRANS [BN, BM] (dkdv)."""
+    sq = offs_m * 0
+    if HAS_SEG:
+        sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
+    if TRANS:
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
+                      sq[None, :], sk[:, None], Tq, Tk, FOLD)
+    else:
+        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                      sq[:, None], sk[None, :], Tq, Tk, FOLD)
+    return tl.where(valid, x, fill)
+
+
+@triton.jit
+def _mask_cols_tile(x, fill, SQ, SEGLO, b, sq_sb, offs_m, mrow, offs_n, qpos, kpos, sk, Tq, Tk, CAUSAL: tl.constexpr,
+                    HAS_SEG: tl.constexpr, FOLD: tl.constexpr, TRANS: tl.constexpr, RUN: tl.constexpr):
+    """A tile of the key-block kernels with its masked entries set to ``fill``: the run mask in a launch
+    for the aligned rows (RUN; SEGLO: this row's first key per query, ``_row_flags``), else ``_mask``."""
+    if RUN:
+        rlo = offs_m * 0
+        if HAS_SEG:
+            rlo = tl.load(SEGLO + offs_m, mask=mrow, other=0)
+        if TRANS:
+            x = _run_mask(x, fill, offs_m[None, :], offs_n[:, None], rlo[None, :], Tq, Tk)
+        else:
+            x = _run_mask(x, fill, offs_m[:, None], offs_n[None, :], rlo[:, None], Tq, Tk)
+    else:
+        x = _full_mask_q(x, fill, SQ, b, sq_sb, offs_m, mrow, offs_n, qpos, kpos, sk, Tq, Tk, CAUSAL, HAS_SEG, FOLD,
+                         TRANS)
+    return x
+
+
+@triton.jit
 def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo, khi, Tq, Tk,
                SKIP: tl.constexpr):
     """Whether the tile rows [m0, m1) x cols [n0, n1) may hold a masked score (m1, n1 past-the-end).
@@ -411,22 +460,35 @@ def _need_mask(CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, m0, m1, n0, n1, qlo,
 @triton.jit
 def _mask_rows_tile(x, fill, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos, sq, m0, qlo,
                     Tq, Tk, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, FOLD: tl.constexpr = True):
+                    BM: tl.constexpr, BN: tl.constexpr, FOLD: tl.constexpr = True, RUN: tl.constexpr = False,
+                    rlo=None):
     """A [BM, BN] tile of the row-major kernels (fwd, dq) with its masked entries set to
-    ``fill``; tiles that cannot hold a masked score (tile record or position bounds) skip it."""
+    ``fill``; tiles that cannot hold a masked score (tile record or position bounds) skip it.
+    RUN (a launch for the aligned rows): the run mask (``_run_mask``, rows' first keys ``rlo``)."""
     if TABLE:
         need = ((rec >> 24) != 0) | (not SKIP)
     else:
         khi = tl.load(KMAX + b * kp_sb + tl.minimum(start_n + BN, Tk) - 1)
         need = _need_mask(CAUSAL, HAS_SEG, m0, m0 + BM, start_n, start_n + BN, qlo, khi, Tq, Tk, SKIP)
     if need:
-        sk = offs_n * 0
-        if HAS_SEG:
-            sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk, FOLD)
-        x = tl.where(valid, x, fill)
+        if RUN:
+            x = _run_mask(x, fill, offs_m[:, None], offs_n[None, :], rlo[:, None], Tq, Tk)
+        else:
+            x = _full_mask_rows(x, fill, SK, b, sk_sb, offs_n, mcol, offs_m, qpos, kpos, sq, Tq, Tk, CAUSAL, HAS_SEG,
+                                FOLD)
     return x
+
+
+@triton.jit
+def _full_mask_rows(x, fill, SK, b, sk_sb, offs_n, mcol, offs_m, qpos, kpos, sq, Tq, Tk, CAUSAL: tl.constexpr,
+                    HAS_SEG: tl.constexpr, FOLD: tl.constexpr):
+    """``_mask`` on a [BM, BN] tile of the row-major kernels (the key tile's segment ids loaded here)."""
+    sk = offs_n * 0
+    if HAS_SEG:
+        sk = tl.load(SK + b * sk_sb + offs_n, mask=mcol, other=-2)
+    valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
+                  sq[:, None], sk[None, :], Tq, Tk, FOLD)
+    return tl.where(valid, x, fill)
 
 
 @triton.jit
@@ -519,7 +581,7 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
                   TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, DEFER: tl.constexpr, RCP_EX2: tl.constexpr = False,
                   FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-                  W2: tl.constexpr = 16, band=None):
+                  W2: tl.constexpr = 16, band=None, RUN: tl.constexpr = False, SEGLO=None):
     """One query tile [BM, BN] of the one-pass backward: scores, P and dS computed once for dV, dK
     (accumulated in registers), dQ (``scale dS K`` added to the fp32 DQA, atomically: every key
     block's program adds to the same rows) and the parameter sums (``_pgrad_tile``; FIRE's per-row
@@ -538,12 +600,8 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
                           SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU, HEAVY, False, band)
     p = tl.math.exp2(s - lse[:, None])
     if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
-        sq = offs_m * 0
-        if HAS_SEG:
-            sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[:, None], offs_n[None, :], qpos[:, None], kpos[None, :],
-                      sq[:, None], sk[None, :], Tq, Tk, FOLD)
-        p = tl.where(valid, p, 0.0)
+        p = _mask_cols_tile(p, 0.0, SQ, SEGLO, b, sq_sb, offs_m, mrow, offs_n, qpos, kpos, sk, Tq, Tk, CAUSAL,
+                            HAS_SEG, FOLD, False, RUN)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -572,7 +630,7 @@ def _onepass_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, 
 
 @triton.jit
 def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX, SCR, BT, ALN,
+                        P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, PART, ROWC, ROWX, SCR, BT, ALN, SEGLO,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                         qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                         H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride, BD, NT,
@@ -582,7 +640,8 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
                         DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
                         DIAG: tl.constexpr = False, RTP: tl.constexpr = 16, W2: tl.constexpr = 16,
-                        BAND: tl.constexpr = False, BG: tl.constexpr = 16):
+                        BAND: tl.constexpr = False, BG: tl.constexpr = 16, RUN: tl.constexpr = False,
+                PICK: tl.constexpr = False):
     """The whole backward in one pass (``onepass`` in CONFIGS): one program per (key block, batch, kv
     head), as ``_bwd_dkdv_kernel``, with each score's bias, P and dS computed once instead of once
     in each of the dq and dkdv kernels (FlashAttention-2's CUDA backward): dK, dV in registers,
@@ -612,69 +671,62 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     if BIAS == 5:
         c = tl.load(SC)
     scr = SCR + (bhk * nkb + pid_n) * (BM * BN + W2)
-    aligned = 0
-    if BAND:
+    aligned = b * 0
+    if BAND or PICK:
         aligned = tl.load(ALN + bt)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        part = PART + ((b * H + h) * nkb + pid_n) * part_stride
-        acc1 = tl.zeros([BM], tl.float32)  # Kerple row sums (summed over the program)
-        acc2 = tl.zeros([BM], tl.float32)
-        runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
-        runQ = tl.zeros([BM], tl.float32)
-        cur = lo * 0 - 1
-        gacc = 0.0
-        tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
-        if TABLE:
-            if DIAG and PGRAD and (BIAS == 4):
-                gacc = tl.zeros([RTP], tl.float32)
-            elif DEFER and PGRAD and (BIAS == 4):
-                gacc = tl.zeros([BM, NSP], tl.float32)
-            if aligned != 0:
-                for start_m in range(lo, split, BM):
-                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                    band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BM, BN)
-                    dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
-                        start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                        acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
-                        ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
-                        NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
-                        TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2, band)
-            else:
-                for start_m in range(lo, split, BM):
-                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                    dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
-                        start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                        acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
-                        ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
-                        NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
-                        TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
-            if DIAG and PGRAD and (BIAS == 4):
-                lanes = tl.arange(0, RTP)
-                tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
-            elif DEFER and PGRAD and (BIAS == 4):
-                lanes = tl.arange(0, NSP)
-                tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
-        nograd = 0.0
-        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
-        for start_m in range(split, end, BM):
-            rec, a2, d2 = rec_n, a2_n, d2_n
-            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
-            dk, dv, acc1, acc2, runP, runQ, cur, nograd = _onepass_step(
-                start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                acc1, acc2, runP, runQ, cur, nograd, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
-                ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
-                Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
-                False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2)
-        if PGRAD:
-            if (BIAS == 2) | (BIAS == 3):
-                tl.store(part, tl.sum(acc1, 0))
-                tl.store(part + 1, tl.sum(acc2, 0))
-            elif BIAS >= 4:
-                _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
-                if BIAS == 5:
-                    _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
-    _store_dkdv(DK, DV, dk * scale, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
+    if _pick(aligned, PICK, RUN):
+        seglo = SEGLO + bt * Tq   # RUN: the queries' first keys (``_row_flags``)
+        for hh in range(0, GROUP):
+            h = hk * GROUP + hh
+            part = PART + ((b * H + h) * nkb + pid_n) * part_stride
+            acc1 = tl.zeros([BM], tl.float32)  # Kerple row sums (summed over the program)
+            acc2 = tl.zeros([BM], tl.float32)
+            runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
+            runQ = tl.zeros([BM], tl.float32)
+            cur = lo * 0 - 1
+            gacc = 0.0
+            tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
+            if TABLE:
+                if DIAG and PGRAD and (BIAS == 4):
+                    gacc = tl.zeros([RTP], tl.float32)
+                elif DEFER and PGRAD and (BIAS == 4):
+                    gacc = tl.zeros([BM, NSP], tl.float32)
+                if BAND and (aligned != 0):
+                    for start_m in range(lo, split, BM):
+                        rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                        band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BM, BN)
+                        dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
+                            start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                            acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
+                            ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
+                            NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
+                            TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2, band, RUN,
+                            seglo)
+                else:
+                    for start_m in range(lo, split, BM):
+                        rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                        dk, dv, acc1, acc2, runP, runQ, cur, gacc = _onepass_step(
+                            start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                            acc1, acc2, runP, runQ, cur, gacc, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF,
+                            ROWC, ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W,
+                            NS, RT, Tq, Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD,
+                            TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2, None, RUN,
+                            seglo)
+                _heavy_sums(part, gacc, NS, RT, PGRAD, BIAS, DIAG, DEFER, RTP, NSP)
+            nograd = 0.0
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
+            for start_m in range(split, end, BM):
+                rec, a2, d2 = rec_n, a2_n, d2_n
+                rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
+                dk, dv, acc1, acc2, runP, runQ, cur, nograd = _onepass_step(
+                    start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                    acc1, acc2, runP, runQ, cur, nograd, c, part, Q, DO, DQA, LSE, DELTA, QP, SQ, QMIN, ROWF, ROWC,
+                    ROWX, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq,
+                    Tk, scale2, scale, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, PGRAD, TABLE, KU,
+                    False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2, None, RUN, seglo)
+            if PGRAD:
+                _program_sums(part, acc1, acc2, runP, runQ, cur, NS, BIAS, NSP)
+        _store_dkdv(DK, DV, dk * scale, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
 @triton.jit
@@ -714,6 +766,35 @@ def _band_tile(BT, h, d0, BD, NT, BG: tl.constexpr, R: tl.constexpr, C: tl.const
 
 
 @triton.jit
+def _pick(aligned, PICK: tl.constexpr, RUN: tl.constexpr):
+    """Whether this program's batch row is one its launch computes: every row, or with PICK (``run_mask``
+    launches each kernel twice) the aligned rows (RUN: the run mask) or the others (the full mask). A
+    runtime choice inside one loop would hold both masks; LLVM merges their selects into bit-packed
+    predicates (sm_90a SASS: the run-mask tile 171 instructions per thread instead of ~45)."""
+    go = aligned == aligned
+    if PICK:
+        if RUN:
+            go = aligned != 0
+        else:
+            go = aligned == 0
+    return go
+
+
+@triton.jit
+def _row_flags(ALN, SEGLO, b, tab_b, offs_m, mrow, Tq, HAS_SEG: tl.constexpr, BAND: tl.constexpr, RUN: tl.constexpr,
+               PICK: tl.constexpr):
+    """(aligned, rlo) of a query-block program: the row's ``_aligned_rows`` flag (0 without BAND / PICK)
+    and, for RUN with segment ids, each query's first key (SEGLO [tab rows, Tq]; zeros otherwise)."""
+    aligned = b * 0
+    if BAND or PICK:
+        aligned = tl.load(ALN + b * tab_b)
+    rlo = offs_m * 0
+    if RUN and HAS_SEG:
+        rlo = tl.load(SEGLO + b * tab_b * Tq + offs_m, mask=mrow, other=0)
+    return aligned, rlo
+
+
+@triton.jit
 def _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d, Tk, BN: tl.constexpr):
     """The row-major kernels' key tile at start_n: (offs_n, column mask, K, V, key positions)
     and the tile record's segment / bucket range (s_lo, s_hi)."""
@@ -746,7 +827,8 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
               BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
               FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, PRES: tl.constexpr,
               TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None):
+              BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None, RUN: tl.constexpr = False,
+              rlo=None):
     """One key tile of the forward: scores, bias, mask, online softmax, P V."""
     offs_n, mcol, k, v, kpos, s_lo, s_hi = _key_tile(start_n, rec, kbase, vbase, KP, b, kp_sb, skt, svt, offs_d,
                                                      Tk, BN)
@@ -756,7 +838,7 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
                                 s_lo, s_hi, a2, d2, P0, P1, FT, IT, SC, H, W, NS, RT, CAUSAL, USE_LOG, FAST, KU,
                                 HEAVY, BRANCHLESS, band)
     s = _mask_rows_tile(s, float("-inf"), rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
-                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD, RUN, rlo)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -772,14 +854,15 @@ def _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, q
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, IT, SC, ROWF, TT, TA,
-                SPL, KST, BT, ALN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                SPL, KST, BT, ALN, SEGLO, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                 H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, BD, NT,
                 BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 USE_LOG: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr,
                 RESID: tl.constexpr, PRES: tl.constexpr, TABLE: tl.constexpr, KU: tl.constexpr,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
-                FOLD: tl.constexpr = True, BAND: tl.constexpr = False, BG: tl.constexpr = 16):
+                FOLD: tl.constexpr = True, BAND: tl.constexpr = False, BG: tl.constexpr = 16, RUN: tl.constexpr = False,
+                PICK: tl.constexpr = False):
     """RESID: also store ORES = out - round(out) (the output's rounding residual, in O's dtype).
     PRES: P V with P split in two half-precision parts (``p = round(p) + residual``: one more
     MMA), so the fp32 output is that of the fp32 probabilities. With both, the backward's
@@ -790,7 +873,9 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
     BAND (T5, ``t5_band``): on a row whose ALN flag is set (every live score's distance is its index
     distance, ``_aligned_rows``) that second loop adds band tiles (``_band_tile``: BT, BD, NT, BG)
     instead of a gather per score; other rows keep the gather (a loop of their own, so the gather's
-    registers and shared-memory staging stay out of the band loop)."""
+    registers and shared-memory staging stay out of the band loop).
+    RUN / PICK (``run_mask``): a launch for the aligned rows masks with ``_run_mask`` (SEGLO: the
+    queries' first keys), a second one the others with ``_mask`` (``_pick``; every kernel the same)."""
     pid_m = tl.program_id(0)
     scale2 = tl.cast(scale2, tl.float32)   # a launch from inductor's code passes Python floats as fp64
     bh = tl.program_id(1)
@@ -811,50 +896,49 @@ def _fwd_kernel(Q, K, V, O, ORES, LSE, QP, KP, SQ, SK, QMIN, KMAX, P0, P1, FT, I
     sq = offs_m * 0
     if HAS_SEG:
         sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
-                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
-                                                       BM, BN)
-    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
-    for start_n in range(lo, split, BN):
-        rec, a2, d2 = rec_n, a2_n, d2_n
-        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-        m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
-                                  acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
-                                  H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                                  SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS, FOLD)
-    if TABLE:
-        aligned = 0
-        if BAND:
-            aligned = tl.load(ALN + b * tab_b)
-        if aligned != 0:
-            for start_n in range(split, hi, BN):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-                band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
-                m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
-                                          m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
-                                          svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
-                                          USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 2, BM, BN, BRANCHLESS,
-                                          FOLD, band)
-        else:
-            for start_n in range(split, hi, BN):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-                m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
-                                          m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
-                                          svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
-                                          USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 1, BM, BN, BRANCHLESS,
-                                          FOLD)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
-    out_r = out.to(O.dtype.element_ty)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out_r, mask=mrow[:, None])
-    if RESID:
-        tl.store(ORES + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
-                 (out - out_r.to(tl.float32)).to(O.dtype.element_ty), mask=mrow[:, None])
-    tl.store(LSE + bh * Tq + offs_m, lse, mask=mrow)
+    aligned, rlo = _row_flags(ALN, SEGLO, b, tab_b, offs_m, mrow, Tq, HAS_SEG, BAND, RUN, PICK)
+    if _pick(aligned, PICK, RUN):
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
+                                                           svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
+                                                           BM, BN)
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
+        for start_n in range(lo, split, BN):
+            rec, a2, d2 = rec_n, a2_n, d2_n
+            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
+            m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, m_i, l_i,
+                                      acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
+                                      H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+                                      SKIP, PRES, TABLE, KU, False, BM, BN, BRANCHLESS, FOLD, None, RUN, rlo)
+        if TABLE:
+            if BAND and (aligned != 0):
+                for start_n in range(split, hi, BN):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                    band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
+                    m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
+                                              m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                                              svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
+                                              USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 2, BM, BN, BRANCHLESS,
+                                              FOLD, band, RUN, rlo)
+            else:
+                for start_n in range(split, hi, BN):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                    m_i, l_i, acc = _fwd_step(start_n, rec, a2, d2, q, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo,
+                                              m_i, l_i, acc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                                              svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG,
+                                              USE_LOG, FAST, DOT_PREC, SKIP, PRES, TABLE, KU, 1, BM, BN, BRANCHLESS,
+                                              FOLD, None, RUN, rlo)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+        out_r = out.to(O.dtype.element_ty)
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out_r, mask=mrow[:, None])
+        if RESID:
+            tl.store(ORES + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                     (out - out_r.to(tl.float32)).to(O.dtype.element_ty), mask=mrow[:, None])
+        tl.store(LSE + bh * Tq + offs_m, lse, mask=mrow)
 
 
 @triton.jit
@@ -885,7 +969,8 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
                BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, USE_LOG: tl.constexpr,
                FAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP: tl.constexpr, TABLE: tl.constexpr,
                KU: tl.constexpr, HEAVY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None):
+               BRANCHLESS: tl.constexpr, FOLD: tl.constexpr = True, band=None, RUN: tl.constexpr = False,
+               SEGLO=None):
     """One query tile of the dK/dV kernel (transposed scores [BN, BM]; ``band`` too)."""
     offs_m = start_m + tl.arange(0, BM)
     mrow = offs_m < Tq
@@ -901,12 +986,8 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
                                  HEAVY, BRANCHLESS, band)
     pT = tl.math.exp2(sT - lse[None, :])
     if _col_need(rec, QMIN, b, qp_sb, start_m, n0, khi, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN):
-        sq = offs_m * 0
-        if HAS_SEG:
-            sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
-        valid = _mask(CAUSAL, HAS_SEG, offs_m[None, :], offs_n[:, None], qpos[None, :], kpos[:, None],
-                      sq[None, :], sk[:, None], Tq, Tk, FOLD and (BIAS != 0) and (BIAS != 5))
-        pT = tl.where(valid, pT, 0.0)
+        pT = _mask_cols_tile(pT, 0.0, SQ, SEGLO, b, sq_sb, offs_m, mrow, offs_n, qpos, kpos, sk, Tq, Tk, CAUSAL,
+                             HAS_SEG, FOLD and (BIAS != 0) and (BIAS != 5), True, RUN)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -916,7 +997,7 @@ def _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, BT, ALN,
+                     P0, P1, FT, IT, SC, ROWF, TT, TA, SPC, QEN, BT, ALN, SEGLO,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                      H, HKV, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, BD, NT,
@@ -925,7 +1006,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, 
                      TABLE: tl.constexpr, KU: tl.constexpr,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BRANCHLESS: tl.constexpr = True,
                      FOLD: tl.constexpr = True, PHASE: tl.constexpr = 0, BAND: tl.constexpr = False,
-                     BG: tl.constexpr = 16):
+                     BG: tl.constexpr = 16, RUN: tl.constexpr = False, PICK: tl.constexpr = False):
     """One program per (key block, batch, kv head): dK, dV summed over the GQA group.
     TABLE: query tiles before SPC (the heavy ones, next to the diagonal) run in a first loop
     with runtime kink loops, the rest in the software-pipelined loop.
@@ -950,47 +1031,49 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, 
     bt = b * tab_b
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    aligned = 0
-    if BAND:
+    aligned = b * 0
+    if BAND or PICK:
         aligned = tl.load(ALN + bt)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
-        if TABLE and (PHASE != 1):
-            if aligned != 0:
-                for start_m in range(lo, split, BM):
-                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                    band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BN, BM)
+    if _pick(aligned, PICK, RUN):
+        seglo = SEGLO + bt * Tq   # RUN: the queries' first keys (``_row_flags``)
+        for hh in range(0, GROUP):
+            h = hk * GROUP + hh
+            tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
+            if TABLE and (PHASE != 1):
+                if BAND and (aligned != 0):
+                    for start_m in range(lo, split, BM):
+                        rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                        band = _band_tile(BT, h, start_m - n0 + (Tk - Tq), BD, NT, BG, BN, BM)
+                        dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                            Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
+                                            sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
+                                            CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 2, BM, BN,
+                                            BRANCHLESS, FOLD, band, RUN, seglo)
+                else:
+                    for start_m in range(lo, split, BM):
+                        rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
+                        dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
+                                            Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
+                                            sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
+                                            CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 1, BM, BN,
+                                            BRANCHLESS, FOLD, None, RUN, seglo)
+            if PHASE != 2:
+                rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
+                for start_m in range(split, end, BM):
+                    rec, a2, d2 = rec_n, a2_n, d2_n
+                    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
                     dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                                        Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
-                                        sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
-                                        CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 2, BM, BN,
-                                        BRANCHLESS, FOLD, band)
-            else:
-                for start_m in range(lo, split, BM):
-                    rec, a2, d2 = _tile_next(TABLE, tt, ta, (start_m // BM) * nkb)
-                    dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                                        Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt,
-                                        sqh, sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS,
-                                        CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, 1, BM, BN,
-                                        BRANCHLESS, FOLD)
-        if PHASE != 2:
-            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(split // BM, nqb - 1) * nkb)
-            for start_m in range(split, end, BM):
-                rec, a2, d2 = rec_n, a2_n, d2_n
-                rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_m // BM + 1, nqb - 1) * nkb)
-                dk, dv = _dkdv_step(start_m, rec, a2, d2, k, v, kf, kpos, sk, offs_n, offs_d, n0, khi, dk, dv,
-                                    Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
-                                    sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
-                                    HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS,
-                                    FOLD)
-    dk = dk * scale
-    if PHASE == 2:
-        dk += tl.load(DKP + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None],
-                      other=0.0)
-        dv += tl.load(DVP + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None],
-                      other=0.0)
-    _store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
+                                        Q, DO, LSE, DELTA, QP, SQ, QMIN, ROWF, P0, P1, FT, IT, SC, b, h, sqb, sqt, sqh,
+                                        sdob, sdot, sdoh, qp_sb, sq_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL,
+                                        HAS_SEG, USE_LOG, FAST, DOT_PREC, SKIP, TABLE, KU, False, BM, BN, BRANCHLESS,
+                                        FOLD, None, RUN, seglo)
+        dk = dk * scale
+        if PHASE == 2:
+            dk += tl.load(DKP + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=mcol[:, None],
+                          other=0.0)
+            dv += tl.load(DVP + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=mcol[:, None],
+                          other=0.0)
+        _store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, mcol, skb, skt, skh, svb, svt, svh)
 
 
 @triton.jit
@@ -1014,7 +1097,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
              TABLE: tl.constexpr, KU: tl.constexpr, HEAVY: tl.constexpr, NSP: tl.constexpr, BM: tl.constexpr,
              BN: tl.constexpr, DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False,
              FOLD: tl.constexpr = True, scr=None, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-             W2: tl.constexpr = 16, band=None):
+             W2: tl.constexpr = 16, band=None, RUN: tl.constexpr = False, rlo=None):
     """One key tile of the dQ kernel: dQ and the encoding-parameter sums (see _bwd_dq_kernel).
     gacc (T5, DEFER, heavy tiles): [BM, NSP] per-row sums per bucket boundary, reduced over rows
     once after the heavy loop; elsewhere passed through untouched."""
@@ -1026,7 +1109,7 @@ def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m
                           False, band)
     p = tl.math.exp2(s - lse[:, None])
     p = _mask_rows_tile(p, 0.0, rec, KMAX, SK, b, kp_sb, sk_sb, start_n, offs_n, mcol, offs_m, qpos, kpos,
-                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD)
+                        sq, m0, qlo, Tq, Tk, CAUSAL, HAS_SEG, SKIP, TABLE, BM, BN, FOLD, RUN, rlo)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -1124,6 +1207,32 @@ def _pgrad_tile(ds, rf, lg, rowf, a2, s_lo, s_hi, h, c, part, acc1, acc2, runP, 
 
 
 @triton.jit
+def _heavy_sums(part, gacc, NS, RT, PGRAD: tl.constexpr, BIAS: tl.constexpr, DIAG: tl.constexpr, DEFER: tl.constexpr,
+                RTP: tl.constexpr, NSP: tl.constexpr):
+    """After a program's heavy T5 loop: DIAG's per-distance sums ``gacc`` [RTP] to PART ``[2 NS, 2 NS + RT]``,
+    or DEFER's per-boundary row partials ``gacc`` [BM, NSP] reduced once and added to ``G``."""
+    if DIAG and PGRAD and (BIAS == 4):
+        lanes = tl.arange(0, RTP)
+        tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
+    elif DEFER and PGRAD and (BIAS == 4):
+        lanes = tl.arange(0, NSP)
+        tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
+
+
+@triton.jit
+def _program_sums(part, acc1, acc2, runP, runQ, cur, NS, BIAS: tl.constexpr, NSP: tl.constexpr):
+    """A program's last parameter sums: Kerple's two row accumulators, T5 / FIRE's running sums of the
+    current bucket / segment (``_run_sums``)."""
+    if (BIAS == 2) | (BIAS == 3):
+        tl.store(part, tl.sum(acc1, 0))
+        tl.store(part + 1, tl.sum(acc2, 0))
+    elif BIAS >= 4:
+        _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+        if BIAS == 5:
+            _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+
+
+@triton.jit
 def _run_sums(rowP, rowQ, s_lo, part, runP, runQ, cur, NS, NSP: tl.constexpr, Q: tl.constexpr):
     """Adds a tile's row sums to the running sums of segment / bucket ``s_lo``, first flushing those
     of the previous one (``cur``) to ``part`` (P at ``[0, NS)``, Q at ``[NS, 2 NS)``)."""
@@ -1209,7 +1318,7 @@ def _t5_boundary_grad(kk, ds, rf, part, IT, NS, RT, NSP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
-                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX, SCR, BT, ALN,
+                   P0, P1, FT, IT, SC, ROWF, TT, TA, SPL, KST, PART, ROWC, ROWX, SCR, BT, ALN, SEGLO,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                    qp_sb, kp_sb, sq_sb, sk_sb, tab_b,
                    H, GROUP, Tq, Tk, W, NS, RT, nqb, nkb, scale2, scale, part_stride, BD, NT,
@@ -1219,7 +1328,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSP: tl.constexpr = 16,
                    DEFER: tl.constexpr = False, RCP_EX2: tl.constexpr = False, FOLD: tl.constexpr = True,
                    PHASE: tl.constexpr = 0, DIAG: tl.constexpr = False, RTP: tl.constexpr = 16,
-                   W2: tl.constexpr = 16, BAND: tl.constexpr = False, BG: tl.constexpr = 16):
+                   W2: tl.constexpr = 16, BAND: tl.constexpr = False, BG: tl.constexpr = 16, RUN: tl.constexpr = False,
+                PICK: tl.constexpr = False):
     """One program per (query block, batch, head): dQ and the bias-parameter partial sums.
 
     PART row of this program (fp32, zeroed by the caller):
@@ -1264,77 +1374,68 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, QP, KP, SQ, SK, QMIN, KMAX,
     sq = offs_m * 0
     if HAS_SEG:
         sq = tl.load(SQ + b * sq_sb + offs_m, mask=mrow, other=-1)
-    part = PART + (bh * tl.num_programs(0) + pid_m) * part_stride
-    scr = SCR + (bh * tl.num_programs(0) + pid_m) * (BM * BN + W2)
-    dq = tl.zeros([BM, D], tl.float32)
-    acc1 = tl.zeros([BM], tl.float32)  # kerple / FIRE row sums
-    acc2 = tl.zeros([BM], tl.float32)
-    runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
-    runQ = tl.zeros([BM], tl.float32)
-    cur = qlo * 0 - 1
-    c = 0.0
-    if BIAS == 5:
-        c = tl.load(SC)
-    lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
-                                                       svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
-                                                       BM, BN)
-    rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
-    nogacc = 0.0
-    if PHASE != 2:
-        for start_n in range(lo, split, BN):
-            rec, a2, d2 = rec_n, a2_n, d2_n
-            rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
-            dq, acc1, acc2, runP, runQ, cur, nogacc = _dq_step(
-                start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-                dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
-                svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
-                SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2)
-    if TABLE and (PHASE != 1):
-        gacc = nogacc
-        if DIAG and PGRAD and (BIAS == 4):
-            gacc = tl.zeros([RTP], tl.float32)
-        elif DEFER and PGRAD and (BIAS == 4):
-            gacc = tl.zeros([BM, NSP], tl.float32)
-        aligned = 0
-        if BAND:
-            aligned = tl.load(ALN + b * tab_b)
-        if aligned != 0:
-            for start_n in range(split, hi, BN):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-                band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
-                dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
+    aligned, rlo = _row_flags(ALN, SEGLO, b, tab_b, offs_m, mrow, Tq, HAS_SEG, BAND, RUN, PICK)
+    if _pick(aligned, PICK, RUN):
+        part = PART + (bh * tl.num_programs(0) + pid_m) * part_stride
+        scr = SCR + (bh * tl.num_programs(0) + pid_m) * (BM * BN + W2)
+        dq = tl.zeros([BM, D], tl.float32)
+        acc1 = tl.zeros([BM], tl.float32)  # kerple / FIRE row sums
+        acc2 = tl.zeros([BM], tl.float32)
+        runP = tl.zeros([BM], tl.float32)  # T5 / FIRE: running sums of the current segment / bucket
+        runQ = tl.zeros([BM], tl.float32)
+        cur = qlo * 0 - 1
+        c = 0.0
+        if BIAS == 5:
+            c = tl.load(SC)
+        lo, hi, split, kbase, vbase, tt, ta = _row_program(K, V, TT, TA, SPL, KST, b, h, hk, pid_m, m0, skb, skh, svb,
+                                                           svh, tab_b, H, Tq, Tk, nqb, nkb, CAUSAL, HAS_SEG, TABLE,
+                                                           BM, BN)
+        rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(lo // BN, nkb - 1))
+        nogacc = 0.0
+        if PHASE != 2:
+            for start_n in range(lo, split, BN):
+                rec, a2, d2 = rec_n, a2_n, d2_n
+                rec_n, a2_n, d2_n = _tile_next(TABLE, tt, ta, tl.minimum(start_n // BN + 1, nkb - 1))
+                dq, acc1, acc2, runP, runQ, cur, nogacc = _dq_step(
                     start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-                    dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
-                    skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
-                    DOT_PREC, SKIP, PGRAD, TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2,
-                    band)
-        else:
-            for start_n in range(split, hi, BN):
-                rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
-                dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
-                    start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
-                    dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
-                    skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
-                    DOT_PREC, SKIP, PGRAD, TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2)
-        if DIAG and PGRAD and (BIAS == 4):
-            lanes = tl.arange(0, RTP)
-            tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
-        elif DEFER and PGRAD and (BIAS == 4):
-            lanes = tl.arange(0, NSP)
-            tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
-    dq = dq * scale
-    dq_off = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]   # DQ and DQP: q's strides
-    if PHASE == 2:
-        dq += tl.load(DQP + dq_off, mask=mrow[:, None], other=0.0)
-    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mrow[:, None])
-    if PGRAD:
-        if (BIAS == 2) | (BIAS == 3):
-            tl.store(part, tl.sum(acc1, 0))
-            tl.store(part + 1, tl.sum(acc2, 0))
-        elif BIAS >= 4:
-            _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+                    dq, acc1, acc2, runP, runQ, cur, nogacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt,
+                    svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST, DOT_PREC,
+                    SKIP, PGRAD, TABLE, KU, False, NSP, BM, BN, False, RCP_EX2, FOLD, scr, False, RTP, W2, None,
+                    RUN, rlo)
+        if TABLE and (PHASE != 1):
+            gacc = nogacc
+            if DIAG and PGRAD and (BIAS == 4):
+                gacc = tl.zeros([RTP], tl.float32)
+            elif DEFER and PGRAD and (BIAS == 4):
+                gacc = tl.zeros([BM, NSP], tl.float32)
+            if BAND and (aligned != 0):
+                for start_n in range(split, hi, BN):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                    band = _band_tile(BT, h, m0 - start_n + (Tk - Tq), BD, NT, BG, BM, BN)
+                    dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
+                        start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                        dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
+                        skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
+                        DOT_PREC, SKIP, PGRAD, TABLE, KU, 2, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2,
+                        band, RUN, rlo)
+            else:
+                for start_n in range(split, hi, BN):
+                    rec, a2, d2 = _tile_next(TABLE, tt, ta, start_n // BN)
+                    dq, acc1, acc2, runP, runQ, cur, gacc = _dq_step(
+                        start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
+                        dq, acc1, acc2, runP, runQ, cur, gacc, kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h,
+                        skt, svt, kp_sb, sk_sb, H, W, NS, RT, Tq, Tk, scale2, BIAS, CAUSAL, HAS_SEG, USE_LOG, FAST,
+                        DOT_PREC, SKIP, PGRAD, TABLE, KU, 1, NSP, BM, BN, DEFER, RCP_EX2, FOLD, scr, DIAG, RTP, W2,
+                        None, RUN, rlo)
+            _heavy_sums(part, gacc, NS, RT, PGRAD, BIAS, DIAG, DEFER, RTP, NSP)
+        dq = dq * scale
+        dq_off = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]   # DQ and DQP: q's strides
+        if PHASE == 2:
+            dq += tl.load(DQP + dq_off, mask=mrow[:, None], other=0.0)
+        tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mrow[:, None])
+        if PGRAD:
+            _program_sums(part, acc1, acc2, runP, runQ, cur, NS, BIAS, NSP)
             if BIAS == 5:
-                _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
                 if PHASE == 2:
                     acc1 += tl.load(ROWC + bh * Tq + offs_m, mask=mrow, other=0.0)
                     acc2 += tl.load(ROWX + bh * Tq + offs_m, mask=mrow, other=0.0)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Device calls (nvidia-h200; carry .whl) that time the options prepared without a GPU on 2026-12-05 (session 4;
+# docs/kernels.md "Aligned rows"): T5's `t5_band` and, for every encoding, `run_mask`, and the mask skips for T5,
+# one part per call (each < 10 min):
+#   kernel  GPU tests (band / run mask against the full paths and float64), then T5's packed-row kernel time
+#           (2 documents, D=64, H=12, 16,384 tokens per call) at N=2048 and 512 for each ITEMS entry (joined
+#           by ;; default: committed, band, band + run_mask, band + run_mask + both skips); ~480 s
+#   others  packed-row kernel time of none, ALiBi, Kerple-log, FIRE at N=512 and 2048, committed vs run_mask; ~200 s
+#   long    the ITEMS' T5 kernel time on one-document rows at N=4096 and 16384 (D=64, H=12; the issue's
+#           >= 0.8x SDPA-flash goal: band tiles are few there, the mask is on every T5 tile); ~300 s
+#   train   T5 alone in the trainer (125M, 16,384 tokens per micro-batch: 8 x 2048, 32 x 512) at T=2048 and T=512
+#           under each TITEMS entry (default: committed, band + run_mask, band + run_mask + both skips); ~480 s
+#   trainr  125M at T=512 in one process, RoPE with the compact peer and ALiBi, FIRE: committed, then run_mask
+#           (a second process); ~450 s
+# Usage: bash launch/device_aligned_rows.sh PART [PART ...]; DEADLINE=seconds skips a step that would end after it.
+. launch/device_setup.sh || exit 1
+set -o pipefail
+nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
+BAND='"t5_band": true'
+RUN='"run_mask": true'
+SKIPS='"skip_fwd": true, "skip_bwd": true'
+ITEMS=${ITEMS:-"{};{$BAND};{$BAND, $RUN};{$BAND, $RUN, $SKIPS}"}
+TITEMS=${TITEMS:-"{};{$BAND, $RUN};{$BAND, $RUN, $SKIPS}"}
+late() { [ $((SECONDS + $1)) -gt "${DEADLINE:-100000}" ] && echo "=== skipped (DEADLINE): $2"; }
+ktime() {  # tag config encodings seqlens documents tokens
+  MEGAFIRE_FUSED_CONFIGS="{\"64\": $2}" timeout 100 python3 -m megafire.bench.attention --seqlens "$4" \
+    --head-dims 64 --heads 12 --tokens "$6" --documents "$5" --kernel-time --reference-max-n 0 \
+    --encodings "$3" --json "$OUT/k_$1.json" 2>&1 | grep -E "fused|sdpa|Error|error" | tail -10
+}
+for part in "$@"; do
+  case $part in
+    kernel)
+      echo "=== GPU tests: band / run mask vs the full paths and float64 (at ${SECONDS}s)"
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
+        -k "t5_band_gpu or run_mask_gpu" 2>&1 | tee "$OUT/new_tests.log" | tail -3
+      IFS=';' read -ra items <<< "$ITEMS"
+      for it in "${items[@]}"; do
+        tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
+        late 70 "kernel $it" && continue
+        echo "=== T5 kernel time $it (at ${SECONDS}s)"
+        ktime "t5_$tag" "$it" t5 512,2048 2 16384
+      done ;;
+    others)
+      for it in "{}" "{$RUN}"; do
+        tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
+        late 90 "others $it" && continue
+        echo "=== kernel time none, alibi, kerple_log, fire $it (at ${SECONDS}s)"
+        ktime "others_$tag" "$it" none,alibi,kerple_log,fire 512,2048 2 16384
+      done ;;
+    long)
+      IFS=';' read -ra items <<< "$ITEMS"
+      for it in "${items[@]}"; do
+        tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
+        late 80 "long $it" && continue
+        echo "=== T5 kernel time, one document, $it (at ${SECONDS}s)"
+        ktime "long_$tag" "$it" t5 4096,16384 1 65536
+      done ;;
+    train)
+      IFS=';' read -ra items <<< "$TITEMS"
+      for len in 2048 512; do
+        for it in "${items[@]}"; do
+          tag=t5_${len}_$(echo "$it" | tr -cd 'a-z_'); late 80 "$tag" && continue
+          echo "=== $tag $it (at ${SECONDS}s)"
+          MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 80 python3 -m megafire.cli bench train --steps 8 --warmup 3 \
+            --train.tokens_per_step=65536 --out "$OUT/$tag.json" --config configs/arms/125m-t5.yaml --peer none \
+            "--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]" 2>&1 \
+            | grep -E "tokens/s|throughput|Error|error" | grep -v -i warn | tail -6
+        done
+      done ;;
+    trainr)
+      for it in "{}" "{$RUN}"; do
+        tag=t512_$(echo "$it" | tr -cd 'a-z_'); late 220 "$tag" && continue
+        echo "=== $tag $it (at ${SECONDS}s)"
+        MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 220 python3 -m megafire.cli bench train --steps 8 --warmup 3 \
+          --train.tokens_per_step=65536 --out "$OUT/$tag.json" --config configs/arms/125m-rope.yaml \
+          --peer compact,alibi,fire "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" 2>&1 \
+          | grep -E "tokens/s|throughput|Error|error" | grep -v -i warn | tail -8
+      done ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
