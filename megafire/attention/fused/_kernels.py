@@ -671,11 +671,8 @@ def _bwd_onepass_kernel(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, QP, KP, SQ, SK, QM
     if BIAS == 5:
         c = tl.load(SC)
     scr = SCR + (bhk * nkb + pid_n) * (BM * BN + W2)
-    aligned = b * 0
-    if BAND or PICK:
-        aligned = tl.load(ALN + bt)
+    aligned, seglo = _col_flags(ALN, SEGLO, bt, Tq, BAND, PICK)
     if _pick(aligned, PICK, RUN):
-        seglo = SEGLO + bt * Tq   # RUN: the queries' first keys (``_row_flags``)
         for hh in range(0, GROUP):
             h = hk * GROUP + hh
             part = PART + ((b * H + h) * nkb + pid_n) * part_stride
@@ -792,6 +789,16 @@ def _row_flags(ALN, SEGLO, b, tab_b, offs_m, mrow, Tq, HAS_SEG: tl.constexpr, BA
     if RUN and HAS_SEG:
         rlo = tl.load(SEGLO + b * tab_b * Tq + offs_m, mask=mrow, other=0)
     return aligned, rlo
+
+
+@triton.jit
+def _col_flags(ALN, SEGLO, bt, Tq, BAND: tl.constexpr, PICK: tl.constexpr):
+    """(aligned, first keys) of a key-block program (one-pass, dkdv): the row's flag (0 without BAND /
+    PICK) and where its queries' first keys start in SEGLO (RUN loads them per query tile)."""
+    aligned = bt * 0
+    if BAND or PICK:
+        aligned = tl.load(ALN + bt)
+    return aligned, SEGLO + bt * Tq
 
 
 @triton.jit
@@ -1031,11 +1038,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, QP, KP, SQ, SK, 
     bt = b * tab_b
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    aligned = b * 0
-    if BAND or PICK:
-        aligned = tl.load(ALN + bt)
+    aligned, seglo = _col_flags(ALN, SEGLO, bt, Tq, BAND, PICK)
     if _pick(aligned, PICK, RUN):
-        seglo = SEGLO + bt * Tq   # RUN: the queries' first keys (``_row_flags``)
         for hh in range(0, GROUP):
             h = hk * GROUP + hh
             tt, ta = _col_tables(TT, TA, bt, h, H, nqb, nkb, pid_n)
