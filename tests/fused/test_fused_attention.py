@@ -588,8 +588,9 @@ def _t5_case(onepass, tile, band, *, T=40, Tq=None, gap=0, seg=True, H=2, HKV=1,
     return [out.detach(), q.grad, k.grad, v.grad, enc.relative_attention_bias.weight.grad]
 
 
-@pytest.mark.parametrize("onepass,tile", [(False, (16, 16)), (True, (16, 16)), (False, (32, 16))],
-                         ids=["dq", "onepass", "dq-tall"])
+@pytest.mark.parametrize("onepass,tile", [(False, (16, 16)), (True, (16, 16)),
+                                          pytest.param(False, (32, 16), marks=pytest.mark.slow)],
+                         ids=["dq", "onepass", "dq-tall"])   # tall tiles: test_band_table covers their bands
 def test_t5_band(onepass, tile, monkeypatch):
     """``t5_band``: the heavy T5 tiles of aligned rows add band tiles (fwd, dq / one-pass, dkdv: keys x
     queries from a transposed table) holding the very fp32 values the per-score gather reads, so the
@@ -633,8 +634,13 @@ def _masked_case(name, onepass, run, *, T=40, gap=0, seg=True, first=None, monke
     return [out.detach(), q.grad, k.grad, v.grad, *params]
 
 
+#: the run mask is one helper for every encoding: ALiBi / Kerple (same masked-tile code as no bias) run with -m slow
+RUN_ENCS = [pytest.param(n, marks=pytest.mark.slow) if n in ("alibi", "kerple_log", "kerple_power") else n
+            for n in ENCS]
+
+
 @pytest.mark.parametrize("onepass", [False, True], ids=["two_kernels", "onepass"])
-@pytest.mark.parametrize("name", ENCS)
+@pytest.mark.parametrize("name", RUN_ENCS)
 def test_run_mask(name, onepass, monkeypatch):
     """``run_mask``: on an aligned row a masked tile keeps the keys ``[first key of the query's segment,
     causal limit]`` (two compares per score, no key positions or segment ids), which is exactly the

@@ -219,7 +219,8 @@ def test_inductor_launches_the_kernels_inline(name, monkeypatch):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=atol, msg=lambda m: f"opaque, {name_}: {m}")
 
 
-@pytest.mark.parametrize("opts", ["t5_band", "run_mask", "t5_band,run_mask"])
+@pytest.mark.parametrize("opts", [pytest.param("t5_band", marks=pytest.mark.slow),
+                                  pytest.param("run_mask", marks=pytest.mark.slow), "t5_band,run_mask"])
 def test_fullgraph_compile_t5_band(opts, monkeypatch):
     """T5 with ``t5_band`` / ``run_mask`` under ``torch.compile(fullgraph=True)``: the rows' alignment flags
     (and first keys) are traced with the call (no cache lookup, no graph break), and loss and every
