@@ -255,24 +255,32 @@ _POSITIONS: dict = {}
 _POSITIONS_SIZE = 8
 
 
-def _positions(p: torch.Tensor, B: int, T: int, name: str):
-    """(int32 positions, batch stride, suffix min, prefix max) of a position tensor. Every layer
-    of a step gets the same positions tensor: cached by identity and version counter (the
-    cache holds the tensor, so its id cannot be reused meanwhile); inference tensors, which
-    have no version counter, are not cached."""
+def _by_identity(cache: dict, size: int, tensors: tuple, extra: tuple, build):
+    """``build()``, cached in ``cache`` (at most ``size`` entries, oldest out first) by the tensors'
+    identity and version counters plus ``extra``: every layer of a step passes the same tensors. The
+    cache holds the tensors, so their ids cannot be reused meanwhile; inference tensors (no version
+    counter), fake ones and traced calls are not cached."""
     key = None
-    if not p.is_inference():
-        key = (id(p), p._version, B, T)
-        hit = _POSITIONS.get(key)
-        if hit is not None and hit[0] is p:
+    if not torch.compiler.is_compiling() and not any(t.is_inference() or is_fake(t) for t in tensors):
+        key = tuple((id(t), t._version) for t in tensors) + extra
+        hit = cache.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
             return hit[1]
-    p32, sb = _pos(p, B, T, name)
-    val = (p32, sb, *_bounds(p32))
+    val = build()
     if key is not None:
-        if len(_POSITIONS) >= _POSITIONS_SIZE:
-            _POSITIONS.pop(next(iter(_POSITIONS)))
-        _POSITIONS[key] = (p, val)
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = (tensors, val)
     return val
+
+
+def _positions(p: torch.Tensor, B: int, T: int, name: str):
+    """(int32 positions, batch stride, suffix min, prefix max) of a position tensor, computed once per
+    step for all layers (``_by_identity``)."""
+    def build():
+        p32, sb = _pos(p, B, T, name)
+        return (p32, sb, *_bounds(p32))
+    return _by_identity(_POSITIONS, _POSITIONS_SIZE, (p,), (B, T), build)
 
 
 def position_tables(q_pos: torch.Tensor, k_pos: torch.Tensor, B: int, Tq: int, Tk: int) -> list[torch.Tensor]:
@@ -379,6 +387,11 @@ _ROW_TABLES: dict = {}
 _ROW_TABLES_SIZE = 8
 
 
+def _rows(t: Tensor, rows: int, T: int) -> Tensor:
+    """A [T] or [1 | rows, T] table as [rows, T] (a view)."""
+    return t.reshape(-1, T).expand(rows, T)
+
+
 def _aligned_rows(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tensor], Tq: int, Tk: int) -> Tensor:
     """int32 [rows] (rows: 1, or B where any of the tables has a row per batch element): 1 where every
     live score of the row has distance = index distance plus ``Tk - Tq``, ``qpos_i - kpos_j = i - j +
@@ -391,28 +404,25 @@ def _aligned_rows(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Ten
     tabs = (qp, kp) + ((sq, sk) if sq is not None else ())
     rows = max(t.reshape(-1, t.shape[-1]).shape[0] for t in tabs)
 
-    def r2(t, T):
-        return t.reshape(-1, T).expand(rows, T)
-
-    k2 = r2(kp, Tk)
+    k2 = _rows(kp, rows, Tk)
     ok = k2[:, 1:] == k2[:, :-1] + 1                                           # [rows, Tk - 1]
     if sq is not None:
-        s2 = r2(sk, Tk)
+        s2 = _rows(sk, rows, Tk)
         ok = (ok & (s2[:, 1:] == s2[:, :-1])) | (s2[:, 1:] > s2[:, :-1])
     flag = ok.all(1)
     if Tq > Tk:
         flag = torch.zeros_like(flag)
     else:
-        flag = flag & (r2(qp, Tq) == k2[:, Tk - Tq:]).all(1)
+        flag = flag & (_rows(qp, rows, Tq) == k2[:, Tk - Tq:]).all(1)
         if sq is not None:
-            flag = flag & (r2(sq, Tq) == s2[:, Tk - Tq:]).all(1)
+            flag = flag & (_rows(sq, rows, Tq) == s2[:, Tk - Tq:]).all(1)
     return flag.to(torch.int32).contiguous()
 
 
 def _first_keys(sk: Tensor, rows: int, Tq: int, Tk: int) -> Tensor:
     """int32 [rows, Tq]: for each query (the keys' last Tq) the index of the first key of its segment
     (the start of its run of equal segment ids), what ``run_mask`` bounds a row's live keys with."""
-    s2 = sk.reshape(-1, Tk).expand(rows, Tk)
+    s2 = _rows(sk, rows, Tk)
     idx = torch.arange(Tk, device=sk.device, dtype=torch.int32).expand(rows, Tk)
     change = F.pad(s2[:, 1:] != s2[:, :-1], (1, 0), value=True)
     first = torch.cummax(torch.where(change, idx, 0), 1).values                 # [rows, Tk]
@@ -421,23 +431,13 @@ def _first_keys(sk: Tensor, rows: int, Tq: int, Tk: int) -> Tensor:
 
 def _row_tables(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tensor], Tq: int, Tk: int,
                 first: bool) -> list[Tensor]:
-    """``[flags]`` (``_aligned_rows``), ``[flags, first keys]`` with ``first`` and segment ids. Eagerly
-    cached by the tables' identity and version (every layer of a step passes the same tensors);
-    traced, a few ops of the graph."""
+    """``[flags]`` (``_aligned_rows``), ``[flags, first keys]`` with ``first`` and segment ids; eagerly
+    once per step for all layers (``_by_identity``), traced a few ops of the graph."""
+    def build():
+        flag = _aligned_rows(qp, kp, sq, sk, Tq, Tk)
+        return [flag, _first_keys(sk, flag.shape[0], Tq, Tk)] if first and sk is not None else [flag]
     tabs = (qp, kp) + ((sq, sk) if sq is not None else ())
-    key = None
-    if not torch.compiler.is_compiling() and not any(t.is_inference() or is_fake(t) for t in tabs):
-        key = tuple((id(t), t._version) for t in tabs) + (Tq, Tk, first)
-        hit = _ROW_TABLES.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], tabs)):
-            return hit[1]
-    flag = _aligned_rows(qp, kp, sq, sk, Tq, Tk)
-    out = [flag, _first_keys(sk, flag.shape[0], Tq, Tk)] if first and sk is not None else [flag]
-    if key is not None:
-        if len(_ROW_TABLES) >= _ROW_TABLES_SIZE:
-            _ROW_TABLES.pop(next(iter(_ROW_TABLES)))
-        _ROW_TABLES[key] = (tabs, out)
-    return out
+    return _by_identity(_ROW_TABLES, _ROW_TABLES_SIZE, tabs, (Tq, Tk, first), build)
 
 
 def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
