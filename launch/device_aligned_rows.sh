@@ -2,9 +2,10 @@
 # Device calls (nvidia-h200; carry .whl) that time the options prepared without a GPU on 2026-12-05 (session 4;
 # docs/kernels.md "Aligned rows"): T5's `t5_band` and, for every encoding, `run_mask`, and the mask skips for T5,
 # one part per call (each < 10 min):
-#   kernel  GPU tests (band / run mask against the full paths and float64), then T5's packed-row kernel time
-#           (2 documents, D=64, H=12, 16,384 tokens per call) at N=2048 and 512 for each ITEMS entry (joined
-#           by ;; default: committed, band, band + run_mask, band + run_mask + both skips); ~480 s
+#   tests   GPU tests (band / run mask against the full paths and float64); ~200 s
+#   kernel  T5's packed-row kernel time (2 documents, D=64, H=12, 16,384 tokens per call) at N=2048 and 512 for
+#           each ITEMS entry (joined by ;; default: committed, band, band + run_mask, band + run_mask + both
+#           skips); ~280 s
 #   others  packed-row kernel time of none, ALiBi, Kerple-log, FIRE at N=512 and 2048, committed vs run_mask; ~200 s
 #   long    the ITEMS' T5 kernel time on one-document rows at N=4096 and 16384 (D=64, H=12; the issue's
 #           >= 0.8x SDPA-flash goal: band tiles are few there, the mask is on every T5 tile); ~300 s
@@ -29,10 +30,11 @@ ktime() {  # tag config encodings seqlens documents tokens
 }
 for part in "$@"; do
   case $part in
-    kernel)
+    tests)
       echo "=== GPU tests: band / run mask vs the full paths and float64 (at ${SECONDS}s)"
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
-        -k "t5_band_gpu or run_mask_gpu" 2>&1 | tee "$OUT/new_tests.log" | tail -3
+        -k "t5_band_gpu or run_mask_gpu" 2>&1 | tee "$OUT/new_tests.log" | tail -3 ;;
+    kernel)
       IFS=';' read -ra items <<< "$ITEMS"
       for it in "${items[@]}"; do
         tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
