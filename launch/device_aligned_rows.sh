@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Device calls (nvidia-h200; carry .whl) that time the options prepared without a GPU on 2026-12-05 (session 4;
 # docs/kernels.md "Aligned rows"): T5's `t5_band` and, for every encoding, `run_mask`, and the mask skips for T5,
-# one part per call (each < 10 min):
+# one part per call (each < 10 min). Since session 5 both are committed for T5 at D=64: `{}` is the committed
+# configuration and OFF ('"t5_band": false, "run_mask": false') the one before them.
 #   tests   GPU tests (band / run mask against the full paths and float64); ~200 s
 #   kernel  T5's packed-row kernel time (2 documents, D=64, H=12, 16,384 tokens per call) at N=2048 and 512 for
-#           each ITEMS entry (joined by ;; default: committed, band, band + run_mask, band + run_mask + both
-#           skips); ~280 s
+#           each ITEMS entry (joined by ;; default: OFF, committed, band alone, committed + both skips); ~280 s
 #   others  packed-row kernel time of none, ALiBi, Kerple-log, FIRE at N=512 and 2048, committed vs run_mask; ~200 s
 #   long    the ITEMS' T5 kernel time on one-document rows at N=4096 and 16384 (D=64, H=12; the issue's
 #           >= 0.8x SDPA-flash goal: band tiles are few there, the mask is on every T5 tile); ~300 s
 #   train   T5 alone in the trainer (125M, 16,384 tokens per micro-batch: 8 x 2048, 32 x 512) at T=2048 and T=512
-#           under each TITEMS entry (default: committed, band + run_mask, band + run_mask + both skips); ~480 s
+#           under each TITEMS entry (default: OFF, committed, committed + both skips); ~480 s
 #   trainr  125M at T=512 in one process, RoPE with the compact peer and ALiBi, FIRE: committed, then run_mask
 #           (a second process); ~450 s
 # Usage: bash launch/device_aligned_rows.sh PART [PART ...]; DEADLINE=seconds skips a step that would end after it.
@@ -20,8 +20,9 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 BAND='"t5_band": true'
 RUN='"run_mask": true'
 SKIPS='"skip_fwd": true, "skip_bwd": true'
-ITEMS=${ITEMS:-"{};{$BAND};{$BAND, $RUN};{$BAND, $RUN, $SKIPS}"}
-TITEMS=${TITEMS:-"{};{$BAND, $RUN};{$BAND, $RUN, $SKIPS}"}
+OFF='"t5_band": false, "run_mask": false'
+ITEMS=${ITEMS:-"{$OFF};{};{$BAND, \"run_mask\": false};{$SKIPS}"}
+TITEMS=${TITEMS:-"{$OFF};{};{$SKIPS}"}
 late() { [ $((SECONDS + $1)) -gt "${DEADLINE:-100000}" ] && echo "=== skipped (DEADLINE): $2"; }
 ktime() {  # tag config encodings seqlens documents tokens
   MEGAFIRE_FUSED_CONFIGS="{\"64\": $2}" timeout 100 python3 -m megafire.bench.attention --seqlens "$4" \

@@ -77,7 +77,7 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
     inputs). See tests/fused/traced_launches.py. "committed": FIRE's split backward (``split_heavy``) and
     T5's ``t5_diag`` scratch (written, read back by the same program) included. "prepared": T5
     ``defer``, ``segment_bounds``, ``t5_diag`` and ``t5_band`` (band tables and row flags: read only)
-    forced on (committed at D=64 but ``t5_band``; the override also covers other configs) with KU=2,
+    forced on (all committed for T5 at D=64; the override also covers FIRE) with KU=2,
     for T5 and FIRE. "onepass": the one-pass backward for every
     encoding (committed for none / ALiBi / T5): its dQ atomics, parameter sums and FIRE's row sums are
     all that it writes. "split": ``split_heavy`` for T5 too (two-kernel backward, with ``t5_band``): the

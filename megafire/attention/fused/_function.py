@@ -62,12 +62,13 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: position tables), the heavy tiles (next to the diagonal: a gather per score, ~660 of the forward's 1,355
 #: SASS instructions per such tile at 64x64) add a per-head band tile instead (``_band_table``: the same
 #: fp32 values, bit-identical scores; row-contiguous vector loads), and with t5_diag skip the per-tile
-#: alignment check; other rows keep the gather. Prepared without a GPU (docs/kernels.md): off, untimed.
+#: alignment check; other rows keep the gather. On for T5 at D=64 (timed 2026-12-05; docs/kernels.md).
 #: run_mask (every encoding, causal): on the same aligned rows a masked tile keeps the key-index run
 #: ``[first key of the query's segment, causal limit]`` (two compares per score against per-row bounds, no
 #: key positions or segment ids: exactly the live scores there); each kernel is launched twice, for the
 #: aligned rows and for the others (``_row_launches``). T5 at D=64 masks every tile: its light forward
-#: tile 696 -> 497 SASS instructions per thread (docs/kernels.md). Prepared without a GPU: off, untimed.
+#: tile 696 -> 497 SASS instructions per thread (docs/kernels.md). On for T5 at D=64 (with t5_band); off for
+#: the other encodings (not timed there).
 #: ku (T5 / FIRE): kinks / boundaries per tile in the unrolled blocks (default KU_DEFAULT, _kernels.py).
 #: (D, encoding name) entries override D's; a run's ``attention.fused_kernels`` overrides both (the off
 #: switch of each option, megafire.attention.kernel_options). Override for tuning:
@@ -92,8 +93,12 @@ CONFIGS = {
     # defer + segment_bounds: T5 alone in the trainer (125M, packed rows, H200) 237,849 -> 349,683
     # tokens/s at T=2048 and 323,766 -> 402,868 at T=512; segment_bounds for FIRE 287,397 -> 305,605
     # and 393,483 -> 407,327 (docs/benchmarks.md, 2026-12-04 "variants"; KU=2 on top: within noise)
+    # t5_band + run_mask (2026-12-05, H100, packed rows, kernel time in one call): T5 f+b 1.690 -> 1.265 ms
+    # at N=2048 and 1.155 -> 0.821 at N=512 (t5_band alone 1.437 / 0.887); GPU tests against the full
+    # paths pass. In the trainer that H100 was too noisy to resolve it (mean +1.8% at T=2048, repeats of
+    # one arm up to 22% apart; docs/benchmarks.md 2026-12-05 "session 5")
     (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True,
-                     onepass=(64, 64, 4, 1), t5_diag=True),
+                     onepass=(64, 64, 4, 1), t5_diag=True, t5_band=True, run_mask=True),
     (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True, split_heavy=True, dq=(64, 64, 4, 1), rcp_ex2=True),
     (128, "fire"): dict(skip_bwd=True),
 }
