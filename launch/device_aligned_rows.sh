@@ -11,6 +11,9 @@
 #           >= 0.8x SDPA-flash goal: band tiles are few there, the mask is on every T5 tile); ~300 s
 #   train   T5 alone in the trainer (125M, 16,384 tokens per micro-batch: 8 x 2048, 32 x 512) at T=2048 and T=512
 #           under each TITEMS entry (default: OFF, committed, committed + both skips); ~480 s
+#   trainab T5 alone in the trainer at T=2048 and 512, committed (A) against OFF (B) in one process each, ABBA order
+#           (`megafire bench train --ab`; REPEAT pairs, default 2): the medians, the pairs' B / A ratios and their
+#           range, which separate processes on a noisy host cannot give (2026-12-05: one arm varied by 22%); ~420 s
 #   trainr  125M at T=512 in one process, RoPE with the compact peer and ALiBi, FIRE: committed, then run_mask
 #           (a second process); ~450 s
 # Usage: bash launch/device_aligned_rows.sh PART [PART ...]; DEADLINE=seconds skips a step that would end after it.
@@ -69,6 +72,16 @@ for part in "$@"; do
             "--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]" 2>&1 \
             | grep -E "tokens/s|throughput|Error|error" | grep -v -i warn | tail -6
         done
+      done ;;
+    trainab)
+      for len in 2048 512; do
+        tag=ab_t5_$len; late 200 "$tag" && continue
+        echo "=== $tag: A committed, B off (at ${SECONDS}s)"
+        timeout 260 python3 -m megafire.cli bench train --steps 16 --warmup 4 --train.tokens_per_step=65536 \
+          --out "$OUT/$tag.json" --config configs/arms/125m-t5.yaml --repeat "${REPEAT:-2}" \
+          --ab "--attention.fused_kernels.64.t5_band=false --attention.fused_kernels.64.run_mask=false" \
+          "--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]" 2>&1 \
+          | grep -E "tokens/s|B/A|A/B|Error|error" | grep -v -i warn | tail -8
       done ;;
     trainr)
       for it in "{}" "{$RUN}"; do

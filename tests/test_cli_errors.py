@@ -101,6 +101,11 @@ def test_gpu_benchmark_without_gpu():
                           "--peer compact needs a CUDA GPU")
 
 
+def test_bench_train_ab_bad_override_is_one_error_line():
+    assert_one_error_line(megafire("bench", "train", "--config", "configs/demo-cpu.yaml", "--ab", "--model.no_such_key=1"),
+                          "unknown config key(s) 'model.no_such_key'")
+
+
 def test_each_rank_prints_one_line():
     r = megafire("train", "--config", DEMO, "--train.lr=-1", env={"RANK": "1", "WORLD_SIZE": "2"})
     assert assert_one_error_line(r).startswith("error: [rank 1] train.lr")

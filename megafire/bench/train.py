@@ -2,6 +2,7 @@
 
     megafire bench train --config configs/arms/125m-fire.yaml [--steps 20] [--warmup 5]
                          [--peer rope|compact|none|a,b] [--rope-variants] [--profile DIR]
+                         [--ab "--section.key=value ..." [--repeat N]]
                          [--out bench.json] [--section.key=value ...]
 
 Runs the real trainer (DeepSpeed engine, curriculum, same micro-batching) for ``--steps``
@@ -23,6 +24,17 @@ table (GPU kernel time by category, GPU busy time against the step's wall time).
 ``--rope-variants`` runs the RoPE arm (the config's own or the peer) twice, with
 ``model.position.fused_rotary=false`` (torch rotation) and ``=true`` (the Triton kernel),
 prints both rows and the fused / torch throughput ratio.
+
+``--ab "OVERRIDES" [--repeat N]`` compares two configurations of the main arm in one process:
+A = the config with the command line's overrides, B = A plus ``OVERRIDES`` (``--section.key=value``
+words, e.g. ``--ab "--attention.fused_kernels.64.t5_band=false"``), in N pairs run in ABBA order
+(A B, B A, A B, ...: each arm as often first as second, so a drift of the machine or an arm's
+position in the process weighs on both alike). Each run starts as a process of its own would
+(``fresh_arm``). Prints, per sequence length, each arm's median tokens/s over its runs with the
+range, and the median of the pairs' B / A ratios with their range: a difference inside the
+pairs' range is not resolved. Between separate processes the same arm varied by up to 22% on a
+host-bound H100 (docs/benchmarks.md, 2026-12-05), more than the options being decided. No peers
+with ``--ab`` (``--peer`` defaults to none there).
 """
 from __future__ import annotations
 
@@ -39,12 +51,22 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the medians")
-    p.add_argument("--peer", default="rope", help="encoding(s) to compare against, comma-separated; "
-                   "NAME@BACKEND sets attention.backend for that arm; 'compact' is the reference GPT, 'none' skips")
+    p.add_argument("--peer", default=None, help="encoding(s) to compare against, comma-separated (default rope; "
+                   "none with --ab); NAME@BACKEND sets attention.backend for that arm; 'compact' is the reference GPT, "
+                   "'none' skips")
+    p.add_argument("--ab", help="A/B in one process: B = the main arm plus these overrides (one string of "
+                   "--section.key=value words), run in ABBA order against A")
+    p.add_argument("--repeat", type=int, default=2, help="A/B pairs with --ab (default 2)")
     p.add_argument("--rope-variants", action="store_true",
                    help="time the rope arm with model.position.fused_rotary=false and =true")
     p.add_argument("--profile", help="trace one step of the main arm into this directory")
     p.add_argument("--out", help="write the results as JSON here")
+    # --ab's value begins with "--" (override words), which argparse takes for an option: join it
+    argv = [*argv]
+    for i, word in enumerate(argv[:-1]):
+        if word == "--ab":
+            argv[i:i + 2] = [f"--ab={argv[i + 1]}"]
+            break
     return p.parse_known_args(argv)
 
 
@@ -280,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         print("megafire bench train: --steps must exceed --warmup", file=sys.stderr)
         return 2
     encoding = load_config(args.config, overrides).model.position.name
+    if args.ab is not None:
+        return _main_ab(args, overrides, encoding)
+    args.peer = "rope" if args.peer is None else args.peer
     names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
     for name in names:   # every entry checked before the first arm runs
         parse_arm(name)
@@ -306,4 +331,75 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"throughput {main['label']} / {peer['label']}: {ratio:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def ab_overrides(text: str, config: str, overrides: list[str]) -> list[str]:
+    """``--ab``'s string -> its override words, checked before any arm runs: each a
+    ``--section.key=value`` that the config loader accepts on top of A's (ConfigError naming the key
+    otherwise), and none of ``attention.fused_kernels`` while ``MEGAFIRE_FUSED_CONFIGS`` is set (the
+    variable wins over a run's kernel options: B would silently run A's kernels)."""
+    import os
+    import shlex
+
+    from megafire.config import ConfigError, load_config
+    words = shlex.split(text)
+    bad = [w for w in words if not (w.startswith("--") and "=" in w)]
+    if not words or bad:
+        raise ConfigError(f"megafire bench train --ab: expected --section.key=value words, got {text!r}"
+                          + (f" ({', '.join(map(repr, bad))} is not one)" if bad else ""))
+    if os.environ.get("MEGAFIRE_FUSED_CONFIGS") and any(w.startswith("--attention.fused_kernels") for w in words):
+        raise ConfigError("megafire bench train --ab sets attention.fused_kernels, but MEGAFIRE_FUSED_CONFIGS is set "
+                          "and overrides a run's kernel options: unset it for the A/B")
+    load_config(config, overrides + words)
+    return words
+
+
+def ab_order(repeat: int) -> list[str]:
+    """The arms of ``repeat`` A/B pairs in ABBA order: AB, BA, AB, ..."""
+    return [arm for k in range(repeat) for arm in (("A", "B") if k % 2 == 0 else ("B", "A"))]
+
+
+def ab_report(runs: dict[str, list[dict]]) -> dict:
+    """Per sequence length: each arm's median tokens/s over its runs with (min, max), the pairs'
+    B / A ratios (pair k: A's k-th run against B's k-th) and their median."""
+    out = {}
+    lengths = sorted(set.intersection(*(set(r["by_seq_len"]) for arm in runs.values() for r in arm)), key=int)
+    for n in lengths:
+        tps = {arm: [r["by_seq_len"][n]["tokens_per_s"] for r in rs] for arm, rs in runs.items()}
+        ratios = [b / a for a, b in zip(tps["A"], tps["B"])]
+        out[n] = {**{arm: {"median": statistics.median(v), "min": min(v), "max": max(v)} for arm, v in tps.items()},
+                  "ratios": ratios, "ratio_median": statistics.median(ratios)}
+    return out
+
+
+def _main_ab(args, overrides: list[str], encoding: str) -> int:
+    from megafire.config import ConfigError
+    if args.peer not in (None, "none"):
+        raise ConfigError(f"megafire bench train --ab compares two configurations of the main arm; it runs no "
+                          f"peers (got --peer {args.peer}): leave --peer out or give --peer none")
+    if args.repeat < 1:
+        raise ConfigError(f"megafire bench train --repeat must be >= 1 (A/B pairs), got {args.repeat}")
+    if args.rope_variants:
+        raise ConfigError("megafire bench train --ab and --rope-variants do not combine: give the rotary switch "
+                          "to --ab instead (--ab \"--model.position.fused_rotary=false\")")
+    extra = ab_overrides(args.ab, args.config, overrides)
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
+    for i, arm in enumerate(ab_order(args.repeat)):
+        profile = args.profile if i == 0 else None    # one trace: the first run (A)
+        summary = bench_config(args.config, overrides + (extra if arm == "B" else []), args.steps, args.warmup,
+                               profile_dir=profile)
+        summary["label"] = f"{encoding} [{arm}{len(runs[arm]) + 1}]"
+        summary["overrides"] = extra if arm == "B" else []
+        _print(summary)
+        runs[arm].append(summary)
+    report = ab_report(runs)
+    print(f"A/B, {args.repeat} pair(s) in ABBA order; B = A + {' '.join(extra)}")
+    for n, r in report.items():
+        print(f"  seq_len {n:>6}: A {r['A']['median']:>12,.0f} tokens/s ({r['A']['min']:,.0f}-{r['A']['max']:,.0f})"
+              f"  B {r['B']['median']:>12,.0f} ({r['B']['min']:,.0f}-{r['B']['max']:,.0f})"
+              f"  B/A {r['ratio_median']:.3f} (pairs {min(r['ratios']):.3f}-{max(r['ratios']):.3f})")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"A": runs["A"], "B": runs["B"], "ab_overrides": extra,
+                                              "order": ab_order(args.repeat), "by_seq_len": report}, indent=2))
     return 0
