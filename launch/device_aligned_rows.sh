@@ -32,20 +32,23 @@ ktime() {  # tag config encodings seqlens documents tokens
     --head-dims 64 --heads 12 --tokens "$6" --documents "$5" --kernel-time --reference-max-n 0 \
     --encodings "$3" --json "$OUT/k_$1.json" 2>&1 | grep -E "fused|sdpa|Error|error" | tail -10
 }
+t5_items() {  # prefix label seconds-needed seqlens documents tokens: T5's kernel time under each ITEMS entry
+  local it tag items
+  IFS=';' read -ra items <<< "$ITEMS"
+  for it in "${items[@]}"; do
+    tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
+    late "$3" "$1 $it" && continue
+    echo "=== $2 $it (at ${SECONDS}s)"
+    ktime "$1_$tag" "$it" t5 "$4" "$5" "$6"
+  done
+}
 for part in "$@"; do
   case $part in
     tests)
       echo "=== GPU tests: band / run mask vs the full paths and float64 (at ${SECONDS}s)"
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
         -k "t5_band_gpu or run_mask_gpu" 2>&1 | tee "$OUT/new_tests.log" | tail -3 ;;
-    kernel)
-      IFS=';' read -ra items <<< "$ITEMS"
-      for it in "${items[@]}"; do
-        tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
-        late 70 "kernel $it" && continue
-        echo "=== T5 kernel time $it (at ${SECONDS}s)"
-        ktime "t5_$tag" "$it" t5 512,2048 2 16384
-      done ;;
+    kernel) t5_items t5 "T5 kernel time" 70 512,2048 2 16384 ;;
     others)
       for it in "{}" "{$RUN}"; do
         tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
@@ -53,14 +56,7 @@ for part in "$@"; do
         echo "=== kernel time none, alibi, kerple_log, fire $it (at ${SECONDS}s)"
         ktime "others_$tag" "$it" none,alibi,kerple_log,fire 512,2048 2 16384
       done ;;
-    long)
-      IFS=';' read -ra items <<< "$ITEMS"
-      for it in "${items[@]}"; do
-        tag=$(echo "$it" | tr -cd 'a-z_'); tag=${tag:-committed}
-        late 80 "long $it" && continue
-        echo "=== T5 kernel time, one document, $it (at ${SECONDS}s)"
-        ktime "long_$tag" "$it" t5 4096,16384 1 65536
-      done ;;
+    long) t5_items long "T5 kernel time, one document," 80 4096,16384 1 65536 ;;
     train)
       IFS=';' read -ra items <<< "$TITEMS"
       for len in 2048 512; do
