@@ -56,7 +56,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "'none' skips")
     p.add_argument("--ab", help="A/B in one process: B = the main arm plus these overrides (one string of "
                    "--section.key=value words), run in ABBA order against A")
-    p.add_argument("--repeat", type=int, default=2, help="A/B pairs with --ab (default 2)")
+    p.add_argument("--repeat", type=int, default=None, help="A/B pairs with --ab (default 2)")
     p.add_argument("--rope-variants", action="store_true",
                    help="time the rope arm with model.position.fused_rotary=false and =true")
     p.add_argument("--profile", help="trace one step of the main arm into this directory")
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     encoding = load_config(args.config, overrides).model.position.name
     if args.ab is not None:
         return _main_ab(args, overrides, encoding)
+    if args.repeat is not None:
+        from megafire.config import ConfigError
+        raise ConfigError("megafire bench train --repeat counts the A/B pairs of --ab; give --ab \"OVERRIDES\" "
+                          "with it")
     args.peer = "rope" if args.peer is None else args.peer
     names = [p for p in args.peer.split(",") if p and p not in ("none", encoding)]
     for name in names:   # every entry checked before the first arm runs
@@ -378,6 +382,7 @@ def _main_ab(args, overrides: list[str], encoding: str) -> int:
     if args.peer not in (None, "none"):
         raise ConfigError(f"megafire bench train --ab compares two configurations of the main arm; it runs no "
                           f"peers (got --peer {args.peer}): leave --peer out or give --peer none")
+    args.repeat = 2 if args.repeat is None else args.repeat
     if args.repeat < 1:
         raise ConfigError(f"megafire bench train --repeat must be >= 1 (A/B pairs), got {args.repeat}")
     if args.rope_variants:

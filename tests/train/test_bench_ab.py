@@ -49,6 +49,7 @@ def test_ab_runs_b_with_its_overrides_in_abba_order(tmp_path, capsys):
     (["--ab", "train.tokens_per_step=1"], "is not one"),
     (["--ab", "--train.tokens_per_step=1024", "--repeat", "0"], "--repeat must be >= 1"),
     (["--ab", "--train.tokens_per_step=1024", "--peer", "rope"], "runs no peers"),
+    (["--repeat", "3"], "--repeat counts the A/B pairs of --ab"),
 ])
 def test_ab_bad_input_is_one_clear_error_before_any_arm_runs(argv, needle, monkeypatch):
     def no_arm(*a, **k):
