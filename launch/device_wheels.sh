@@ -11,7 +11,7 @@ pin() { grep -i "^$1==" ci/constraints.txt; }
 P=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
    --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q --no-deps "${P[@]}" -d .whl $(pin megatron-core) $(pin webdataset) $(pin braceexpand) \
-  $(pin pydantic) $(pin pydantic_core) $(pin annotated-types) $(pin typing-inspection) $(pin hjson) $(pin py-cpuinfo)
+  $(pin pytest-xdist) $(pin execnet) $(pin pydantic) $(pin pydantic_core) $(pin annotated-types) $(pin typing-inspection) $(pin hjson) $(pin py-cpuinfo)
 # deepspeed is an sdist only; with DS_BUILD_OPS=0 (its default) the wheel is pure Python
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w .whl $(pin deepspeed)
 ls .whl
