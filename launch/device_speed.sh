@@ -8,7 +8,8 @@
 #             fused + rest together are all of `pytest -m gpu tests`
 #   suite     the whole GPU suite (`pytest -m gpu tests`: fused + rest) in one call, NW xdist workers on the one
 #             GPU (default 4; the tests are Triton- and inductor-compile bound on the host; needs the pytest-xdist
-#             and execnet wheels in .whl, launch/device_wheels.sh); serial if xdist is missing
+#             and execnet wheels in .whl, launch/device_wheels.sh); serial if xdist is missing. The kernel-time test
+#             runs alone afterwards (other workers' kernels would count in its wall time)
 #   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
 #             micro-batch 32
@@ -73,8 +74,11 @@ for part in "$@"; do
              | tee "$OUT/gpu_rest.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     suite) xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n ${NW:-4}"
            echo "=== GPU suite ${xd:-serial} (at ${SECONDS}s)"
-           timeout "${SUITE_S:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $xd tests 2>&1 \
-             | tee "$OUT/gpu_suite.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
+           # the one timing test (kernel time against wall time) runs alone after the others
+           solo=tests/attention/test_bench_packed_rows.py::test_kernel_time_excludes_host_gaps
+           timeout "${SUITE_S:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $xd --deselect "$solo" tests \
+             2>&1 | tee "$OUT/gpu_suite.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30
+           timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "$solo" 2>&1 | tail -2 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 ;;
