@@ -13,7 +13,7 @@
 #   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
 #             micro-batch 32
-#   t2048     the same at T=2048, micro-batch 8
+#   t2048     the same at T=2048, micro-batch 8 (PEERS overrides the peer list of t512, t2048, m350, m350s)
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
 #   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
@@ -81,10 +81,10 @@ for part in "$@"; do
            timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "$solo" 2>&1 | tail -2 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
-    t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 ;;
-    t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
-    m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer compact,rope,rope@sdpa,alibi,kerple_log,t5 "$T2048" ;;
-    m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer compact,rope,alibi,kerple_log,t5 \
+    t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer "${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,t5}" ;;
+    t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer "${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,t5}" "$T2048" ;;
+    m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer "${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,t5}" "$T2048" ;;
+    m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer "${PEERS:-compact,rope,alibi,kerple_log,t5}" \
              "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
