@@ -13,7 +13,8 @@
 #   quick     of those, the compiled-op and perf-switch tests only
 #   t512      every bias encoding and RoPE (auto, and on SDPA: rope@sdpa) vs the compact peer, 125M, T=512,
 #             micro-batch 32
-#   t2048     the same at T=2048, micro-batch 8 (PEERS overrides the peer list of t512, t2048, m350, m350s)
+#   t2048     the same at T=2048, micro-batch 8 (PEERS overrides the peer list of t512, t2048, m350, m350s;
+#             BENCH_S the timeout of each bench, which with DEADLINE decides which benches of a call run)
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
 #   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
@@ -55,7 +56,7 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
 filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
 bench() {   # tag timeout args...
-  local tag=$1 t=$2; shift 2
+  local tag=$1 t=${BENCH_S:-$2}; shift 2   # BENCH_S: one timeout for every bench of the call
   if [ $((SECONDS + t)) -gt "${DEADLINE:-100000}" ]; then echo "=== $tag skipped (DEADLINE)"; return; fi
   echo "=== $tag (at ${SECONDS}s)"
   timeout "$t" python3 -m megafire.cli bench train --steps 8 --warmup 3 --train.tokens_per_step=65536 \
