@@ -307,7 +307,7 @@ def _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, Dee
 
 
 #: each kernel optimization committed for T5 / FIRE at D=64 (docs/benchmarks.md, 2026-12-05), off
-KERNEL_OFF = {"t5": {"t5_diag": False},
+KERNEL_OFF = {"t5": {"t5_diag": False, "t5_band": False, "run_mask": False},
               "fire": {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2], "ku": 1}}
 
 
@@ -316,9 +316,9 @@ KERNEL_OFF = {"t5": {"t5_diag": False},
 @pytest.mark.parametrize("name", ["t5", "fire"])
 def test_kernel_options_off_equals_on_bf16_gpu(tmp_path, name):
     """The fused kernels' optimizations (``attention.fused_kernels``, their off switch in the config)
-    change how, not what: bf16 on one GPU, D=64, the loss trace with T5's ``t5_diag`` / FIRE's
-    split backward, ``rcp_ex2`` and KU=2 off equals the committed one within 2e-2 relative over 6
-    steps (bf16 rounding; the sums run in another order)."""
+    change how, not what: bf16 on one GPU, D=64, the loss trace with T5's ``t5_diag``, ``t5_band`` and
+    ``run_mask`` / FIRE's split backward, ``rcp_ex2`` and KU=2 off equals the committed one within 2e-2
+    relative over 6 steps (bf16 rounding; the sums run in another order)."""
     from megafire.attention import kernel_options
     position = {"name": name, "options": {"init_L": 16} if name == "fire" else {}}
     gpu = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
