@@ -77,8 +77,19 @@ for part in "$@"; do
            echo "=== GPU suite ${xd:-serial} (at ${SECONDS}s)"
            # the one timing test (kernel time against wall time) runs alone after the others
            solo=tests/attention/test_bench_packed_rows.py::test_kernel_time_excludes_host_gaps
-           timeout "${SUITE_S:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $xd --deselect "$solo" tests \
-             2>&1 | tee "$OUT/gpu_suite.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30
+           # -v: each test's outcome by name as it ends ("[gwN] [ k%] PASSED node"), so a run cut by the limit
+           # still says what passed (2026-12-05: -q's dots said 71 of 75, not which), and which were not reached
+           timeout "${SUITE_S:-560}" python3 -m pytest -v -m gpu -p no:cacheprovider -rfE $xd --deselect "$solo" tests \
+             > "$OUT/gpu_suite.log" 2>&1; rc=$?
+           grep -oE "(PASSED|FAILED|SKIPPED|ERROR) tests/[^ ]+" "$OUT/gpu_suite.log" | sort -u -k2 > "$OUT/gpu_done.txt"
+           grep -E "^(FAILED|ERROR) |passed|failed" "$OUT/gpu_suite.log" | tail -30
+           echo "outcomes: $(cut -d' ' -f1 "$OUT/gpu_done.txt" | sort | uniq -c | tr '\n' ' ')"
+           if [ "$rc" = 124 ]; then
+             echo "cut at ${SUITE_S:-560}s; not reached:"
+             python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider --deselect "$solo" tests 2>/dev/null \
+               | grep "::" | sort > "$OUT/gpu_ids.txt"
+             cut -d' ' -f2 "$OUT/gpu_done.txt" | sort | comm -23 "$OUT/gpu_ids.txt" -
+           fi
            timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "$solo" 2>&1 | tail -2 ;;
     quick) timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_compile.py \
              tests/train/test_train_perf.py 2>&1 | tee "$OUT/gpu_quick.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
