@@ -3,8 +3,8 @@
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches (59 tests; past one
 #             call's limit since 2026-12-04: run fused and rest in two calls instead)
-#   fused     the GPU tests under tests/fused (36; ~450 s)
-#   rest      every other GPU test of the suite (30: model, perf switches, memory, rotary, flex, SP, packed rows);
+#   fused     the GPU tests under tests/fused (45; ~450 s)
+#   rest      every other GPU test of the suite (32: model, perf switches, memory, rotary, flex, SP, packed rows);
 #             fused + rest together are all of `pytest -m gpu tests`
 #   suite     the whole GPU suite (`pytest -m gpu tests`: fused + rest) in one call, NW xdist workers on the one
 #             GPU (default 4; the tests are Triton- and inductor-compile bound on the host; needs the pytest-xdist
@@ -78,7 +78,7 @@ for part in "$@"; do
            # the one timing test (kernel time against wall time) runs alone after the others
            solo=tests/attention/test_bench_packed_rows.py::test_kernel_time_excludes_host_gaps
            # -v: each test's outcome by name as it ends ("[gwN] [ k%] PASSED node"), so a run cut by the limit
-           # still says what passed (2026-12-05: -q's dots said 71 of 75, not which), and which were not reached
+           # still says what passed (2026-12-05: -q's dots said 71 of 76, not which), and which were not reached
            timeout "${SUITE_S:-560}" python3 -m pytest -v -m gpu -p no:cacheprovider -rfE $xd --deselect "$solo" tests \
              > "$OUT/gpu_suite.log" 2>&1; rc=$?
            grep -oE "(PASSED|FAILED|SKIPPED|ERROR) tests/[^ ]+" "$OUT/gpu_suite.log" | sort -u -k2 > "$OUT/gpu_done.txt"
