@@ -390,7 +390,8 @@ def _main_ab(args, overrides: list[str], encoding: str) -> int:
                           "to --ab instead (--ab \"--model.position.fused_rotary=false\")")
     extra = ab_overrides(args.ab, args.config, overrides)
     runs: dict[str, list[dict]] = {"A": [], "B": []}
-    for i, arm in enumerate(ab_order(args.repeat)):
+    order = ab_order(args.repeat)
+    for i, arm in enumerate(order):
         profile = args.profile if i == 0 else None    # one trace: the first run (A)
         summary = bench_config(args.config, overrides + (extra if arm == "B" else []), args.steps, args.warmup,
                                profile_dir=profile)
@@ -406,5 +407,5 @@ def _main_ab(args, overrides: list[str], encoding: str) -> int:
               f"  B/A {r['ratio_median']:.3f} (pairs {min(r['ratios']):.3f}-{max(r['ratios']):.3f})")
     if args.out:
         Path(args.out).write_text(json.dumps({"A": runs["A"], "B": runs["B"], "ab_overrides": extra,
-                                              "order": ab_order(args.repeat), "by_seq_len": report}, indent=2))
+                                              "order": order, "by_seq_len": report}, indent=2))
     return 0
