@@ -51,6 +51,12 @@
 #             DTRAIN_ENC arms (default fire) alone in the trainer at T=2048 under each (~90 s per arm and item: give
 #             DCFGS at most three items per call then)
 #   failing   the GPU tests that failed last time, with their tracebacks (FAILED=node ids)
+#   kerple    Kerple-log's miss at 350M T=2048 (0.914x RoPE, session 7): `run_mask` and `rcp_ex2` (prepared for
+#             Kerple, never timed there): GPU bf16 tests of Kerple with both on; packed-row kernel time (2 documents,
+#             N=512 and 2048, D=64, H=16 as at 350M) committed / run_mask / rcp_ex2 / both; then 350M kerple_log at
+#             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
+# Every call: carry [".whl", ".devcache"]: device_setup.sh restores the last call's compile caches (launch/devcache.py)
+# and saves this call's under $OUT (keep them here: python3 launch/devcache.py keep FILES_AT)
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
@@ -185,6 +191,18 @@ for part in "$@"; do
           done ;;
     failing) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE $FAILED 2>&1 \
              | tee "$OUT/gpu_failing.log" | tail -80 ;;
+    kerple) ko='"run_mask": true, "rcp_ex2": true'
+          echo "=== Kerple GPU bf16 tests with $ko (at ${SECONDS}s)"
+          MEGAFIRE_FUSED_CONFIGS="{\"64\": {$ko}, \"128\": {$ko}}" timeout 150 python3 -m pytest -q -m gpu \
+            -p no:cacheprovider tests/fused/test_fused_attention.py -k "gpu_bf16 and kerple" 2>&1 | tail -2
+          for it in '{}' '{"run_mask": true}' '{"rcp_ex2": true}' "{$ko}"; do
+            echo "=== Kerple kernel time $it (at ${SECONDS}s)"
+            MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 90 python3 -m megafire.bench.attention --seqlens 512,2048 \
+              --head-dims 64 --heads 16 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
+              --encodings kerple_log,kerple_power 2>&1 | filter | grep -E "fused|sdpa|Error|error" | tail -6
+          done
+          bench kab350 300 --config configs/arms/350m-kerple-log.yaml --repeat 1 \
+            --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" "$T2048" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -23,12 +23,13 @@ def _load(root: Path):
 
 def _fill(root: Path) -> dict[str, bytes]:
     files = {"fxgraph/ab/key1": os.urandom(3000), "triton/K1/kern.cubin": os.urandom(5000),
-             "triton/K1/kern.json": b'{"name": "kern"}', "triton/K1/kern.ptx": b"// ptx\n" * 400,
-             "triton/K1/__grp__kern.json": b'{"child_paths": {}}'}
+             "triton/K1/kern.json": b'{"name": "kern"}', "triton/K1/__grp__kern.json": b'{"child_paths": {}}',
+             "7x/c7xabc.py": b"# generated\n" * 50}
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    (root / "triton" / "K1" / "lock").write_bytes(b"")   # per process: not carried
+    (root / "triton" / "K1" / "lock").write_bytes(b"")       # per process: not carried
+    (root / "triton" / "K1" / "kern.ptx").write_bytes(b"//")  # intermediate form: not carried
     return files
 
 
@@ -41,7 +42,10 @@ def test_round_trip(tmp_path):
     assert dc.save(str(out)) == 0
     files_at.mkdir()
     (files_at / dc.NAME).write_bytes((out / dc.NAME).read_bytes())
+    (keep_dir).mkdir(parents=True)
+    (keep_dir / "compile_cache.1.tgz").write_bytes(b"stale part of an older call")
     assert dc.keep(str(files_at), keep_dir) == 0
+    assert sorted(p.name for p in keep_dir.iterdir()) == [dc.NAME]   # the stale part is gone
     # the next machine: the same fixed root, empty before the restore
     root2 = tmp_path / "dev2" / "inductor"
     dc2 = _load(root2)
@@ -50,23 +54,38 @@ def test_round_trip(tmp_path):
     assert got == files
 
 
-def test_over_limit_drops_intermediates_first(tmp_path):
+def _names(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def test_parts_and_priority_when_over_the_limit(tmp_path):
+    """Kernels first, then graphs, then the rest; a kernel's files never split across parts or dropped alone;
+    what no part can hold is dropped last-ranked first."""
     root = tmp_path / "inductor"
-    _fill(root)
-    (root / "triton" / "K2").mkdir(parents=True)
-    (root / "triton" / "K2" / "big.ptx").write_bytes(os.urandom(40_000))   # incompressible, skippable
+    for k in range(4):   # four incompressible 6 kB kernels: two per 15 kB part
+        (root / "triton" / f"K{k}").mkdir(parents=True)
+        (root / "triton" / f"K{k}" / "k.cubin").write_bytes(os.urandom(5000))
+        (root / "triton" / f"K{k}" / "k.json").write_bytes(os.urandom(1000))
+    (root / "fxgraph" / "g").mkdir(parents=True)
+    (root / "fxgraph" / "g" / "entry").write_bytes(os.urandom(6000))
+    (root / "zz").mkdir()
+    (root / "zz" / "code.py").write_bytes(os.urandom(9000))   # fits no part after the graph
     out = tmp_path / "out"
     out.mkdir()
     dc = _load(root)
-    dc.MAX_BYTES = 20_000
+    dc.MAX_BYTES, dc.MAX_PARTS = 2**16 + 15_000, 3   # the save keeps 64 KiB for the archive's end
     dc.save(str(out))
-    with tarfile.open(out / dc.NAME) as tar:
-        names = tar.getnames()
-    assert "inductor/triton/K1/kern.cubin" in names and "inductor/fxgraph/ab/key1" in names
-    assert not any(n.endswith(".ptx") for n in names)
-    dc.MAX_BYTES = 1_000   # not even the binaries fit: nothing is written
-    dc.save(str(out))
-    assert not (out / dc.NAME).exists()
+    parts = sorted(out.iterdir())
+    assert [p.name for p in parts] == ["compile_cache.1.tgz", "compile_cache.2.tgz", "compile_cache.tgz"]
+    names = {p.name: _names(p) for p in parts}
+    kernels = [sorted({n.split("/")[2] for n in ns if "/triton/" in n}) for ns in
+               (names["compile_cache.tgz"], names["compile_cache.1.tgz"])]
+    assert kernels == [["K0", "K1"], ["K2", "K3"]]
+    assert names["compile_cache.2.tgz"] == ["inductor/fxgraph/g/entry"]   # the source file did not fit
+    dc2 = _load(tmp_path / "dev2" / "inductor")
+    dc2.restore(str(out))
+    assert len([p for p in (tmp_path / "dev2").rglob("*") if p.is_file()]) == 9
 
 
 def test_foreign_paths_refused(tmp_path, capsys):
@@ -134,3 +153,22 @@ def test_inductor_hits_the_restored_cache(tmp_path):
     dc.restore(str(out))
     hits, _, misses = compile_once()
     assert (hits, misses) == ("1", "0")
+
+
+def test_parts_leave_room_for_the_calls_results(tmp_path):
+    """A call brings back at most 8 files: with 7 results in $OUT the cache takes one part (the kernels)."""
+    root = tmp_path / "inductor"
+    _fill(root)
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(7):
+        (out / f"r{i}.json").write_text("{}")
+    dc = _load(root)
+    dc.MAX_BYTES = 2**16 + 9_000   # one kernel group per part
+    dc.save(str(out))
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tgz") == [dc.NAME]
+    assert all(n.startswith("inductor/triton/") for n in _names(out / dc.NAME))
+    (out / "r7.json").write_text("{}")
+    (out / dc.NAME).unlink()
+    dc.save(str(out))
+    assert not (out / dc.NAME).exists()
