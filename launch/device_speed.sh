@@ -17,7 +17,9 @@
 #             BENCH_S the timeout of each bench, which with DEADLINE decides which benches of a call run)
 #   m350      350M at T=2048, every bias encoding, RoPE (auto and @sdpa) and the compact peer
 #   m350s     the same at T=512 (micro-batch 16)
-#   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128
+#   attn      the attention kernel table (megafire bench attention), N=4096 and 16384, D=64 and 128; KT=1: GPU kernel
+#             time (--kernel-time) instead of wall time (session 7: T5 / FIRE at N=4096 took 1.2-2.4x their
+#             N=16384 share of wall time per token: the eager call's host cost, or not? this separates it)
 #   attnp     the same on packed rows as the trainer feeds them (2 documents, N=512 and 2048, D=64, H=12),
 #             GPU kernel time per call (--kernel-time: the eager calls' host launch cost is not in it)
 #   p2048     T5 and FIRE alone at T=2048, one step of each profiled
@@ -105,7 +107,7 @@ for part in "$@"; do
     m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer "$ARMS" "$T2048" ;;
     m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer "${PEERS:-compact,rope,alibi,kerple_log,t5}" \
              "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
-    attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 \
+    attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 ${KT:+--kernel-time} \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
     attnp) timeout 300 python3 -m megafire.bench.attention --seqlens 512,2048 --head-dims 64 --heads 12 \
              --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 --json "$OUT/attnp.json" 2>&1 | filter | tail -24 ;;
