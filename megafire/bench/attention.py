@@ -79,7 +79,9 @@ def _time(fn, reps_ms=200):
     if KERNEL_TIME["on"]:
         return kernel_ms(fn)
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+    # 100 ms of warm-up, not do_bench's 25: a variant's first timing follows its compile (seconds of an idle
+    # GPU); in session 7 the first N=4096 forward timings of T5 / FIRE were 1.4x / 1.9x a fresh process's rerun
+    return triton.testing.do_bench(fn, warmup=100, rep=reps_ms, return_mode="median")
 
 
 #: ``--kernel-time``: ms = GPU time of the call's kernels (torch.profiler, summed), not wall time
@@ -92,8 +94,12 @@ def kernel_ms(fn, reps: int = 20) -> float:
     cost is not in it (the eager call's table launches are, as GPU work): what a step replayed
     as CUDA graphs pays. Idle gaps between kernels are not counted."""
     from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while True:   # >= 100 ms of warm-up (see _time)
+        fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 > 0.1:
+            break
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
