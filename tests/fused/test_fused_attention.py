@@ -481,6 +481,42 @@ def test_rcp_ex2(name, onepass, monkeypatch):
     assert (kernel, True) in seen and (kernel, False) not in seen and (kernel, None) not in seen, seen
 
 
+@pytest.mark.parametrize("onepass", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fire_t5(onepass, monkeypatch):
+    """``fire_t5``: rows whose query positions all lie below L run T5's kernels on FIRE's distance table
+    (identity bucket map), the other rows FIRE's kernels. Output and every gradient (the MLP's, c, L
+    included) equal the float64 reference when every row is below L (packed documents and a one-document
+    row; a decode offset), when one row is (init_L 24: the packed row's positions end at 23, the other's at
+    39) and when the packed row ties L (23: not below, so no row is: FIRE's kernels only); both kernel
+    families launch in each call (each returns at once on the other's rows: a half that computed the
+    other's rows would double its gradients)."""
+    from megafire.attention.fused import CONFIGS
+    from megafire.attention.fused import _kernels as K
+    opts = dict(CONFIGS["interp"], fire_t5=True)
+    if onepass:
+        opts["onepass"] = ONEPASS
+    monkeypatch.setitem(CONFIGS, "interp", opts)
+    seen = _record_launches(monkeypatch, "BIAS")
+    for init_L in (100.0, 24.0, 23.0):
+        _run("fire", B=2, Tq=40, Tk=40, seg=True, cuts=[9, 33], kinks=True, enc_opts=dict(init_L=init_L))
+    _run("fire", B=1, Tq=6, Tk=35, offset=3, kinks=True, enc_opts=dict(init_L=100.0))
+    fwd = [b for n, b in seen if n == "_fwd_kernel"]
+    assert fwd.count(K.T5) == fwd.count(K.FIRE) == 4 and len(fwd) == 8, fwd
+
+
+def test_fire_t5_distance_table():
+    """The table ``fire_t5`` hands T5's kernels is FIRE's own bias on a row below L: ``G[h, r]`` equals
+    ``enc.bias`` at (i, i - r) for every i < L (the rows below L are Toeplitz), and differs past L."""
+    enc = _encoding("fire", 2, kinks=True, init_L=20.0)
+    pos = torch.arange(30)
+    full = enc.bias(pos, pos)                                            # [H, 30, 30]
+    r = torch.arange(30, dtype=torch.float32)
+    G = enc.mlp_forward(enc.psi(r) / (enc.psi(enc.L.float()) + enc.eps)).t()   # [H, 30]
+    for i in range(20):
+        torch.testing.assert_close(full[:, i, :i + 1], G[:, :i + 1].flip(1), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(full[:, 29, :30], G[:, :30].flip(1), atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["none", "fire"])
 def test_fold_mask_off(name, monkeypatch):
     """``fold_mask: false`` (the five-compare mask the folded one replaced; every other test runs
@@ -913,6 +949,49 @@ def test_run_mask_gpu_bf16(name, monkeypatch):
     ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
     ref.backward(do.double())
     refs = [ref, qs.grad, ks.grad, vs.grad] + ([] if e2 is None else [p.grad for p in e2.parameters() if p.requires_grad])
+    for a, b in zip(on, refs):
+        assert _rel(a, b) < 1e-2, _rel(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+def test_fire_t5_gpu_bf16(D, monkeypatch):
+    """``fire_t5`` on the GPU (bf16, the committed launch shapes): output and every gradient equal FIRE's own
+    kernels' to 1e-2 and the float64 reference to 1e-2, on a packed row below L (T5's kernels with Tk = 777
+    buckets: band tiles, per-distance sums, the run mask) beside a row above it (FIRE's kernels)."""
+    from megafire.attention.fused import CONFIGS
+    dev = torch.device("cuda")
+    B, T, H, HKV = 2, 777, 8, 2
+    enc = build("fire", H, D, init_L=400.0)
+    kinks_inside(enc, 0.05, 0.95)
+    enc = enc.to(dev)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, HKV, HKV))
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    p0, s0 = _packed(T, [130, 400, 610])                 # documents of 130, 270, 210, 167: positions < 400
+    pos = torch.stack([p0, torch.arange(T)]).to(dev)     # the second row reaches 776 > L
+    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
+    params = [p for p in enc.parameters() if p.requires_grad]
+
+    def run(on):
+        monkeypatch.setitem(CONFIGS, (D, "fire"), dict(CONFIGS.get((D, "fire"), {}), fire_t5=on))
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        for p in params:
+            p.grad = None
+        out = fused_bias_attention(*ins, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
+        out.backward(do)
+        return [out, *(t.grad for t in ins), *(p.grad.clone() for p in params)]
+
+    off, on = run(False), run(True)
+    for a, b in zip(on, off):
+        assert _rel(a, b) < 1e-2, _rel(a, b)
+    import copy
+    e2 = copy.deepcopy(enc).double()
+    qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
+    ref.backward(do.double())
+    refs = [ref, qs.grad, ks.grad, vs.grad] + [p.grad for p in e2.parameters() if p.requires_grad]
     for a, b in zip(on, refs):
         assert _rel(a, b) < 1e-2, _rel(a, b)
 

@@ -306,6 +306,30 @@ def _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, Dee
     assert theirs[0][1] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fire_t5_on_equals_off_bf16_gpu(tmp_path):
+    """``attention.fused_kernels: {64: {fire_t5: true}}`` (FIRE's rows below L on T5's kernels; off by
+    default) changes how, not what: bf16 on one GPU, D=64, L above every position (init_L 64, rows of 32),
+    the loss trace equals the one with it off within 2e-2 relative over 6 steps. (On the CPU the trainer
+    refuses the fused backend; the op-level interpreter tests hold the exactness there.)"""
+    from megafire.attention import kernel_options
+    position = {"name": "fire", "options": {"init_L": 64}}
+    gpu = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
+           "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
+    perf_on = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
+    off, _ = _trace(tmp_path, "off", position, perf_on, {**gpu, "attention": {"backend": "fused"}})
+    try:
+        on, _ = _trace(tmp_path, "on", position, perf_on,
+                       {**gpu, "attention": {"backend": "fused", "fused_kernels": {64: {"fire_t5": True}}}})
+        assert kernel_options.run_overrides(64) == {"fire_t5": True}
+    finally:
+        kernel_options.set_run_overrides({})
+    worst = max(abs(a - b) / abs(b) for a, b in zip(on, off))
+    assert len(on) == len(off) == 6 and worst <= 2e-2, (on, off)
+    assert on[-1] < on[0]
+
+
 #: each kernel optimization committed for T5 / FIRE at D=64 (docs/benchmarks.md, 2026-12-05), off
 KERNEL_OFF = {"t5": {"t5_diag": False, "t5_band": False, "run_mask": False},
               "fire": {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2], "ku": 1}}
