@@ -209,8 +209,8 @@ for part in "$@"; do
           bench kab350 300 --config configs/arms/350m-kerple-log.yaml --repeat 1 \
             --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" "$T2048" ;;
     firet5) echo "=== fire_t5 GPU tests (at ${SECONDS}s)"
-          timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py -k fire_t5 2>&1 \
-            | tail -2
+          timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
+            tests/train/test_train_perf.py -k fire_t5 2>&1 | tail -2
           for it in '{}' '{"fire_t5": true}'; do
             echo "=== FIRE kernel time $it (at ${SECONDS}s)"
             MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 90 python3 -m megafire.bench.attention --seqlens 512 \
