@@ -3,11 +3,12 @@
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches (59 tests; past one
 #             call's limit since 2026-12-04: run fused and rest in two calls instead)
-#   fused     the GPU tests under tests/fused (45; ~450 s)
-#   rest      every other GPU test of the suite (32: model, perf switches, memory, rotary, flex, SP, packed rows);
+#   fused     the GPU tests under tests/fused (47; ~450 s)
+#   rest      every other GPU test of the suite (33: model, perf switches, memory, rotary, flex, SP, packed rows);
 #             fused + rest together are all of `pytest -m gpu tests`
 #   suite     the whole GPU suite (`pytest -m gpu tests`: fused + rest) in one call, NW xdist workers on the one
-#             GPU (default 4; the tests are Triton- and inductor-compile bound on the host; needs the pytest-xdist
+#             GPU (80 tests; default 6 workers: 267 s on an H100, 2026-12-05; the tests are Triton- and inductor-compile
+#             bound on the host; needs the pytest-xdist
 #             and execnet wheels in .whl, launch/device_wheels.sh); serial if xdist is missing. The kernel-time test
 #             runs alone afterwards (other workers' kernels would count in its wall time)
 #   quick     of those, the compiled-op and perf-switch tests only
@@ -85,7 +86,7 @@ for part in "$@"; do
              | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
     rest) timeout 570 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests --ignore=tests/fused 2>&1 \
              | tee "$OUT/gpu_rest.log" | grep -E "passed|failed|Error|FAIL|error" | tail -30 ;;
-    suite) xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n ${NW:-4}"
+    suite) xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n ${NW:-6}"
            echo "=== GPU suite ${xd:-serial} (at ${SECONDS}s)"
            # the one timing test (kernel time against wall time) runs alone after the others
            solo=tests/attention/test_bench_packed_rows.py::test_kernel_time_excludes_host_gaps
