@@ -537,7 +537,8 @@ class _T5Config:
     identity: bool = False     # fire_t5: bucket r = r (num_buckets = max_distance + 1)
 
 
-def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int, identity: bool = False) -> torch.Tensor:
+def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int,
+                      identity: bool = False) -> torch.Tensor:
     """FT = [W[bucket(r), h] for r = 0..RT (by head) | W^T] (fp32) of the T5 table ``weight`` [NB, H]."""
     (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance, identity), weight.device, is_fake(weight))
     return torch.cat([weight[lut].t().reshape(-1), weight.t().reshape(-1)]).contiguous()
