@@ -285,11 +285,12 @@ def _run_arm(args, overrides: list[str], encoding: str, position: str | None,
     variants = ROPE_VARIANTS if args.rope_variants and encoding == "rope" else (("", []),)
     runs = {}
     for suffix, extra in variants:
+        t0 = time.perf_counter()
         profile = args.profile if position is None and not suffix else None
         summary = bench_config(args.config, overrides + extra, args.steps, args.warmup, position=position,
                                profile_dir=profile)
         summary["label"] = f"{label} ({suffix})" if suffix else label
-        summary["arm_wall_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        summary["arm_wall_s"] = time.perf_counter() - t0
         _print(summary)
         runs[suffix] = summary
     if len(runs) > 1:

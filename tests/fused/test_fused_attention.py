@@ -910,31 +910,20 @@ def test_t5_band_gpu_bf16(D, monkeypatch):
         assert _rel(a, b) < 1e-2, _rel(a, b)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ENCS)
-def test_run_mask_gpu_bf16(name, monkeypatch):
-    """``run_mask`` on the GPU (bf16, D=64, the committed launch shapes, with ``t5_band`` for T5): output and
-    every gradient equal the full mask's to 1e-3 (the same scores are kept; the two compiled variants
-    may schedule the arithmetic differently) and the float64 reference to 1e-2, on packed rows (the
-    aligned launch) and a row whose positions jump (the other launch)."""
+def _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, options, H=8, HKV=2, on_off_tol=1e-3):
+    """bf16 on the GPU with the kernel options ``options`` (names) off, then on, for encoding ``name`` at head
+    dim D: output and every gradient with them on equal the off run's to ``on_off_tol`` and the float64
+    reference to 1e-2. ``pos`` / ``seg`` [B, T] (on the GPU) give the rows."""
     from megafire.attention.fused import CONFIGS
-    dev = torch.device("cuda")
-    B, T, H, HKV, D = 2, 777, 8, 2, 64
-    enc = None if name == "none" else build(name, H, D, **({"init_L": 128.0} if name == "fire" else {}))
-    if name == "fire":
-        kinks_inside(enc, 0.05, 0.95)
-    enc = enc.to(dev) if enc is not None else None
+    dev = pos.device
+    B, T = pos.shape
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, HKV, HKV))
     do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
-    p0, s0 = _packed(T, [130, 400, 610])
-    pos = torch.stack([p0, torch.arange(T) + 9 * (torch.arange(T) >= 300)]).to(dev)
-    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
     params = [] if enc is None else [p for p in enc.parameters() if p.requires_grad]
 
     def run(on):
-        monkeypatch.setitem(CONFIGS, (D, name), dict(CONFIGS.get((D, name), {}), run_mask=on, t5_band=on))
+        monkeypatch.setitem(CONFIGS, (D, name), dict(CONFIGS.get((D, name), {}), **dict.fromkeys(options, on)))
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
         for p in params:
             p.grad = None
@@ -944,7 +933,7 @@ def test_run_mask_gpu_bf16(name, monkeypatch):
 
     off, on = run(False), run(True)
     for a, b in zip(on, off):
-        assert _rel(a, b) < 1e-3, _rel(a, b)
+        assert _rel(a, b) < on_off_tol, _rel(a, b)
     import copy
     e2 = copy.deepcopy(enc).double() if enc is not None else None
     qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -957,45 +946,40 @@ def test_run_mask_gpu_bf16(name, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ENCS)
+def test_run_mask_gpu_bf16(name, monkeypatch):
+    """``run_mask`` on the GPU (bf16, D=64, the committed launch shapes, with ``t5_band`` for T5): output and
+    every gradient equal the full mask's to 1e-3 (the same scores are kept; the two compiled variants
+    may schedule the arithmetic differently) and the float64 reference to 1e-2, on packed rows (the
+    aligned launch) and a row whose positions jump (the other launch)."""
+    dev = torch.device("cuda")
+    T, H, D = 777, 8, 64
+    enc = None if name == "none" else build(name, H, D, **({"init_L": 128.0} if name == "fire" else {}))
+    if name == "fire":
+        kinks_inside(enc, 0.05, 0.95)
+    enc = enc.to(dev) if enc is not None else None
+    p0, s0 = _packed(T, [130, 400, 610])
+    pos = torch.stack([p0, torch.arange(T) + 9 * (torch.arange(T) >= 300)]).to(dev)
+    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
+    _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, ("run_mask", "t5_band"), H=H)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("D", [64, 128])
 def test_fire_t5_gpu_bf16(D, monkeypatch):
     """``fire_t5`` on the GPU (bf16, the committed launch shapes): output and every gradient equal FIRE's own
     kernels' to 1e-2 and the float64 reference to 1e-2, on a packed row below L (T5's kernels with Tk = 777
     buckets: band tiles, per-distance sums, the run mask) beside a row above it (FIRE's kernels)."""
-    from megafire.attention.fused import CONFIGS
     dev = torch.device("cuda")
-    B, T, H, HKV = 2, 777, 8, 2
+    T, H = 777, 8
     enc = build("fire", H, D, init_L=400.0)
     kinks_inside(enc, 0.05, 0.95)
     enc = enc.to(dev)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, HKV, HKV))
-    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
     p0, s0 = _packed(T, [130, 400, 610])                 # documents of 130, 270, 210, 167: positions < 400
     pos = torch.stack([p0, torch.arange(T)]).to(dev)     # the second row reaches 776 > L
     seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
-    params = [p for p in enc.parameters() if p.requires_grad]
-
-    def run(on):
-        monkeypatch.setitem(CONFIGS, (D, "fire"), dict(CONFIGS.get((D, "fire"), {}), fire_t5=on))
-        ins = [t.clone().requires_grad_() for t in (q, k, v)]
-        for p in params:
-            p.grad = None
-        out = fused_bias_attention(*ins, enc, pos, pos, segment_ids_q=seg, segment_ids_k=seg)
-        out.backward(do)
-        return [out, *(t.grad for t in ins), *(p.grad.clone() for p in params)]
-
-    off, on = run(False), run(True)
-    for a, b in zip(on, off):
-        assert _rel(a, b) < 1e-2, _rel(a, b)
-    import copy
-    e2 = copy.deepcopy(enc).double()
-    qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference(qs, ks, vs, e2, pos, pos, seg_q=seg, seg_k=seg)
-    ref.backward(do.double())
-    refs = [ref, qs.grad, ks.grad, vs.grad] + [p.grad for p in e2.parameters() if p.requires_grad]
-    for a, b in zip(on, refs):
-        assert _rel(a, b) < 1e-2, _rel(a, b)
+    _gpu_option_on_off(monkeypatch, "fire", enc, D, pos, seg, ("fire_t5",), H=H, on_off_tol=1e-2)
 
 
 def test_fire_bf16_parameters_fp32_activations():

@@ -306,6 +306,12 @@ def _compare_grad_checks(ctx, precision, deepspeed, nn, foreach_grad_checks, Dee
     assert theirs[0][1] > 0
 
 
+#: the GPU loss-trace tests' model (D=64) and perf switches (compiled, graphs off)
+GPU_TINY = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
+            "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
+GPU_PERF = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fire_t5_on_equals_off_bf16_gpu(tmp_path):
@@ -315,13 +321,10 @@ def test_fire_t5_on_equals_off_bf16_gpu(tmp_path):
     refuses the fused backend; the op-level interpreter tests hold the exactness there.)"""
     from megafire.attention import kernel_options
     position = {"name": "fire", "options": {"init_L": 64}}
-    gpu = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
-           "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
-    perf_on = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
-    off, _ = _trace(tmp_path, "off", position, perf_on, {**gpu, "attention": {"backend": "fused"}})
+    off, _ = _trace(tmp_path, "off", position, GPU_PERF, {**GPU_TINY, "attention": {"backend": "fused"}})
     try:
-        on, _ = _trace(tmp_path, "on", position, perf_on,
-                       {**gpu, "attention": {"backend": "fused", "fused_kernels": {64: {"fire_t5": True}}}})
+        on, _ = _trace(tmp_path, "on", position, GPU_PERF,
+                       {**GPU_TINY, "attention": {"backend": "fused", "fused_kernels": {64: {"fire_t5": True}}}})
         assert kernel_options.run_overrides(64) == {"fire_t5": True}
     finally:
         kernel_options.set_run_overrides({})
@@ -345,12 +348,9 @@ def test_kernel_options_off_equals_on_bf16_gpu(tmp_path, name):
     relative over 6 steps (bf16 rounding; the sums run in another order)."""
     from megafire.attention import kernel_options
     position = {"name": name, "options": {"init_L": 16} if name == "fire" else {}}
-    gpu = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
-           "train": {"precision": "bf16", "max_steps": 6}, "parallel": {"zero_stage": 1}}
-    perf_on = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
-    on, _ = _trace(tmp_path, "on", position, perf_on, {**gpu, "attention": {"backend": "fused"}})
-    off, _ = _trace(tmp_path, "off", position, perf_on,
-                    {**gpu, "attention": {"backend": "fused", "fused_kernels": {64: KERNEL_OFF[name]}}})
+    on, _ = _trace(tmp_path, "on", position, GPU_PERF, {**GPU_TINY, "attention": {"backend": "fused"}})
+    off, _ = _trace(tmp_path, "off", position, GPU_PERF,
+                    {**GPU_TINY, "attention": {"backend": "fused", "fused_kernels": {64: KERNEL_OFF[name]}}})
     try:
         assert kernel_options.run_overrides(64) == kernel_options.check_overrides(
             {64: KERNEL_OFF[name]}, "test")["64"]                    # the off run's model set them
