@@ -58,6 +58,8 @@
 #             Kerple, never timed there): GPU bf16 tests of Kerple with both on; packed-row kernel time (2 documents,
 #             N=512 and 2048, D=64, H=16 as at 350M) committed / run_mask / rcp_ex2 / both; then 350M kerple_log at
 #             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
+#   kerple512 the same options at T=512: Kerple-log's packed-row kernel time at N=512 (H=16) under each, then
+#             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
 #   firet5    FIRE below its threshold on T5's kernels (`fire_t5`, prepared without a GPU, off): its GPU bf16 tests,
 #             FIRE's packed-row kernel time (2 documents, N=512, D=64, H=12; init_L 512: every row below L) off / on,
 #             then 125M FIRE at T=512 in one process, off (A) against on (B), ABBA order (`bench train --ab`); ~350 s
@@ -209,6 +211,18 @@ for part in "$@"; do
           done
           bench kab350 300 --config configs/arms/350m-kerple-log.yaml --repeat 1 \
             --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" "$T2048" ;;
+    kerple512) ko='"run_mask": true, "rcp_ex2": true'   # the kerple part's options at T=512 (session 8)
+          for it in '{}' '{"run_mask": true}' '{"rcp_ex2": true}' "{$ko}"; do
+            echo "=== Kerple-log kernel time N=512 $it (at ${SECONDS}s)"
+            MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 90 python3 -m megafire.bench.attention --seqlens 512 \
+              --head-dims 64 --heads 16 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
+              --encodings kerple_log 2>&1 | filter | grep -E "^B=|fused|sdpa|Error|error" | tail -6
+          done
+          for m in 125m 350m; do
+            bench "kab512_$m" 200 --config "configs/arms/$m-kerple-log.yaml" --repeat 1 \
+              --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" \
+              "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]"
+          done ;;
     firet5) echo "=== fire_t5 GPU tests (at ${SECONDS}s)"
           timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
             tests/train/test_train_perf.py -k fire_t5 2>&1 | tail -2
