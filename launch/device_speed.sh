@@ -60,9 +60,6 @@
 #             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
 #   kerple512 the same options at T=512: Kerple-log's packed-row kernel time at N=512 (H=16) under each, then
 #             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
-#   firet5    FIRE below its threshold on T5's kernels (`fire_t5`, prepared without a GPU, off): its GPU bf16 tests,
-#             FIRE's packed-row kernel time (2 documents, N=512, D=64, H=12; init_L 512: every row below L) off / on,
-#             then 125M FIRE at T=512 in one process, off (A) against on (B), ABBA order (`bench train --ab`); ~350 s
 # Every call: carry [".whl", ".devcache"]: device_setup.sh restores the last call's compile caches (launch/devcache.py)
 # and saves this call's under $OUT (keep them here: python3 launch/devcache.py keep FILES_AT)
 . launch/device_setup.sh || exit 1
@@ -223,17 +220,6 @@ for part in "$@"; do
               --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" \
               "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]"
           done ;;
-    firet5) echo "=== fire_t5 GPU tests (at ${SECONDS}s)"
-          timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/fused/test_fused_attention.py \
-            tests/train/test_train_perf.py -k fire_t5 2>&1 | tail -2
-          for it in '{}' '{"fire_t5": true}'; do
-            echo "=== FIRE kernel time $it (at ${SECONDS}s)"
-            MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 90 python3 -m megafire.bench.attention --seqlens 512 \
-              --head-dims 64 --heads 12 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
-              --encodings fire,t5 2>&1 | filter | grep -E "fused|sdpa|Error|error" | tail -6
-          done
-          bench ft5_512 260 --config configs/arms/125m-fire.yaml --repeat 1 --ab "--attention.fused_kernels.64.fire_t5=true" \
-            "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     *) echo "unknown part $part" ;;
   esac
 done

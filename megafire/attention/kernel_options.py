@@ -27,9 +27,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 #: what a CONFIGS entry / a head-dim object of an override may hold
 LAUNCH_KEYS = ("fwd", "dq", "dkdv", "onepass")          # (BM, BN, warps, stages); onepass also false
 FLAG_KEYS = ("skip", "skip_fwd", "skip_bwd", "branchless", "pres", "segment_bounds", "defer", "rcp_ex2",
-             "fold_mask", "split_heavy", "t5_diag", "t5_band", "run_mask", "fire_t5")
+             "fold_mask", "split_heavy", "t5_diag", "t5_band", "run_mask")
 #: integer keys and their lowest allowed value
-INT_LOW = {"onepass_min_n": 0, "ku": 1}
+INT_LOW = {"onepass_min_n": 0, "run_mask_min_n": 0, "ku": 1}
 INT_KEYS = tuple(INT_LOW)
 
 _run_overrides: dict = {}

@@ -138,15 +138,11 @@ def record_launches(q, k, v, encoding, pos, seg, *, backward: bool = True, run: 
         nm, params, aux, eps, use_log, nb, md = _function.encoding_inputs(encoding, pos, N, q.device)
         pt = _function.position_tables(pos, pos, B, N, k.shape[1])
         pt = _function.with_row_flags(pt, seg, seg, nm, D, N, k.shape[1])
-        calls = [(pt, params, aux, nm, eps, use_log, nb, md)]
-        if _function.fire_t5_on(nm, encoding, D, N, k.shape[1], True):   # its two halves: T5's kernels, FIRE's
-            calls = _function.fire_t5_halves(encoding, pt, seg, seg, params, aux, eps, use_log, N, k.shape[1])[1]
-        for pt, params, aux, nm, eps, use_log, nb, md in calls:
-            static = (nm, True, D ** -0.5, eps, use_log, nb, md, _function._base(nm) in _function.LEARNED)
-            o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
-            if backward:
-                _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg,
-                                                   params, aux, tables, *static)
+        static = (nm, True, D ** -0.5, eps, use_log, nb, md, nm in _function.LEARNED)
+        o, ores, lse, tables = _function._attention_impl(q, k, v, pt, seg, seg, params, aux, *static)
+        if backward:
+            _function._attention_backward_impl(torch.randn_like(q), q, k, v, o, ores, lse, pt, seg, seg, params,
+                                               aux, tables, *static)
     finally:
         _function.wrap_triton, _fire_tables.wrap_triton = saved
     return launches
@@ -166,8 +162,6 @@ def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2
     ptxas' resource usage for sm_90a; with ``sass_dir``, also its loops (``sass_loops``) and its
     listing written there."""
     import triton
-
-    from megafire.attention.fused import _function
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("megafire bench resources compiles real kernels: unset TRITON_INTERPRET")
     drivers = triton.runtime.driver
@@ -194,8 +188,6 @@ def resources(name: str, D: int, *, N: int = 512, H: int = 2, documents: int = 2
                                          check=True).stdout if sass_dir else ""
             if named.get("PHASE"):   # split_heavy: the light (1) and heavy (2) launches of one kernel
                 kname = f"{kname}.{named['PHASE']}"
-            if name == "fire" and named.get("BIAS") == _function.K.T5:   # fire_t5: the rows below L, T5's kernels
-                kname = f"{kname}(t5)"
             row = dict(encoding=name, D=D, kernel=kname, BM=named.get("BM"), BN=named.get("BN"),
                        warps=warps, stages=stages, **parse_ptxas(out.stderr))
             if listing:

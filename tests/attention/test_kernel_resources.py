@@ -159,16 +159,3 @@ def test_t5_diag_sums_diagonals_in_registers(tmp_path):
     assert hb["instructions"] > 500 and hd["instructions"] > 500, (base, diag)
     assert hd["ops"].get("LDG", 0) - hb["ops"].get("LDG", 0) >= 64, (hb["ops"], hd["ops"])
     assert hd["ops"].get("SHFL", 0) - hb["ops"].get("SHFL", 0) < 100, (hb["ops"], hd["ops"])
-
-
-def test_fire_t5_compiles_both_halves(tmp_path):
-    """``fire_t5`` (FIRE's rows below L on T5's kernels): the tool records both halves of a FIRE call at N=512
-    (init_L 512: the packed rows are below L), T5's with an identity bucket map over 512 distances. The T5
-    forward compiles without spills (a 512-lane bucket map must not push its tile state to local memory);
-    FIRE's own launches are there too (they run the rows above L)."""
-    rows = _run(tmp_path, "fire", {"64": {"fire_t5": True}})
-    kernels = {k for _e, k in rows}
-    assert {"_fwd_kernel(t5)", "_bwd_onepass_kernel(t5)", "_fwd_kernel", "_bwd_dq_kernel.1"} <= kernels, kernels
-    fwd = rows[("fire", "_fwd_kernel(t5)")]
-    assert fwd["spill_stores"] == 0 and fwd["registers"] <= 255, fwd
-    assert {k for _e, k in _run(tmp_path, "fire")} == kernels - {"_fwd_kernel(t5)", "_bwd_onepass_kernel(t5)"}

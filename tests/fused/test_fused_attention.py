@@ -481,44 +481,6 @@ def test_rcp_ex2(name, onepass, monkeypatch):
     assert (kernel, True) in seen and (kernel, False) not in seen and (kernel, None) not in seen, seen
 
 
-@pytest.mark.parametrize("onepass", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_fire_t5(onepass, monkeypatch):
-    """``fire_t5``: rows whose query positions all lie below L run T5's kernels on FIRE's distance table
-    (identity bucket map), the other rows FIRE's kernels. Output and every gradient (the MLP's, c, L
-    included) equal the float64 reference when every row is below L (packed documents and a one-document
-    row; a decode offset), when one row is (init_L 24: the packed row's positions end at 23, the other's at
-    39) and (the slow run) when the packed row ties L (23: not below, so no row is: FIRE's only); both kernel
-    families launch in each call (each returns at once on the other's rows: a half that computed the
-    other's rows would double its gradients)."""
-    from megafire.attention.fused import CONFIGS
-    from megafire.attention.fused import _kernels as K
-    opts = dict(CONFIGS["interp"], fire_t5=True)
-    if onepass:
-        opts["onepass"] = ONEPASS
-    monkeypatch.setitem(CONFIGS, "interp", opts)
-    seen = _record_launches(monkeypatch, "BIAS")
-    cases = (100.0, 24.0, 23.0) if onepass else (100.0, 24.0)   # the tie with the slow run (time)
-    for init_L in cases:
-        _run("fire", B=2, Tq=40, Tk=40, seg=True, cuts=[9, 33], kinks=True, enc_opts=dict(init_L=init_L))
-    _run("fire", B=1, Tq=6, Tk=35, offset=3, kinks=True, enc_opts=dict(init_L=100.0))
-    fwd = [b for n, b in seen if n == "_fwd_kernel"]
-    n = len(cases) + 1
-    assert fwd.count(K.T5) == fwd.count(K.FIRE) == n and len(fwd) == 2 * n, fwd
-
-
-def test_fire_t5_distance_table():
-    """The table ``fire_t5`` hands T5's kernels is FIRE's own bias on a row below L: ``G[h, r]`` equals
-    ``enc.bias`` at (i, i - r) for every i < L (the rows below L are Toeplitz), and differs past L."""
-    enc = _encoding("fire", 2, kinks=True, init_L=20.0)
-    pos = torch.arange(30)
-    full = enc.bias(pos, pos)                                            # [H, 30, 30]
-    r = torch.arange(30, dtype=torch.float32)
-    G = enc.mlp_forward(enc.psi(r) / (enc.psi(enc.L.float()) + enc.eps)).t()   # [H, 30]
-    for i in range(20):
-        torch.testing.assert_close(full[:, i, :i + 1], G[:, :i + 1].flip(1), rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(full[:, 29, :30], G[:, :30].flip(1), atol=1e-4)
-
-
 @pytest.mark.parametrize("name", ["none", "fire"])
 def test_fold_mask_off(name, monkeypatch):
     """``fold_mask: false`` (the five-compare mask the folded one replaced; every other test runs
@@ -770,6 +732,21 @@ def test_onepass_min_n(monkeypatch):
     assert "_bwd_onepass_kernel" in {n for n, _ in seen} and "_bwd_dq_kernel" not in {n for n, _ in seen}, seen
 
 
+def test_run_mask_min_n(monkeypatch):
+    """``run_mask_min_n``: shorter key sequences keep the full mask in one launch per kernel, longer ones
+    take the run mask's two (aligned rows with RUN, the others without); both equal the reference."""
+    from megafire.attention.fused import CONFIGS
+    monkeypatch.setitem(CONFIGS, "interp", dict(CONFIGS["interp"], run_mask=True, run_mask_min_n=30))
+    seen = _record_launches(monkeypatch, "RUN")
+    _run("kerple_log", B=2, Tq=21, Tk=21, seg=True, cuts=[7])
+    short = [r for n, r in seen if n == "_fwd_kernel"]
+    seen.clear()
+    _run("kerple_log", B=2, Tq=35, Tk=35, seg=True, cuts=[7, 20])
+    long = [r for n, r in seen if n == "_fwd_kernel"]
+    assert short == [False], short
+    assert sorted(long) == [False, True], long
+
+
 @pytest.mark.parametrize("ku", ["1", "32"])
 @pytest.mark.parametrize("name", ["t5", "fire"])
 def test_onepass_options(name, ku, monkeypatch):
@@ -910,10 +887,10 @@ def test_t5_band_gpu_bf16(D, monkeypatch):
         assert _rel(a, b) < 1e-2, _rel(a, b)
 
 
-def _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, options, H=8, HKV=2, on_off_tol=1e-3):
+def _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, options, H=8, HKV=2, fixed=None):
     """bf16 on the GPU with the kernel options ``options`` (names) off, then on, for encoding ``name`` at head
-    dim D: output and every gradient with them on equal the off run's to ``on_off_tol`` and the float64
-    reference to 1e-2. ``pos`` / ``seg`` [B, T] (on the GPU) give the rows."""
+    dim D (``fixed``: options set in both runs): output and every gradient with them on equal the off run's
+    to 1e-3 and the float64 reference to 1e-2. ``pos`` / ``seg`` [B, T] (on the GPU) give the rows."""
     from megafire.attention.fused import CONFIGS
     dev = pos.device
     B, T = pos.shape
@@ -923,7 +900,8 @@ def _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, options, H=8, HKV=2,
     params = [] if enc is None else [p for p in enc.parameters() if p.requires_grad]
 
     def run(on):
-        monkeypatch.setitem(CONFIGS, (D, name), dict(CONFIGS.get((D, name), {}), **dict.fromkeys(options, on)))
+        monkeypatch.setitem(CONFIGS, (D, name), dict(CONFIGS.get((D, name), {}), **(fixed or {}),
+                                                     **dict.fromkeys(options, on)))
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
         for p in params:
             p.grad = None
@@ -933,7 +911,7 @@ def _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, options, H=8, HKV=2,
 
     off, on = run(False), run(True)
     for a, b in zip(on, off):
-        assert _rel(a, b) < on_off_tol, _rel(a, b)
+        assert _rel(a, b) < 1e-3, _rel(a, b)
     import copy
     e2 = copy.deepcopy(enc).double() if enc is not None else None
     qs, ks, vs = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -961,25 +939,8 @@ def test_run_mask_gpu_bf16(name, monkeypatch):
     p0, s0 = _packed(T, [130, 400, 610])
     pos = torch.stack([p0, torch.arange(T) + 9 * (torch.arange(T) >= 300)]).to(dev)
     seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
-    _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, ("run_mask", "t5_band"), H=H)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("D", [64, 128])
-def test_fire_t5_gpu_bf16(D, monkeypatch):
-    """``fire_t5`` on the GPU (bf16, the committed launch shapes): output and every gradient equal FIRE's own
-    kernels' to 1e-2 and the float64 reference to 1e-2, on a packed row below L (T5's kernels with Tk = 777
-    buckets: band tiles, per-distance sums, the run mask) beside a row above it (FIRE's kernels)."""
-    dev = torch.device("cuda")
-    T, H = 777, 8
-    enc = build("fire", H, D, init_L=400.0)
-    kinks_inside(enc, 0.05, 0.95)
-    enc = enc.to(dev)
-    p0, s0 = _packed(T, [130, 400, 610])                 # documents of 130, 270, 210, 167: positions < 400
-    pos = torch.stack([p0, torch.arange(T)]).to(dev)     # the second row reaches 776 > L
-    seg = torch.stack([s0, torch.zeros(T, dtype=torch.long)]).to(dev)
-    _gpu_option_on_off(monkeypatch, "fire", enc, D, pos, seg, ("fire_t5",), H=H, on_off_tol=1e-2)
+    # run_mask_min_n 0: these rows (777 keys) are shorter than where Kerple-log's committed run mask begins
+    _gpu_option_on_off(monkeypatch, name, enc, D, pos, seg, ("run_mask", "t5_band"), H=H, fixed={"run_mask_min_n": 0})
 
 
 def test_fire_bf16_parameters_fp32_activations():

@@ -65,7 +65,8 @@ def _launch_flags(name: str, override: dict, n: int = 128) -> tuple:
     cfg = {**committed_config(64, name), **override.get("64", {})}
     onepass = bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
     split = bool(cfg.get("split_heavy")) and not onepass and name in ("t5", "fire")
-    return onepass, split, bool(cfg.get("t5_diag")), bool(cfg.get("run_mask"))
+    run = bool(cfg.get("run_mask")) and n >= int(cfg.get("run_mask_min_n", 0))
+    return onepass, split, bool(cfg.get("t5_diag")), run
 
 
 @pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split", "run"])
@@ -102,7 +103,7 @@ def test_inductor_sees_exactly_what_each_launch_writes(options):
         override = {"64": {"split_heavy": True, "onepass": False, "t5_band": True}}
         names = ["t5", "fire"]
     if options == "run":
-        override = {"64": {"run_mask": True, "t5_band": True}}
+        override = {"64": {"run_mask": True, "run_mask_min_n": 0, "t5_band": True}}
     if override:
         env.update(MEGAFIRE_FUSED_CONFIGS=json.dumps(override))
     done = subprocess.run([sys.executable, script, *names], capture_output=True, text=True, env=env, timeout=600)

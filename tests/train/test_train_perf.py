@@ -312,43 +312,31 @@ GPU_TINY = {"model": {"hidden_size": 128, "num_heads": 2, "vocab_size": 256},
 GPU_PERF = {"compile": "auto", "fused_loss": "auto", "direct_linear": True, "cuda_graphs": "false"}
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fire_t5_on_equals_off_bf16_gpu(tmp_path):
-    """``attention.fused_kernels: {64: {fire_t5: true}}`` (FIRE's rows below L on T5's kernels; off by
-    default) changes how, not what: bf16 on one GPU, D=64, L above every position (init_L 64, rows of 32),
-    the loss trace equals the one with it off within 2e-2 relative over 6 steps. (On the CPU the trainer
-    refuses the fused backend; the op-level interpreter tests hold the exactness there.)"""
-    from megafire.attention import kernel_options
-    position = {"name": "fire", "options": {"init_L": 64}}
-    off, _ = _trace(tmp_path, "off", position, GPU_PERF, {**GPU_TINY, "attention": {"backend": "fused"}})
-    try:
-        on, _ = _trace(tmp_path, "on", position, GPU_PERF,
-                       {**GPU_TINY, "attention": {"backend": "fused", "fused_kernels": {64: {"fire_t5": True}}}})
-        assert kernel_options.run_overrides(64) == {"fire_t5": True}
-    finally:
-        kernel_options.set_run_overrides({})
-    worst = max(abs(a - b) / abs(b) for a, b in zip(on, off))
-    assert len(on) == len(off) == 6 and worst <= 2e-2, (on, off)
-    assert on[-1] < on[0]
-
-
 #: each kernel optimization committed for T5 / FIRE at D=64 (docs/benchmarks.md, 2026-12-05), off
 KERNEL_OFF = {"t5": {"t5_diag": False, "t5_band": False, "run_mask": False},
-              "fire": {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2], "ku": 1}}
+              "fire": {"split_heavy": False, "rcp_ex2": False, "dq": [64, 64, 4, 2], "ku": 1},
+              "kerple_log": {"rcp_ex2": False, "run_mask": False}}
+#: the committed run's overrides where its rows are too short for an option (Kerple-log's run mask from 1024 keys)
+KERNEL_ON = {"kerple_log": {"run_mask_min_n": 0}}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["t5", "fire"])
+@pytest.mark.parametrize("name", ["t5", "fire", "kerple_log"])
 def test_kernel_options_off_equals_on_bf16_gpu(tmp_path, name):
     """The fused kernels' optimizations (``attention.fused_kernels``, their off switch in the config)
     change how, not what: bf16 on one GPU, D=64, the loss trace with T5's ``t5_diag``, ``t5_band`` and
-    ``run_mask`` / FIRE's split backward, ``rcp_ex2`` and KU=2 off equals the committed one within 2e-2
-    relative over 6 steps (bf16 rounding; the sums run in another order)."""
+    ``run_mask`` / FIRE's split backward, ``rcp_ex2`` and KU=2 / Kerple-log's ``rcp_ex2`` and ``run_mask`` (on
+    at these short rows) off equals the committed one within 2e-2 relative over 6 steps (bf16 rounding; the
+    sums run in another order)."""
     from megafire.attention import kernel_options
     position = {"name": name, "options": {"init_L": 16} if name == "fire" else {}}
-    on, _ = _trace(tmp_path, "on", position, GPU_PERF, {**GPU_TINY, "attention": {"backend": "fused"}})
+    on_attn = {"backend": "fused", "fused_kernels": {64: KERNEL_ON[name]}} if name in KERNEL_ON else \
+        {"backend": "fused"}
+    try:
+        on, _ = _trace(tmp_path, "on", position, GPU_PERF, {**GPU_TINY, "attention": on_attn})
+    finally:
+        kernel_options.set_run_overrides({})
     off, _ = _trace(tmp_path, "off", position, GPU_PERF,
                     {**GPU_TINY, "attention": {"backend": "fused", "fused_kernels": {64: KERNEL_OFF[name]}}})
     try:

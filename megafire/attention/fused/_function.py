@@ -39,7 +39,8 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: rcp_ex2 (Kerple-log, FIRE): the ``r / (1 + c r)`` factor of the r2 / c gradient in the dq and
 #: one-pass kernels as ``r 2^-lg`` (one MUFU op on the bias' own log) instead of a Newton
 #: reciprocal (7 fp32 ops per score; FIRE's light dq loop 1,092 -> 881 SASS instructions per thread
-#: and tile, docs/kernels.md); on for FIRE at D=64 with split_heavy (below), off elsewhere (untimed).
+#: and tile, docs/kernels.md); on for FIRE at D=64 with split_heavy (below) and for Kerple-log at D=64
+#: (timed, below), off elsewhere (untimed).
 #: fold_mask: a masked tile compares each score's key index once, against a per-row limit that
 #: folds in the query / key bounds and the causal index condition (3 compares and 3 selects per
 #: score instead of 5 and 5; the FIRE / no-bias dkdv kernels keep the five, see ``_mask``); default on (an exact
@@ -67,14 +68,9 @@ from ._fire_tables import fire_mlp_grads, fire_tables
 #: ``[first key of the query's segment, causal limit]`` (two compares per score against per-row bounds, no
 #: key positions or segment ids: exactly the live scores there); each kernel is launched twice, for the
 #: aligned rows and for the others (``_row_launches``). T5 at D=64 masks every tile: its light forward
-#: tile 696 -> 497 SASS instructions per thread (docs/kernels.md). On for T5 at D=64 (with t5_band); off for
-#: the other encodings (not timed there).
-#: fire_t5 (FIRE, causal, Tk <= 1024): the rows whose query positions all lie below L (aligned rows, ``i < L``:
-#: the normalizer is the constant psi(L), the bias a function of the distance alone) run T5's kernels with an
-#: identity bucket map over the distance table ``G[h, r] = f_h(psi(r) / (psi(L) + eps))`` (band tiles, per-
-#: diagonal dS sums, the run mask, ``pres``; ``dG`` reaches the MLP, c and L by autograd), the other rows FIRE's
-#: kernels, in one call each (``_fire_below_threshold``): sync-free, each launch's programs on the other's rows
-#: return at once. Off (prepared without a GPU, untimed; docs/kernels.md "FIRE below the threshold").
+#: tile 696 -> 497 SASS instructions per thread (docs/kernels.md). On for T5 at D=64 (with t5_band) and for
+#: Kerple-log at D=64 from 1024 keys on (run_mask_min_n: shorter calls keep one launch; timed); off for the
+#: other encodings (not timed there).
 #: ku (T5 / FIRE): kinks / boundaries per tile in the unrolled blocks (default KU_DEFAULT, _kernels.py).
 #: (D, encoding name) entries override D's; a run's ``attention.fused_kernels`` overrides both (the off
 #: switch of each option, megafire.attention.kernel_options). Override for tuning:
@@ -106,6 +102,11 @@ CONFIGS = {
     (64, "t5"): dict(fwd=(64, 64, 4, 3), skip_fwd=False, skip_bwd=False, defer=True, segment_bounds=True,
                      onepass=(64, 64, 4, 1), t5_diag=True, t5_band=True, run_mask=True),
     (64, "fire"): dict(fwd=(64, 64, 4, 3), segment_bounds=True, split_heavy=True, dq=(64, 64, 4, 1), rcp_ex2=True),
+    # Kerple-log (2026-12-05, H100, packed rows, 2 documents, H=16, kernel time): f+b at N=2048 1.567 ms ->
+    # 1.529 (run_mask) / 1.550 (rcp_ex2) / 1.495 (both); at N=512 0.696 -> 0.736 / 0.680 / 0.730: the run
+    # mask from 1024 keys on. 350M kerple_log at T=2048 in the trainer, A/B in one process: +1.8% (both);
+    # docs/benchmarks.md "session 8"
+    (64, "kerple_log"): dict(rcp_ex2=True, run_mask=True, run_mask_min_n=1024),
     (128, "fire"): dict(skip_bwd=True),
 }
 # Kerple / T5 without the P-residual MMA: it is 13-15% of their fwd+bwd (N=4096, D=64) and their
@@ -150,25 +151,10 @@ def _apply(cfg: dict, over: dict, launch: bool = True) -> None:
         cfg["skip_fwd"] = cfg["skip_bwd"] = bool(over["skip"])
 
 
-#: the two halves of a FIRE call under ``fire_t5`` (``_fire_below_threshold``): the rows below L on T5's
-#: kernels with an identity bucket map, the others on FIRE's; each launch runs its own rows only (PICK)
-_VARIANTS = {"t5_fire": "t5", "fire_rest": "fire"}
-#: what the rows below L need of T5's kernels whatever T5's own options: the band tiles and the per-distance
-#: dS sums (every tile is heavy under an identity map), the run mask (their launch is the aligned rows'),
-#: and the P residual (FIRE's output-layer gradient needs it: docs/benchmarks.md, v3.1)
-_T5_FIRE_OPTIONS = dict(pres=True, t5_band=True, t5_diag=True, run_mask=True)
-
-
-def _base(name: str) -> str:
-    return _VARIANTS.get(name, name)
-
-
 def _config(d: int, name: str = "none") -> dict:
     """The launch options of head dim ``d`` and encoding ``name``: the committed entry, then the
     run's ``attention.fused_kernels``, then MEGAFIRE_FUSED_CONFIGS (megafire.attention.kernel_options).
     Under the interpreter its own entry, with the run's switches and integer options only."""
-    if name in _VARIANTS:
-        return dict(_config(d, _VARIANTS[name]), **(_T5_FIRE_OPTIONS if name == "t5_fire" else {}))
     if _interp():
         cfg = dict(CONFIGS["interp"])
         _apply(cfg, run_overrides(d), launch=False)
@@ -210,7 +196,7 @@ def _t5_tables(enc, device, traced: bool = False):
     if traced:
         it = _t5_luts(enc, device, rt)
         return (it, it[:rt + 1].long()), rt
-    key = (int(enc.num_buckets), rt, str(device), bool(getattr(enc, "identity", False)))
+    key = (int(enc.num_buckets), rt, str(device))
     if key not in _T5_LUTS:
         it = _t5_luts(enc, device, rt)
         _T5_LUTS[key] = (it, it[:rt + 1].long())
@@ -218,10 +204,8 @@ def _t5_tables(enc, device, traced: bool = False):
 
 
 def _t5_luts(enc, device, rt):
-    """[LUT | THR] (int32) of ``_t5_tables``; ``enc.identity`` (``fire_t5``): bucket r = r, RT + 1 buckets."""
+    """[LUT | THR] (int32) of ``_t5_tables``."""
     rel = torch.arange(rt + 1, device=device)
-    if getattr(enc, "identity", False):
-        return torch.cat([rel, rel]).to(torch.int32).contiguous()
     from megafire.positional.t5 import t5_causal_bucket
     lut = t5_causal_bucket(rel, enc.num_buckets, enc.max_distance)
     thr = torch.searchsorted(lut.contiguous(), torch.arange(enc.num_buckets, device=device), right=False)
@@ -366,9 +350,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     B, dev = q.shape[0], q.device
     st = _State()
     st.traced = is_fake(q)
-    st.name, st.mode = name, _NAMES.get(_base(name), K.NONE)
-    # fire_t5's halves: the launches run the rows whose flag (pos[4]) is 1 (T5's) or 0 (FIRE's) only
-    st.rows = {"t5_fire": True, "fire_rest": False}.get(name)
+    st.name, st.mode = name, _NAMES.get(name, K.NONE)
     st.W, st.NS, st.RT, st.eps, st.use_log = 1, 1, 0, eps, use_log
     st.causal, st.scale = bool(causal), float(scale)
     st.prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -385,10 +367,10 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     # the rows' alignment flags (and first keys) came with the position tables (``with_row_flags``)
     st.aln = pos[4] if len(pos) > 4 else st.dummy_i
     st.seglo = pos[5] if len(pos) > 5 else st.dummy_i
-    st.run = len(pos) > 4 and st.causal and bool(cfg.get("run_mask", False))
+    st.run = len(pos) > 4 and st.causal and _run_mask_on(cfg, k.shape[1])
     st.band = False
     if st.mode == K.T5:
-        it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced, name == "t5_fire")
+        it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced)
         st.NS, st.ft, st.it = t5_buckets, tables[0], it
         # t5_band; past a max distance of 2048 the band tables (~RT / 64 tiles of BM BN fp32 per head)
         # would outgrow L2: the gather then
@@ -404,7 +386,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     # kinks / bucket boundaries per tile handled by unrolled blocks in the pipelined loops
     # (more: the tile runs in the second, general loop): CONFIGS / the run's "ku", else KU_DEFAULT;
     # MEGAFIRE_FUSED_KU overrides for tests / tuning
-    ku = cfg.get("ku", K.KU_DEFAULT.get(_base(name), 1))
+    ku = cfg.get("ku", K.KU_DEFAULT.get(name, 1))
     st.ku = int(os.environ.get("MEGAFIRE_FUSED_KU", ku)) if st.table else 1
     # one tile table per batch row when positions or segments differ between rows
     st.tab_bsz = B if any(st.strides) else 1
@@ -470,6 +452,11 @@ def _row_tables(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tenso
     return _by_identity(_ROW_TABLES, _ROW_TABLES_SIZE, tabs, (Tq, Tk, first), build)
 
 
+def _run_mask_on(cfg: dict, Tk: int) -> bool:
+    """``run_mask`` for a call with ``Tk`` keys: on in ``cfg`` and at least ``run_mask_min_n`` keys."""
+    return bool(cfg.get("run_mask", False)) and Tk >= int(cfg.get("run_mask_min_n", 0))
+
+
 def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
                    Tk: int, causal: bool = True) -> list[Tensor]:
     """The op's position tables (``position_tables``), plus what ``t5_band`` (T5) and ``run_mask`` (causal)
@@ -477,7 +464,7 @@ def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[T
     ``run_mask``, each query's first key (``_first_keys``). The op's state finds them there."""
     cfg = _config(D, name)
     band = name == "t5" and cfg.get("t5_band", False)
-    run = causal and cfg.get("run_mask", False)
+    run = causal and _run_mask_on(cfg, Tk)
     if not (band or run):
         return pos
     return [*pos, *_row_tables(pos[0], pos[2], seg_q, seg_k, Tq, Tk, bool(run))]
@@ -523,9 +510,9 @@ def _band_table(st, H: int, Tq: int, Tk: int, BM: int, BN: int, trans: bool = Fa
     return st.tables[key]
 
 
-def _t5_tables_for(num_buckets: int, max_distance: int, device, traced: bool = False, identity: bool = False):
+def _t5_tables_for(num_buckets: int, max_distance: int, device, traced: bool = False):
     """(IT = [LUT | THR] int32, RT) of a T5 configuration (cached; see ``_t5_tables``)."""
-    enc = _T5Config(num_buckets, max_distance, identity)
+    enc = _T5Config(num_buckets, max_distance)
     (it, _lut), rt = _t5_tables(enc, device, traced)
     return it, rt
 
@@ -534,13 +521,11 @@ def _t5_tables_for(num_buckets: int, max_distance: int, device, traced: bool = F
 class _T5Config:
     num_buckets: int
     max_distance: int
-    identity: bool = False     # fire_t5: bucket r = r (num_buckets = max_distance + 1)
 
 
-def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int,
-                      identity: bool = False) -> torch.Tensor:
+def _t5_forward_table(weight: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """FT = [W[bucket(r), h] for r = 0..RT (by head) | W^T] (fp32) of the T5 table ``weight`` [NB, H]."""
-    (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance, identity), weight.device, is_fake(weight))
+    (_it, lut), _rt = _t5_tables(_T5Config(num_buckets, max_distance), weight.device, is_fake(weight))
     return torch.cat([weight[lut].t().reshape(-1), weight.t().reshape(-1)]).contiguous()
 
 
@@ -548,9 +533,7 @@ def _row_launches(st) -> tuple:
     """``(RUN, PICK)`` of each launch of a kernel: one for every row, or with ``run_mask`` one for the
     aligned rows (the run mask) and one for the others (the full mask; on the trainer's rows all of
     its programs return at once). One kernel holding both masks behind a runtime branch compiles
-    worse than either (``_pick``). ``fire_t5``'s halves: one launch, for their own rows."""
-    if st.rows is not None:
-        return ((st.rows, True),)
+    worse than either (``_pick``)."""
     return ((True, True), (False, True)) if st.run else ((False, False),)
 
 
@@ -559,9 +542,7 @@ def _forward(q, k, v, st, pgrad: bool):
     for exact parameter gradients) is empty when not needed."""
     B, Tq, H, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
-    # fire_t5's halves leave the other half's rows unwritten: zeros there, not garbage (the two are merged
-    # with torch.where, and the backward's delta reads every row)
-    o = torch.zeros_like(q) if st.rows is not None else torch.empty_like(q)
+    o = torch.empty_like(q)
     resid = pgrad and q.dtype != torch.float32
     ores = torch.empty_like(q) if resid else o
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
@@ -600,9 +581,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     wrap_triton(K._bwd_delta_kernel)[(triton_cdiv(Tq, 64), B * H)](
         o, ores if resid else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), H, Tq, RESID=resid, D=D, BM=64, num_warps=4)
-    # fire_t5's halves: autograd adds the two halves' dq / dk / dv, so each is zero on the other's rows
-    new = torch.zeros_like if st.rows is not None else torch.empty_like
-    dk, dv = new(k), new(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     pgrad = pgrad and mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE)
     cfg = _config(D, st.name)
     onepass = (cfg.get("onepass") or None) if Tk >= int(cfg.get("onepass_min_n", 0)) else None
@@ -619,8 +598,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     part_stride = 2 * NS + 2 * W if mode == K.FIRE else 2 * NS + (st.RT + 1) * diag if mode == K.T5 else 2
     part = torch.zeros(B * H * nprog, part_stride, device=dev, dtype=torch.float32) if pgrad else st.dummy_f
     if pgrad and mode == K.FIRE:
-        # the one-pass kernel adds per key block; fire_t5's FIRE half writes its own rows only
-        new_row = torch.zeros if onepass or st.rows is not None else torch.empty
+        new_row = torch.zeros if onepass else torch.empty   # the one-pass kernel adds per key block
         rowc = new_row(B, H, Tq, device=dev, dtype=torch.float32)
         rowx = new_row(B, H, Tq, device=dev, dtype=torch.float32)
     else:
@@ -653,7 +631,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
                 **common)
         dq = dqa.to(q.dtype)
     else:
-        dq = new(q)
+        dq = torch.empty_like(q)
         # split_heavy (T5 / FIRE): light tiles in a launch of their own (phase 1, fp32 partials), the heavy
         # tiles' runtime kink / bucket loops in a second (phase 2, adds the partials): ptxas serializes
         # every wgmma of a kernel holding such a loop
@@ -716,7 +694,6 @@ def _param_grads(name: str, params, extras, use_log: bool) -> list:
     (traced into the compiled backward); cast to each parameter's dtype."""
     if not extras:
         return [None] * len(params)
-    name = _base(name)
     if name == "kerple_log":
         tot, (r1, _r2) = extras[0], params
         grads = [-K.LN2 * tot[:, 0], -r1 * tot[:, 1]]
@@ -864,11 +841,11 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, pos: list[Tensor], seg_q: O
                     pgrad: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """-> (o [B, Tq, H, D], ores (o's rounding residual, or empty), lse [B, H, Tq], tables): the
     encoding's derived tables (FIRE ``[ft, it, rank]``, T5 ``[ft]``), kept for the backward."""
-    if _base(name) == "fire":
+    if name == "fire":
         w1, b1, W2, b2 = params[:4]
         tables = list(fire_tables(w1, b1, W2, b2, K.FIRE_BINS))
-    elif _base(name) == "t5":
-        tables = [_t5_forward_table(params[0], t5_buckets, t5_max_distance, name == "t5_fire")]
+    elif name == "t5":
+        tables = [_t5_forward_table(params[0], t5_buckets, t5_max_distance)]
     else:
         tables = []
     st = _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, eps, use_log,
@@ -882,7 +859,6 @@ def _attention_fake(q, k, v, pos, seg_q, seg_k, params, aux, name, causal, scale
     B, Tq, H, _D = q.shape
     ores = torch.empty_like(q) if pgrad and q.dtype != torch.float32 else q.new_empty(0)
     lse = q.new_empty(B, H, Tq, dtype=torch.float32)
-    name = _base(name)
     if name == "fire":
         Hh, W = params[2].shape
         tables = [q.new_empty(2 * Hh * (W + 1) + Hh * W + W, dtype=torch.float32),
@@ -909,7 +885,6 @@ def _attention_backward_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
 def _attention_backward_fake(do, q, k, v, o, ores, lse, pos, seg_q, seg_k, params, aux, tables, name,
                              causal, scale, eps, use_log, t5_buckets, t5_max_distance, pgrad):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    name = _base(name)
     if not pgrad or name not in LEARNED:
         return (*grads, [])
     H = q.shape[2]
@@ -977,47 +952,6 @@ _inline_op, _inline_backward_op = _register("fused_bias_attention", inline=True)
 _opaque_op, _opaque_backward_op = _register("fused_bias_attention_opaque", inline=False)
 
 
-def fire_t5_on(name: str, encoding, D: int, Tq: int, Tk: int, causal: bool) -> bool:
-    """Whether a call takes ``fire_t5``'s two halves (``_fire_below_threshold``): FIRE with a threshold,
-    causal, at most 1024 keys (T5's per-distance dS sums hold RT + 1 lanes), the option on for D."""
-    return (name == "fire" and causal and Tq <= Tk <= 1024 and bool(encoding.use_threshold)
-            and bool(_config(D, "fire").get("fire_t5", False)))
-
-
-def fire_t5_halves(enc, pos, seg_q, seg_k, params, aux, eps, use_log, Tq: int, Tk: int):
-    """``(flag, [(pos, params, aux, name, eps, use_log, t5_buckets, t5_max_distance)] * 2)``: the per-row
-    flag of the rows below L and the op arguments of ``fire_t5``'s halves (``_fire_below_threshold``)."""
-    qp, kp = pos[0], pos[2]
-    row_tabs = _row_tables(qp, kp, seg_q, seg_k, Tq, Tk, True)     # [aligned] or [aligned, first keys]
-    aligned = row_tabs[0]                                           # int32 [rows]: 1 or B
-    below = _rows(qp, aligned.shape[0], Tq).amax(1).float() < enc.L.detach().float()   # strictly: no tie at L
-    flag = (aligned.bool() & below).to(torch.int32)
-    pos2 = [*pos[:4], flag, *row_tabs[1:]]
-    r = torch.arange(Tk, device=qp.device, dtype=torch.float32)
-    x = enc.psi(r) / (enc.psi(enc.L.float()) + enc.eps)            # [Tk] in [0, 1) below L
-    W = enc.mlp_forward(x).float().contiguous()                     # [Tk, H] = G^T (fp32)
-    return flag, [(pos2, [W], [], "t5_fire", 0.0, True, Tk, Tk - 1),
-                  (pos2, params, aux, "fire_rest", eps, use_log, 0, 0)]
-
-
-def _fire_below_threshold(q, k, v, enc, pos, seg_q, seg_k, params, aux, eps, use_log, scale, pgrad, op, Tq: int,
-                          Tk: int) -> Tensor:
-    """FIRE under ``fire_t5``: a row whose query positions all lie below L (and whose scores have distance =
-    index distance: ``_aligned_rows``) has the constant normalizer psi(L) + eps, so its bias is
-
-        b_h(i, j) = G[h, i - j],   G[h, r] = f_h(psi(r) / (psi(L) + eps)),   r = 0 .. Tk - 1,
-
-    T5's bias with Tk buckets and bucket(r) = r. Those rows run T5's kernels on ``W = G^T`` [Tk, H] (built
-    by differentiable ops: the kernels' ``dW`` reaches the MLP, c and L through them); the other rows run
-    FIRE's. Both calls launch over every row and each program of a row that is not its call's returns at once
-    (PICK on the per-row flag): no host sync, capturable. Outputs merged by the flag; the gradients of q, k, v
-    add (each call's are zero on the other's rows). -> o [B, Tq, H, D]."""
-    flag, halves = fire_t5_halves(enc, pos, seg_q, seg_k, params, aux, eps, use_log, Tq, Tk)
-    (o_t5, o_fire) = [op(q, k, v, p2, seg_q, seg_k, prm, ax, nm, True, scale, ep, ul, nb, md, pgrad)[0]
-                      for p2, prm, ax, nm, ep, ul, nb, md in halves]
-    return torch.where(flag.bool().view(-1, 1, 1, 1), o_t5, o_fire)
-
-
 def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True,
                          segment_ids_q=None, segment_ids_k=None, softmax_scale: Optional[float] = None,
                          fire_grid: Optional[int] = None, inline: bool = True):
@@ -1055,9 +989,6 @@ def fused_bias_attention(q, k, v, encoding, q_pos, k_pos, *, causal: bool = True
     # parameter gradients are sums of dS: keep the fp32 output's rounding residual for delta
     pgrad = torch.is_grad_enabled() and name in LEARNED and any(p.requires_grad for p in params)
     op = _inline_op if inline and not _interp() else _opaque_op
-    if fire_t5_on(name, encoding, D, Tq, Tk, causal):
-        return _fire_below_threshold(q.contiguous(), k.contiguous(), v.contiguous(), encoding, pos[:4], seg_q, seg_k,
-                                     params, aux, eps, use_log, scale, pgrad, op, Tq, Tk)
     o, _ores, _lse, _tables = op(
         q.contiguous(), k.contiguous(), v.contiguous(), pos, seg_q, seg_k, params, aux,
         name, bool(causal), scale, eps, use_log, t5_buckets, t5_max_distance, pgrad)
