@@ -3,12 +3,13 @@
 # command); results under $OUT. Usage: bash launch/device_speed.sh PART [PART ...]
 #   tests     the GPU tests of the fused kernels, the compiled block and the perf switches (59 tests; past one
 #             call's limit since 2026-12-04: run fused and rest in two calls instead)
-#   fused     the GPU tests under tests/fused (47; ~450 s)
+#   fused     the GPU tests under tests/fused (45; ~450 s)
 #   rest      every other GPU test of the suite (33: model, perf switches, memory, rotary, flex, SP, packed rows);
 #             fused + rest together are all of `pytest -m gpu tests`
 #   suite     the whole GPU suite (`pytest -m gpu tests`: fused + rest) in one call, NW xdist workers on the one
-#             GPU (80 tests; default 6 workers: 267 s on an H100, 2026-12-05; the tests are Triton- and inductor-compile
-#             bound on the host; needs the pytest-xdist
+#             GPU (78 tests; default 6 workers: 267 s on an H100, 166 s with the carried compile caches, 2026-12-05; the
+#             tests are Triton- and inductor-compile bound on the host; its "2 skipped": the two-GPU SP test and
+#             tests/export/test_export_lm_eval.py, which skips at collection without lm-eval; needs the pytest-xdist
 #             and execnet wheels in .whl, launch/device_wheels.sh); serial if xdist is missing. The kernel-time test
 #             runs alone afterwards (other workers' kernels would count in its wall time)
 #   quick     of those, the compiled-op and perf-switch tests only
