@@ -61,12 +61,11 @@ def _expected_writes(name: str, onepass: bool, split: bool = False, diag: bool =
 def _launch_flags(name: str, override: dict, n: int = 128) -> tuple:
     """(onepass, split, diag, run) of ``name``'s D=64 launches at ``n`` keys (traced_launches.py's T): the
     committed configuration with the ``MEGAFIRE_FUSED_CONFIGS`` override's "64" keys on top."""
-    from megafire.attention.fused._function import committed_config
+    from megafire.attention.fused._function import committed_config, option_for
     cfg = {**committed_config(64, name), **override.get("64", {})}
-    onepass = bool(cfg.get("onepass")) and n >= int(cfg.get("onepass_min_n", 0))
+    onepass = bool(option_for(cfg, "onepass", n))
     split = bool(cfg.get("split_heavy")) and not onepass and name in ("t5", "fire")
-    run = bool(cfg.get("run_mask")) and n >= int(cfg.get("run_mask_min_n", 0))
-    return onepass, split, bool(cfg.get("t5_diag")), run
+    return onepass, split, bool(cfg.get("t5_diag")), bool(option_for(cfg, "run_mask", n))
 
 
 @pytest.mark.parametrize("options", ["committed", "prepared", "onepass", "split", "run"])

@@ -331,8 +331,7 @@ def test_kernel_options_off_equals_on_bf16_gpu(tmp_path, name):
     sums run in another order)."""
     from megafire.attention import kernel_options
     position = {"name": name, "options": {"init_L": 16} if name == "fire" else {}}
-    on_attn = {"backend": "fused", "fused_kernels": {64: KERNEL_ON[name]}} if name in KERNEL_ON else \
-        {"backend": "fused"}
+    on_attn = {"backend": "fused", "fused_kernels": {64: KERNEL_ON.get(name, {})}}
     try:
         on, _ = _trace(tmp_path, "on", position, GPU_PERF, {**GPU_TINY, "attention": on_attn})
     finally:

@@ -367,7 +367,7 @@ def _state(q, k, pos, seg_q, seg_k, name, params, aux, tables, causal, scale, ep
     # the rows' alignment flags (and first keys) came with the position tables (``with_row_flags``)
     st.aln = pos[4] if len(pos) > 4 else st.dummy_i
     st.seglo = pos[5] if len(pos) > 5 else st.dummy_i
-    st.run = len(pos) > 4 and st.causal and _run_mask_on(cfg, k.shape[1])
+    st.run = len(pos) > 4 and st.causal and bool(option_for(cfg, "run_mask", k.shape[1]))
     st.band = False
     if st.mode == K.T5:
         it, st.RT = _t5_tables_for(t5_buckets, t5_max_distance, dev, st.traced)
@@ -452,9 +452,10 @@ def _row_tables(qp: Tensor, kp: Tensor, sq: Optional[Tensor], sk: Optional[Tenso
     return _by_identity(_ROW_TABLES, _ROW_TABLES_SIZE, tabs, (Tq, Tk, first), build)
 
 
-def _run_mask_on(cfg: dict, Tk: int) -> bool:
-    """``run_mask`` for a call with ``Tk`` keys: on in ``cfg`` and at least ``run_mask_min_n`` keys."""
-    return bool(cfg.get("run_mask", False)) and Tk >= int(cfg.get("run_mask_min_n", 0))
+def option_for(cfg: dict, option: str, Tk: int):
+    """``cfg[option]`` for a call with ``Tk`` keys, or None: an option with a ``{option}_min_n`` entry
+    (``onepass_min_n``, ``run_mask_min_n``) holds only from that many keys on."""
+    return (cfg.get(option) or None) if Tk >= int(cfg.get(f"{option}_min_n", 0)) else None
 
 
 def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[Tensor], name: str, D: int, Tq: int,
@@ -464,7 +465,7 @@ def with_row_flags(pos: list[Tensor], seg_q: Optional[Tensor], seg_k: Optional[T
     ``run_mask``, each query's first key (``_first_keys``). The op's state finds them there."""
     cfg = _config(D, name)
     band = name == "t5" and cfg.get("t5_band", False)
-    run = causal and _run_mask_on(cfg, Tk)
+    run = causal and bool(option_for(cfg, "run_mask", Tk))
     if not (band or run):
         return pos
     return [*pos, *_row_tables(pos[0], pos[2], seg_q, seg_k, Tq, Tk, bool(run))]
@@ -584,7 +585,7 @@ def _backward(do, q, k, v, o, ores, lse, st, params, pgrad: bool):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     pgrad = pgrad and mode in (K.KERPLE_LOG, K.KERPLE_POW, K.T5, K.FIRE)
     cfg = _config(D, st.name)
-    onepass = (cfg.get("onepass") or None) if Tk >= int(cfg.get("onepass_min_n", 0)) else None
+    onepass = option_for(cfg, "onepass", Tk)
     BM, BN, warps, stages = onepass or cfg["dq"]
     W, NS = st.W, st.NS
     # parameter-sum rows: one per (batch, head, query block) of the dq kernel, or per key block
