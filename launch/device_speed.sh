@@ -66,7 +66,7 @@
 . launch/device_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
-ARMS=${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,t5}   # the peers of t512, t2048, m350
+ARMS=${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,kerple_power,t5}   # the peers of t512, t2048, m350
 filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
 bench() {   # tag timeout args...
   local tag=$1 t=${BENCH_S:-$2}; shift 2   # BENCH_S: one timeout for every bench of the call
@@ -109,7 +109,7 @@ for part in "$@"; do
     t512) bench t512 570 --config configs/arms/125m-fire.yaml --peer "$ARMS" ;;
     t2048) bench t2048 570 --config configs/arms/125m-fire.yaml --peer "$ARMS" "$T2048" ;;
     m350) bench m350 570 --config configs/arms/350m-fire.yaml --peer "$ARMS" "$T2048" ;;
-    m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer "${PEERS:-compact,rope,alibi,kerple_log,t5}" \
+    m350s) bench m350_512 570 --config configs/arms/350m-fire.yaml --peer "${PEERS:-compact,rope,alibi,kerple_log,kerple_power,t5}" \
              "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]" ;;
     attn) timeout 500 python3 -m megafire.bench.attention --seqlens 4096,16384 --head-dims 64,128 ${KT:+--kernel-time} \
              --reference-max-n 0 --json "$OUT/attn.json" 2>&1 | filter | tail -40 ;;
