@@ -61,6 +61,10 @@
 #             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
 #   kerple512 the same options at T=512: Kerple-log's packed-row kernel time at N=512 (H=16) under each, then
 #             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
+#   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8: no `t5_diag` / `t5_band` /
+#             `run_mask` there, untimed): GPU bf16 tests of T5 at D=128 with them on, then one document's kernel
+#             time (N=4096 and 16384, D=128, H=16, as the attention table) under the committed config and each
+#             T5D items ("{config}" joined by ;); ~200 s
 # Every call: carry [".whl", ".devcache"]: device_setup.sh restores the last call's compile caches (launch/devcache.py)
 # and saves this call's under $OUT (keep them here: python3 launch/devcache.py keep FILES_AT)
 . launch/device_setup.sh || exit 1
@@ -220,6 +224,18 @@ for part in "$@"; do
             bench "kab512_$m" 200 --config "configs/arms/$m-kerple-log.yaml" --repeat 1 \
               --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" \
               "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]"
+          done ;;
+    t5d128) d5='{"t5_diag": true};{"t5_diag": true, "t5_band": true, "run_mask": true}'
+          d5="$d5;{\"t5_diag\": true, \"t5_band\": true, \"run_mask\": true, \"defer\": true, \"segment_bounds\": true}"
+          IFS=';' read -ra t5s <<< "${T5D:-$d5}"
+          echo "=== T5 D=128 GPU bf16 tests with ${t5s[-1]} (at ${SECONDS}s)"
+          MEGAFIRE_FUSED_CONFIGS="{\"128\": ${t5s[-1]}}" timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
+            tests/fused/test_fused_attention.py -k "gpu_bf16 and t5 and 128" 2>&1 | tail -2
+          for it in '{}' "${t5s[@]}"; do
+            echo "=== T5 D=128 kernel time $it (at ${SECONDS}s)"
+            MEGAFIRE_FUSED_CONFIGS="{\"128\": $it}" timeout 120 python3 -m megafire.bench.attention --seqlens 4096,16384 \
+              --head-dims 128 --kernel-time --reference-max-n 0 --encodings t5 \
+              --json "$OUT/t5d128_$(echo "$it" | tr -cd 'a-z_').json" 2>&1 | filter | grep -E "^B=|fused|sdpa|Error|error" | tail -6
           done ;;
     *) echo "unknown part $part" ;;
   esac
