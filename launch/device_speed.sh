@@ -61,6 +61,11 @@
 #             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
 #   kerple512 the same options at T=512: Kerple-log's packed-row kernel time at N=512 (H=16) under each, then
 #             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
+#   kpow      Kerple-power's forward tile (committed 128x64 / 4 warps / 3 stages spills 32 B per thread on packed
+#             rows, `megafire bench resources --encodings kerple_power --documents 2`; 64x64 / 4 / 3 and 128x64 / 8 / 3
+#             do not): GPU bf16 tests of Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512
+#             and 2048, D=64, H=16) under each, then 350M kerple_power at T=2048, committed (A) against 64x64 / 4 / 3
+#             (B) in one process (KPF overrides B's tile); ~350 s
 #   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8: no `t5_diag` / `t5_band` /
 #             `run_mask` there, untimed): GPU bf16 tests of T5 at D=128 with them on, then one document's kernel
 #             time (N=4096 and 16384, D=128, H=16, as the attention table) under the committed config and each
@@ -225,6 +230,18 @@ for part in "$@"; do
               --ab "--attention.fused_kernels.64.run_mask=true --attention.fused_kernels.64.rcp_ex2=true" \
               "--curriculum.stages=[{seq_len: 512, tokens: 1000000000}]"
           done ;;
+    kpow) kf=${KPF:-[64, 64, 4, 3]}
+          echo "=== Kerple-power GPU bf16 tests with fwd $kf (at ${SECONDS}s)"
+          MEGAFIRE_FUSED_CONFIGS="{\"64\": {\"fwd\": $kf}}" timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+            tests/fused/test_fused_attention.py -k "gpu_bf16 and kerple_power and 64" 2>&1 | tail -2
+          for it in '{}' '{"fwd": [64, 64, 4, 3]}' '{"fwd": [128, 64, 8, 3]}'; do
+            echo "=== Kerple-power kernel time $it (at ${SECONDS}s)"
+            MEGAFIRE_FUSED_CONFIGS="{\"64\": $it}" timeout 90 python3 -m megafire.bench.attention --seqlens 512,2048 \
+              --head-dims 64 --heads 16 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
+              --encodings kerple_power 2>&1 | filter | grep -E "^B=|fused|sdpa|Error|error" | tail -6
+          done
+          bench kpab350 240 --config configs/arms/350m-kerple-power.yaml --repeat 1 \
+            --ab "--attention.fused_kernels.64.fwd=${kf// /}" "$T2048" ;;
     t5d128) d5='{"t5_diag": true};{"t5_diag": true, "t5_band": true, "run_mask": true}'
           d5="$d5;{\"t5_diag\": true, \"t5_band\": true, \"run_mask\": true, \"defer\": true, \"segment_bounds\": true}"
           IFS=';' read -ra t5s <<< "${T5D:-$d5}"
