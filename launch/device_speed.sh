@@ -66,10 +66,15 @@
 #             do not): GPU bf16 tests of Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512
 #             and 2048, D=64, H=16) under each, then 350M kerple_power at T=2048, committed (A) against 64x64 / 4 / 3
 #             (B) in one process (KPF overrides B's tile); ~350 s
-#   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8: no `t5_diag` / `t5_band` /
-#             `run_mask` there, untimed): GPU bf16 tests of T5 at D=128 with them on, then one document's kernel
-#             time (N=4096 and 16384, D=128, H=16, as the attention table) under the committed config and each
-#             T5D items ("{config}" joined by ;); ~200 s
+#   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8): its committed D=128 tiles spill
+#             (fwd 128x128 / 8 warps 180 B per thread, dkdv 64x64 / 4 warps 828 B: `megafire bench resources
+#             --encodings t5 --head-dims 128`) and `t5_diag` / `t5_band` / `run_mask` are untimed there. GPU bf16
+#             tests of T5 at D=128 with the last item, then one document's kernel time (N=4096 and 16384, D=128,
+#             H=16, as the attention table) under the committed config and each T5D item ("{config}" joined by
+#             ;; default: spill-free tiles 128x64/8/2, 64x64/8/2, 32x128/8/2; dkdv 64x32/4/2 alone, with fwd
+#             128x64/8/2; the options with the spill-free tiles); ~250 s
+#   kp        Kerple-power against RoPE in the trainer at the four shapes (125M / 350M, T=2048 / 512; the main
+#             arm configs/arms/*-kerple-power.yaml, peers rope, and at 350M T=2048 alibi and t5 too); ~250 s
 # Every call: carry [".whl", ".devcache"]: device_setup.sh restores the last call's compile caches (launch/devcache.py)
 # and saves this call's under $OUT (keep them here: python3 launch/devcache.py keep FILES_AT)
 . launch/device_setup.sh || exit 1
@@ -242,8 +247,14 @@ for part in "$@"; do
           done
           bench kpab350 240 --config configs/arms/350m-kerple-power.yaml --repeat 1 \
             --ab "--attention.fused_kernels.64.fwd=${kf// /}" "$T2048" ;;
-    t5d128) d5='{"t5_diag": true};{"t5_diag": true, "t5_band": true, "run_mask": true}'
-          d5="$d5;{\"t5_diag\": true, \"t5_band\": true, \"run_mask\": true, \"defer\": true, \"segment_bounds\": true}"
+    kp) for m in 125m 350m; do for len in 2048 512; do
+            pe=rope; [ "$m$len" = 350m2048 ] && pe=rope,alibi,t5
+            bench "kp_${m}_$len" 200 --config "configs/arms/$m-kerple-power.yaml" --peer "$pe" \
+              "--curriculum.stages=[{seq_len: $len, tokens: 1000000000}]"
+          done; done ;;
+    t5d128) d5='{"fwd": [128, 64, 8, 2], "dq": [64, 64, 8, 2], "dkdv": [32, 128, 8, 2]};{"dkdv": [64, 32, 4, 2]}'
+          d5="$d5;{\"fwd\": [128, 64, 8, 2], \"dkdv\": [64, 32, 4, 2]}"
+          d5="$d5;{\"t5_diag\": true, \"t5_band\": true, \"run_mask\": true, \"fwd\": [128, 64, 8, 2], \"dq\": [64, 64, 8, 2], \"dkdv\": [32, 128, 8, 2]}"
           IFS=';' read -ra t5s <<< "${T5D:-$d5}"
           echo "=== T5 D=128 GPU bf16 tests with ${t5s[-1]} (at ${SECONDS}s)"
           MEGAFIRE_FUSED_CONFIGS="{\"128\": ${t5s[-1]}}" timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
