@@ -61,9 +61,9 @@
 #             T=2048 in one process, committed (A) against both on (B), ABBA order (`bench train --ab`); ~400 s
 #   kerple512 the same options at T=512: Kerple-log's packed-row kernel time at N=512 (H=16) under each, then
 #             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
-#   kpow      Kerple-power's forward tile (committed 128x64 / 4 warps / 3 stages spills 32 B per thread on packed
-#             rows, `megafire bench resources --encodings kerple_power --documents 2`; 64x64 / 4 / 3 and 128x64 / 8 / 3
-#             do not): GPU bf16 tests of Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512
+#   kpow      Kerple-power's forward tile (committed 128x64 / 4 warps / 3 stages spills 8 B per thread on packed
+#             rows, 32 B before the clamp and select went (session 9), `megafire bench resources --encodings
+#             kerple_power --documents 2`; 64x64 / 4 / 3 and 128x64 / 8 / 3 do not): GPU bf16 tests of Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512
 #             and 2048, D=64, H=16) under each, then 350M kerple_power at T=2048, committed (A) against 64x64 / 4 / 3
 #             (B) in one process (KPF overrides B's tile); ~350 s
 #   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8): its committed D=128 tiles spill
