@@ -1091,9 +1091,13 @@ def _add_at(row, idx, val, NSP: tl.constexpr):
     range, selected by the mask. The address is then ``row + arange``: inductor's analysis of a
     traced launch (megafire::fused_bias_attention) follows an address back to the arguments it
     is computed from, through loop-carried values to every input (it would take K, V and the
-    tables as written, and clone them or refuse leaf inputs); a mask it does not follow."""
+    tables as written, and clone them or refuse leaf inputs); a mask it does not follow.
+    ``sem="relaxed"``: the sums are read only by later launches (stream order), never inside this one,
+    so the atomic needs no ordering; Triton's default (acq_rel) put a ``MEMBAR.ALL.GPU`` (wait until every
+    earlier memory operation of the thread is visible GPU-wide) before each one and a ``CCTL.IVALL`` (drop
+    the whole L1) after, inside the tile loops of FIRE's and T5's backward (sm_90a SASS)."""
     lanes = tl.arange(0, NSP)
-    tl.atomic_add(row + lanes, tl.zeros([NSP], tl.float32) + val, mask=lanes == idx)
+    tl.atomic_add(row + lanes, tl.zeros([NSP], tl.float32) + val, mask=lanes == idx, sem="relaxed")
 
 
 @triton.jit
@@ -1225,7 +1229,7 @@ def _heavy_sums(part, gacc, NS, RT, PGRAD: tl.constexpr, BIAS: tl.constexpr, DIA
         tl.store(part + 2 * NS + lanes, gacc, mask=lanes <= RT)
     elif DEFER and PGRAD and (BIAS == 4):
         lanes = tl.arange(0, NSP)
-        tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS)
+        tl.atomic_add(part + NS + lanes, tl.sum(gacc, 0), mask=lanes < NS, sem="relaxed")
 
 
 @triton.jit
