@@ -73,11 +73,12 @@
 #             H=16, as the attention table) under the committed config and each T5D item ("{config}" joined by
 #             ;; default: spill-free tiles 128x64/8/2, 64x64/8/2, 32x128/8/2; dkdv 64x32/4/2 alone, with fwd
 #             128x64/8/2; the options with the spill-free tiles); ~250 s
-#   relaxed   the parameter-sum atomics of FIRE's dq and T5's backward with `sem="relaxed"` (session 9: Triton's default
-#             acq_rel had put MEMBAR.ALL.GPU + CCTL.IVALL around each one inside the tile loops), against the old
-#             code in one call: a copy of the tree with the old `_add_at` in /tmp/acqrel, then packed-row kernel
-#             time (2 documents, D=64, H=12, N=512 and 2048, T5 and FIRE) and one document at D=128 (N=4096), each
-#             tree twice in ABAB order, then 125M FIRE at T=2048 in the trainer, ABAB; ~400 s
+#   relaxed   session 9's exact changes to FIRE's and T5's backward, untimed when made: the parameter-sum atomics with
+#             `sem="relaxed"` (Triton's default acq_rel put MEMBAR.ALL.GPU + CCTL.IVALL around each inside the tile
+#             loops) and two row sums in one reduction (`_sum_pair`). Three trees (launch/kernel_variants.py):
+#             kv_old (both undone), kv_sep (the pair undone), new (this one); packed-row kernel time (2 documents,
+#             D=64, H=12, N=512 and 2048, T5 and FIRE) and one document at D=128 (N=4096), the three trees twice
+#             in turn, then 125M FIRE at T=2048 in the trainer once per tree; ~450 s
 #   kp        Kerple-power against RoPE in the trainer at the four shapes (125M / 350M, T=2048 / 512; the main
 #             arm configs/arms/*-kerple-power.yaml, peers rope, and at 350M T=2048 alibi and t5 too); ~250 s
 # Every call: carry [".whl", ".devcache"]: device_setup.sh restores the last call's compile caches (launch/devcache.py)
@@ -252,31 +253,23 @@ for part in "$@"; do
           done
           bench kpab350 240 --config configs/arms/350m-kerple-power.yaml --repeat 1 \
             --ab "--attention.fused_kernels.64.fwd=${kf// /}" "$T2048" ;;
-    relaxed) rm -rf /tmp/acqrel && mkdir -p /tmp/acqrel && cp -r megafire configs launch pyproject.toml /tmp/acqrel/
-          python3 - <<'PY' || { echo "relaxed: could not rebuild the old _add_at"; continue; }
-p = "/tmp/acqrel/megafire/attention/fused/_kernels.py"
-s = open(p).read()
-new = [('mask=lanes == idx, sem="relaxed")', 'mask=lanes == idx)'), ('mask=lanes < NS, sem="relaxed")', 'mask=lanes < NS)')]
-for a, b in new:
-    assert s.count(a) == 1, a
-    s = s.replace(a, b)
-open(p, "w").write(s)
-PY
-          for rep in 1 2; do for tree in /tmp/acqrel "$PWD"; do
-            tag=$([ "$tree" = /tmp/acqrel ] && echo acq_rel || echo relaxed)
-            echo "=== $tag packed rows D=64, then one document D=128 (rep $rep, at ${SECONDS}s)"
+    relaxed) python3 launch/kernel_variants.py /tmp/kv_old relaxed pair && python3 launch/kernel_variants.py /tmp/kv_sep pair \
+            || { echo "relaxed: no variant trees"; continue; }
+          for rep in 1 2; do for tree in /tmp/kv_old /tmp/kv_sep "$PWD"; do
+            tag=$(basename "$tree"); [ "$tree" = "$PWD" ] && tag=new
+            echo "=== $tag: packed rows D=64, then one document D=128 (rep $rep, at ${SECONDS}s)"
             (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m megafire.bench.attention --seqlens 512,2048 \
               --head-dims 64 --heads 12 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
-              --encodings t5,fire --json "$OUT/relaxed_${tag}_$rep.json" 2>&1 | filter | grep -E "^B=|fused|Error|error" | tail -6
+              --encodings t5,fire --json "$OUT/rx_${tag}_$rep.json" 2>&1 | filter | grep -E "^B=|fused|Error|error" | tail -6
              PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m megafire.bench.attention --seqlens 4096 --head-dims 128 \
-              --kernel-time --reference-max-n 0 --encodings t5,fire --json "$OUT/relaxed128_${tag}_$rep.json" 2>&1 \
+              --kernel-time --reference-max-n 0 --encodings t5,fire --json "$OUT/rx128_${tag}_$rep.json" 2>&1 \
               | filter | grep -E "^B=|fused|Error|error" | tail -4)
           done; done
-          for rep in 1 2; do for tree in /tmp/acqrel "$PWD"; do
-            tag=$([ "$tree" = /tmp/acqrel ] && echo acq_rel || echo relaxed)
-            (cd "$tree" && PYTHONPATH=/tmp/site:$tree bench "rx_${tag}_$rep" 90 --config configs/arms/125m-fire.yaml \
+          for tree in /tmp/kv_old /tmp/kv_sep "$PWD"; do
+            tag=$(basename "$tree"); [ "$tree" = "$PWD" ] && tag=new
+            (cd "$tree" && PYTHONPATH=/tmp/site:$tree bench "rx_fire_$tag" 90 --config configs/arms/125m-fire.yaml \
               --peer none "$T2048")
-          done; done ;;
+          done ;;
     kp) for m in 125m 350m; do for len in 2048 512; do
             pe=rope; [ "$m$len" = 350m2048 ] && pe=rope,alibi,t5
             bench "kp_${m}_$len" 200 --config "configs/arms/$m-kerple-power.yaml" --peer "$pe" \

@@ -1101,6 +1101,19 @@ def _add_at(row, idx, val, NSP: tl.constexpr):
 
 
 @triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _sum_pair(a, b):
+    """``(tl.sum(a, 0), tl.sum(b, 0))`` of two [BM] row vectors in one reduction: the sum across the
+    program's warps goes through shared memory once, with one pair of barriers instead of two (same
+    combine order per operand, so the same sums)."""
+    return tl.reduce((a, b), 0, _add_pair)
+
+
+@triton.jit
 def _dq_step(start_n, rec, a2, d2, q, do, lse, delta, qf, qpos, rowf, sq, offs_m, offs_d, m0, qlo, c, part,
              dq, acc1, acc2, runP, runQ, cur, gacc,
              kbase, vbase, KP, SK, KMAX, P0, P1, FT, IT, SC, b, h, skt, svt, kp_sb, sk_sb,
@@ -1237,12 +1250,15 @@ def _program_sums(part, acc1, acc2, runP, runQ, cur, NS, BIAS: tl.constexpr, NSP
     """A program's last parameter sums: Kerple's two row accumulators, T5 / FIRE's running sums of the
     current bucket / segment (``_run_sums``)."""
     if (BIAS == 2) | (BIAS == 3):
-        tl.store(part, tl.sum(acc1, 0))
-        tl.store(part + 1, tl.sum(acc2, 0))
-    elif BIAS >= 4:
+        s1, s2 = _sum_pair(acc1, acc2)
+        tl.store(part, s1)
+        tl.store(part + 1, s2)
+    elif BIAS == 5:
+        sp, sq = _sum_pair(runP, runQ)
+        _add_at(part, tl.maximum(cur, 0), sp, NSP)
+        _add_at(part + NS, tl.maximum(cur, 0), sq, NSP)
+    elif BIAS == 4:
         _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
-        if BIAS == 5:
-            _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
 
 
 @triton.jit
@@ -1250,11 +1266,14 @@ def _run_sums(rowP, rowQ, s_lo, part, runP, runQ, cur, NS, NSP: tl.constexpr, Q:
     """Adds a tile's row sums to the running sums of segment / bucket ``s_lo``, first flushing those
     of the previous one (``cur``) to ``part`` (P at ``[0, NS)``, Q at ``[NS, 2 NS)``)."""
     if s_lo != cur:
-        _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
-        runP = runP * 0.0
         if Q:
-            _add_at(part + NS, tl.maximum(cur, 0), tl.sum(runQ, 0), NSP)
+            sp, sq = _sum_pair(runP, runQ)
+            _add_at(part, tl.maximum(cur, 0), sp, NSP)
+            _add_at(part + NS, tl.maximum(cur, 0), sq, NSP)
             runQ = runQ * 0.0
+        else:
+            _add_at(part, tl.maximum(cur, 0), tl.sum(runP, 0), NSP)
+        runP = runP * 0.0
         cur = s_lo
     runP += rowP
     if Q:
@@ -1307,9 +1326,10 @@ def _fire_kink_grad(t, h, ds, x, dsd, acc1, acc2, part, FT, H, W, NS, USE_LOG: t
     da = tl.load(FT + 2 * H * NS + h * W + t) * 0.6931471805599453
     on = x > kt
     dsm = tl.where(on, ds, 0.0)
-    _add_at(part + 2 * NS, t, tl.sum(tl.sum(dsm, 1), 0), NSP)
     rq = tl.sum(dsm * x, 1)
-    _add_at(part + 2 * NS + W, t, tl.sum(rq, 0), NSP)
+    sp, sq = _sum_pair(tl.sum(dsm, 1), rq)
+    _add_at(part + 2 * NS, t, sp, NSP)
+    _add_at(part + 2 * NS + W, t, sq, NSP)
     acc2 += da * rq
     if USE_LOG:
         acc1 += da * tl.sum(tl.where(on, dsd, 0.0), 1)
