@@ -1108,8 +1108,9 @@ def _add_pair(a0, b0, a1, b1):
 @triton.jit
 def _sum_pair(a, b):
     """``(tl.sum(a, 0), tl.sum(b, 0))`` of two [BM] row vectors in one reduction: the sum across the
-    program's warps goes through shared memory once, with one pair of barriers instead of two (same
-    combine order per operand, so the same sums)."""
+    program's warps goes through shared memory once, with one pair of barriers instead of two. Each
+    operand is combined as ``tl.sum`` would combine it alone on the GPU; the interpreter's order differs
+    in the last bits (FIRE's parameter gradients 2.6e-6 apart in a test; docs/kernels.md "Session 9")."""
     return tl.reduce((a, b), 0, _add_pair)
 
 
