@@ -63,9 +63,10 @@
 #             125M and 350M kerple_log at T=512, committed (A) against both on (B); ~300 s
 #   kpow      Kerple-power's forward tile (committed 128x64 / 4 warps / 3 stages spills 8 B per thread on packed
 #             rows, 32 B before the clamp and select went (session 9), `megafire bench resources --encodings
-#             kerple_power --documents 2`; 64x64 / 4 / 3 and 128x64 / 8 / 3 do not): GPU bf16 tests of Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512
-#             and 2048, D=64, H=16) under each, then 350M kerple_power at T=2048, committed (A) against 64x64 / 4 / 3
-#             (B) in one process (KPF overrides B's tile); ~350 s
+#             kerple_power --documents 2`; 64x64 / 4 / 3 and 128x64 / 8 / 3 do not): GPU bf16 tests of
+#             Kerple-power with 64x64 / 4 / 3, packed-row kernel time (2 documents, N=512 and 2048, D=64, H=16)
+#             under each, then 350M kerple_power at T=2048, committed (A) against 64x64 / 4 / 3 (B) in one
+#             process (KPF overrides B's tile); ~350 s
 #   t5d128    T5's kernel goal at D=128 (0.57x SDPA-flash at N=4096 in session 8): its committed D=128 tiles spill
 #             (fwd 128x128 / 8 warps 180 B per thread, dkdv 64x64 / 4 warps 828 B: `megafire bench resources
 #             --encodings t5 --head-dims 128`) and `t5_diag` / `t5_band` / `run_mask` are untimed there. GPU bf16
@@ -88,6 +89,7 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 T2048="--curriculum.stages=[{seq_len: 2048, tokens: 1000000000}]"
 ARMS=${PEERS:-compact,rope,rope@sdpa,alibi,kerple_log,kerple_power,t5}   # the peers of t512, t2048, m350
 filter() { grep -vE "warn|Warning|^\s*$|DeprecationWarning|tp_group" ; }
+tree_tag() { if [ "$1" = "$PWD" ]; then echo new; else basename "$1"; fi; }   # the relaxed part's trees
 bench() {   # tag timeout args...
   local tag=$1 t=${BENCH_S:-$2}; shift 2   # BENCH_S: one timeout for every bench of the call
   if [ $((SECONDS + t)) -gt "${DEADLINE:-100000}" ]; then echo "=== $tag skipped (DEADLINE)"; return; fi
@@ -256,7 +258,7 @@ for part in "$@"; do
     relaxed) python3 launch/kernel_variants.py /tmp/kv_old relaxed pair && python3 launch/kernel_variants.py /tmp/kv_sep pair \
             || { echo "relaxed: no variant trees"; continue; }
           for rep in 1 2; do for tree in /tmp/kv_old /tmp/kv_sep "$PWD"; do
-            tag=$(basename "$tree"); [ "$tree" = "$PWD" ] && tag=new
+            tag=$(tree_tag "$tree")
             echo "=== $tag: packed rows D=64, then one document D=128 (rep $rep, at ${SECONDS}s)"
             (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m megafire.bench.attention --seqlens 512,2048 \
               --head-dims 64 --heads 12 --tokens 16384 --documents 2 --kernel-time --reference-max-n 0 \
@@ -266,7 +268,7 @@ for part in "$@"; do
               | filter | grep -E "^B=|fused|Error|error" | tail -4)
           done; done
           for tree in /tmp/kv_old /tmp/kv_sep "$PWD"; do
-            tag=$(basename "$tree"); [ "$tree" = "$PWD" ] && tag=new
+            tag=$(tree_tag "$tree")
             (cd "$tree" && PYTHONPATH=/tmp/site:$tree bench "rx_fire_$tag" 90 --config configs/arms/125m-fire.yaml \
               --peer none "$T2048")
           done ;;

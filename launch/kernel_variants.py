@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
         print(f"changes: {', '.join(UNDO)}", file=sys.stderr)
         return 2
     dest = Path(argv[0]).resolve()
-    if dest == ROOT or dest in ROOT.parents:   # DEST is emptied first
-        raise SystemExit(f"kernel_variants: DEST {dest} is or holds the repository")
+    if dest == ROOT or dest in ROOT.parents or ROOT in dest.parents:   # DEST is emptied first
+        raise SystemExit(f"kernel_variants: DEST {dest} is, holds or lies inside the repository")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for name in ("megafire", "configs", "launch"):

@@ -36,10 +36,14 @@ def test_undo_that_no_longer_matches_names_the_change(monkeypatch):
         kv.undo((ROOT / kv.KERNELS).read_text(), "gone")
 
 
-def test_unknown_change_and_the_repository_itself_are_refused(tmp_path, capsys):
+def test_unknown_change_and_the_repository_itself_are_refused(tmp_path, capsys, monkeypatch):
     assert kv.main([str(tmp_path / "t"), "nonsense"]) == 2
     assert "changes: relaxed, pair" in capsys.readouterr().err
-    for dest in (ROOT, ROOT.parent):   # it empties DEST first: never the repository or a folder holding it
-        with pytest.raises(SystemExit, match="holds the repository"):
+
+    def no_delete(path, *a, **k):   # a broken guard must fail this test, not empty the checkout
+        raise AssertionError(f"would have deleted {path}")
+    monkeypatch.setattr(kv.shutil, "rmtree", no_delete)
+    # it empties DEST first: never the repository, a folder holding it, or one inside it
+    for dest in (ROOT, ROOT.parent, ROOT / "megafire"):
+        with pytest.raises(SystemExit, match="is, holds or lies inside the repository"):
             kv.main([str(dest), "pair"])
-    assert (ROOT / kv.KERNELS).is_file()
